@@ -1,0 +1,1 @@
+"""C2L-ST: gene-conditioned histology synthesis."""

@@ -1,0 +1,1 @@
+"""HINGE: histology-conditioned masked diffusion on a frozen sc-FM backbone."""

@@ -1,0 +1,1 @@
+"""Readers and writers: slides (lazy multiscale) and spatial data (AnnData)."""

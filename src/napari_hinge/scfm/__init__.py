@@ -1,0 +1,1 @@
+"""Single-cell foundation-model backbones and checkpoint loaders."""

@@ -1,0 +1,1 @@
+"""STMGAC: spatial domains with a contrastively augmented masked graph autoencoder."""
