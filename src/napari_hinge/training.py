@@ -119,5 +119,5 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         # RNG states hold numpy arrays and tuples, so full unpickling is needed;
         # checkpoints are the user's own files written by save_checkpoint.
         return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001 - re-raised with the file name
+    except Exception as exc:  # re-raised with the file name
         raise ValueError(f"checkpoint {path} is unreadable or corrupt: {exc}") from exc

@@ -1,0 +1,154 @@
+"""The contract every single-cell foundation-model backbone meets.
+
+A backbone is a transformer over gene tokens: ``[CLS] + one token per gene``, each token
+= gene embedding + value embedding (+ a learned ``zero_emb`` on genes whose value is
+hidden). Its blocks are *post-norm* residual blocks,
+
+    x <- norm1(alpha * x + attn(x));  x <- norm2(alpha * x + ffn(x)),
+
+which is what scGPT (alpha = 1) and CellFM (DeepNorm, alpha = (2 L)^(1/4)) both are.
+HINGE wraps each block from outside through exactly these parts (``attn``, ``ffn``,
+``norm1``, ``norm2``, ``alpha``) and the ``value_decoder``, so a new backbone only has to
+subclass :class:`PostNormBlock` and :class:`GeneTokenBackbone`.
+
+Values fed to a backbone are already transformed (``config.value_transform`` names how,
+e.g. ``'log1p_cp10k'``); mapping gene symbols to token ids goes through :meth:`gene_ids`,
+which reports missing genes by name instead of dropping them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+@dataclass
+class BackboneConfig:
+    kind: str = "builtin"  # registry name: 'builtin', 'scgpt', 'cellfm'
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    d_ff: int = 256
+    dropout: float = 0.0
+    # Layers [0, mask_kv_layers) hide the keys/values of masked genes (CellFM: first half).
+    mask_kv_layers: int = 0
+    value_transform: str = "log1p_cp10k"
+    extra: dict = field(default_factory=dict)
+
+
+class PostNormBlock(nn.Module):
+    """Post-norm residual block; subclasses implement ``attn`` and ``ffn``."""
+
+    alpha: float = 1.0
+    norm1: nn.LayerNorm
+    norm2: nn.LayerNorm
+
+    def attn(self, h: torch.Tensor, hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """Token mixing. ``hidden`` (B, L) bool: True = token not visible as key/value."""
+        raise NotImplementedError
+
+    def ffn(self, h: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, hidden: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.norm1(self.alpha * x + self.attn(x, hidden))
+        return self.norm2(self.alpha * x + self.ffn(x))
+
+
+class MHABlock(PostNormBlock):
+    """Softmax multi-head attention + ReLU FFN, named like ``nn.TransformerEncoderLayer``
+    (``self_attn.in_proj_weight``, ``linear1``, ``linear2``, ``norm1``, ``norm2``) so scGPT
+    state dicts load after the ``Wqkv -> in_proj_`` renaming."""
+
+    def __init__(self, d_model: int, n_heads: int, d_ff: int, dropout: float = 0.0,
+                 eps: float = 1e-5) -> None:
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(d_model, n_heads, dropout=dropout, batch_first=True)
+        self.linear1 = nn.Linear(d_model, d_ff)
+        self.linear2 = nn.Linear(d_ff, d_model)
+        self.norm1 = nn.LayerNorm(d_model, eps=eps)
+        self.norm2 = nn.LayerNorm(d_model, eps=eps)
+        self.dropout = nn.Dropout(dropout)
+
+    def attn(self, h, hidden=None):
+        out, _ = self.self_attn(h, h, h, key_padding_mask=hidden, need_weights=False)
+        return self.dropout(out)
+
+    def ffn(self, h):
+        return self.dropout(self.linear2(self.dropout(torch.relu(self.linear1(h)))))
+
+
+class GeneTokenBackbone(nn.Module):
+    """Base class: embed -> blocks -> value decoder.
+
+    Subclasses set ``self.blocks`` (ModuleList of PostNormBlock), ``self.value_decoder``
+    (maps gene tokens (B, G, D) to values (B, G)), and implement :meth:`embed`.
+    ``vocab`` maps gene symbols to token ids.
+    """
+
+    config: BackboneConfig
+    vocab: dict[str, int]
+    blocks: nn.ModuleList
+    value_decoder: nn.Module
+
+    @property
+    def d_model(self) -> int:
+        return self.config.d_model
+
+    def embed(self, gene_ids: torch.Tensor, values: torch.Tensor,
+              masked: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, G) ids, (B, G) values, (B, G) bool masked -> (B, 1 + G, D), CLS first."""
+        raise NotImplementedError
+
+    def hidden_tokens(self, masked: torch.Tensor | None) -> torch.Tensor | None:
+        """Key/value mask for the first ``mask_kv_layers`` blocks; CLS is always visible."""
+        if masked is None or self.config.mask_kv_layers == 0:
+            return None
+        cls = torch.zeros_like(masked[:, :1])
+        return torch.cat([cls, masked], dim=1)
+
+    def forward(self, gene_ids: torch.Tensor, values: torch.Tensor,
+                masked: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.embed(gene_ids, values, masked)
+        hidden = self.hidden_tokens(masked)
+        for i, block in enumerate(self.blocks):
+            h = block(h, hidden if i < self.config.mask_kv_layers else None)
+        return self.value_decoder(h[:, 1:])
+
+    def gene_ids(self, genes: list[str]) -> tuple[torch.Tensor, list[str]]:
+        """Token ids of ``genes`` (missing ones get id -1) and the names that are missing."""
+        missing = [g for g in genes if g not in self.vocab]
+        ids = torch.tensor([self.vocab.get(g, -1) for g in genes], dtype=torch.long)
+        return ids, missing
+
+    def require_genes(self, genes: list[str]) -> torch.Tensor:
+        """Like :meth:`gene_ids` but raise, naming the missing genes."""
+        ids, missing = self.gene_ids(genes)
+        if missing:
+            shown = ", ".join(missing[:20]) + (" ..." if len(missing) > 20 else "")
+            raise KeyError(
+                f"{len(missing)} of {len(genes)} genes are not in the {self.config.kind} "
+                f"backbone's vocabulary: {shown}"
+            )
+        return ids
+
+
+def save_config(config: BackboneConfig, directory: str | Path, vocab: dict[str, int]) -> None:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(asdict(config), indent=2))
+    (directory / "vocab.json").write_text(json.dumps(vocab))
+
+
+def read_config(directory: str | Path) -> tuple[BackboneConfig, dict[str, int]]:
+    directory = Path(directory)
+    for name in ("config.json", "vocab.json"):
+        if not (directory / name).is_file():
+            raise FileNotFoundError(f"{directory / name} is missing: not a saved backbone folder")
+    config = BackboneConfig(**json.loads((directory / "config.json").read_text()))
+    vocab = json.loads((directory / "vocab.json").read_text())
+    return config, vocab
