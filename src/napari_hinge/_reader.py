@@ -1,0 +1,51 @@
+"""npe2 readers. ``get_*_reader`` answer quickly and never raise: they return
+``None`` for what they do not read. The returned functions read for real and
+raise clear errors (napari shows them) for files that claim a format but are broken."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _single_path(path) -> Path | None:
+    if isinstance(path, (list, tuple)):
+        if len(path) != 1:
+            return None
+        path = path[0]
+    return Path(path)
+
+
+def get_slide_reader(path):
+    from napari_hinge.io.slides import is_slide_path
+
+    p = _single_path(path)
+    if p is None or not p.is_file() or not is_slide_path(p):
+        return None
+    return read_slide
+
+
+def read_slide(path):
+    from napari_hinge._layers import slide_layer_data
+    from napari_hinge.io.slides import open_slide
+
+    return [slide_layer_data(open_slide(_single_path(path)))]
+
+
+def get_spatial_reader(path):
+    from napari_hinge.io.spatial import detect_spatial_format
+
+    p = _single_path(path)
+    if p is None or not p.exists():
+        return None
+    try:
+        fmt = detect_spatial_format(p)
+    except OSError:
+        return None
+    return read_spatial_layers if fmt else None
+
+
+def read_spatial_layers(path):
+    from napari_hinge._layers import spatial_layer_data
+    from napari_hinge.io.spatial import read_spatial
+
+    return spatial_layer_data(read_spatial(_single_path(path)))

@@ -1,0 +1,190 @@
+"""The "Slide & spots" dock widget: pixel size, searchable genes, colour spots by a gene.
+
+Thin by design: the numbers come from :mod:`napari_hinge._layers`; this file only wires
+Qt controls to napari layers. Colouring a few thousand spots takes milliseconds, so it
+runs on the GUI thread.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from qtpy.QtWidgets import (
+    QComboBox,
+    QDoubleSpinBox,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QListWidget,
+    QPushButton,
+    QVBoxLayout,
+    QWidget,
+)
+
+from napari_hinge._layers import GENE_TRANSFORMS, gene_values, robust_limits
+
+if TYPE_CHECKING:
+    import napari
+
+COLORMAPS = ("magma", "viridis", "inferno", "turbo", "plasma", "gray")
+MAX_LISTED = 2000  # a longer list only slows typing; the search narrows it
+
+
+def spot_layers(viewer) -> list:
+    """Points layers that carry spatial AnnData (made by this plugin's readers)."""
+    return [
+        layer for layer in viewer.layers
+        if layer._type_string == "points" and "adata" in layer.metadata
+    ]
+
+
+def color_spots_by_gene(layer, gene: str, *, transform: str = GENE_TRANSFORMS[0],
+                        colormap: str = "magma") -> tuple[float, float]:
+    """Colour a spots layer by one gene with a continuous colormap and show its colorbar."""
+    values = gene_values(layer.metadata["adata"], gene, transform)
+    features = layer.features.copy()
+    features[gene] = values
+    layer.features = features
+    limits = robust_limits(values)
+    layer.face_colormap = colormap
+    layer.face_color = gene
+    layer.face_contrast_limits = limits
+    layer.face_colorbar.visible = True
+    layer.metadata["colored_by"] = gene
+    layer.refresh()
+    return limits
+
+
+class SlideSpotsWidget(QWidget):
+    def __init__(self, napari_viewer: napari.Viewer) -> None:
+        super().__init__()
+        self.viewer = napari_viewer
+
+        self.layer_box = QComboBox()
+        self.info = QLabel("Open a slide with spots (File > Open, or a sample).")
+        self.info.setWordWrap(True)
+        self.mpp_box = QDoubleSpinBox(decimals=4, minimum=0.01, maximum=100.0, singleStep=0.05)
+        self.mpp_box.setSuffix(" µm/px")
+        self.mpp_button = QPushButton("Set pixel size")
+        self.search = QLineEdit(placeholderText="search genes…")
+        self.gene_list = QListWidget()
+        self.transform_box = QComboBox()
+        self.transform_box.addItems(GENE_TRANSFORMS)
+        self.cmap_box = QComboBox()
+        self.cmap_box.addItems(COLORMAPS)
+        self.status = QLabel("")
+
+        form = QFormLayout()
+        form.addRow("Spots", self.layer_box)
+        mpp_row = QHBoxLayout()
+        mpp_row.addWidget(self.mpp_box)
+        mpp_row.addWidget(self.mpp_button)
+        form.addRow("Pixel size", mpp_row)
+        form.addRow("Values", self.transform_box)
+        form.addRow("Colormap", self.cmap_box)
+        layout = QVBoxLayout(self)
+        layout.addWidget(self.info)
+        layout.addLayout(form)
+        layout.addWidget(self.search)
+        layout.addWidget(self.gene_list)
+        layout.addWidget(self.status)
+
+        self.layer_box.currentIndexChanged.connect(self._on_layer)
+        self.search.textChanged.connect(self._fill_genes)
+        self.gene_list.currentTextChanged.connect(self._on_gene)
+        self.transform_box.currentTextChanged.connect(lambda _: self._recolor())
+        self.cmap_box.currentTextChanged.connect(lambda _: self._recolor())
+        self.mpp_button.clicked.connect(self._apply_mpp)
+        self.viewer.layers.events.inserted.connect(self._refresh_layers)
+        self.viewer.layers.events.removed.connect(self._refresh_layers)
+        self._refresh_layers()
+
+    # -- state -------------------------------------------------------------------------
+    @property
+    def layer(self):
+        name = self.layer_box.currentText()
+        return self.viewer.layers[name] if name in self.viewer.layers else None  # noqa: SIM401
+
+    def _refresh_layers(self, event=None) -> None:
+        current = self.layer_box.currentText()
+        names = [layer.name for layer in spot_layers(self.viewer)]
+        self.layer_box.blockSignals(True)
+        self.layer_box.clear()
+        self.layer_box.addItems(names)
+        if current in names:
+            self.layer_box.setCurrentText(current)
+        self.layer_box.blockSignals(False)
+        self._on_layer()
+
+    def _on_layer(self, index: int | None = None) -> None:
+        layer = self.layer
+        if layer is None:
+            self.gene_list.clear()
+            return
+        adata = layer.metadata["adata"]
+        mpp = layer.metadata.get("microns_per_pixel")
+        diameter = layer.metadata.get("spot_diameter_px")
+        if mpp:
+            self.mpp_box.setValue(mpp)
+            size = f"{mpp:.4g} µm/px"
+            spot = f"spot Ø {diameter:.1f} px = {diameter * mpp:.0f} µm" if diameter else ""
+        else:
+            size = "pixel size unknown: set it below"
+            spot = f"spot Ø {diameter:.1f} px" if diameter else ""
+        self.info.setText(
+            f"{adata.n_obs} spots × {adata.n_vars} genes\n{size}\n{spot}".strip()
+        )
+        self._fill_genes()
+
+    def _fill_genes(self, text: str | None = None) -> None:
+        layer = self.layer
+        self.gene_list.blockSignals(True)
+        self.gene_list.clear()
+        if layer is not None:
+            query = (text if text is not None else self.search.text()).strip().upper()
+            genes = layer.metadata["adata"].var_names
+            matches = [g for g in genes if query in g.upper()] if query else list(genes)
+            self.gene_list.addItems(sorted(matches)[:MAX_LISTED])
+            shown = min(len(matches), MAX_LISTED)
+            self.status.setText(f"{len(matches)} genes match" + (
+                f" (first {shown} listed)" if len(matches) > shown else ""))
+        self.gene_list.blockSignals(False)
+
+    # -- actions -----------------------------------------------------------------------
+    def select_gene(self, gene: str) -> None:
+        """Colour the current spots layer by ``gene`` (also what a click in the list does)."""
+        layer = self.layer
+        if layer is None:
+            raise RuntimeError("no spots layer to colour")
+        lo, hi = color_spots_by_gene(
+            layer, gene, transform=self.transform_box.currentText(),
+            colormap=self.cmap_box.currentText(),
+        )
+        self.status.setText(f"{layer.name}: {gene} ({self.transform_box.currentText()}), "
+                            f"colour range {lo:.3g}–{hi:.3g}")
+
+    def _on_gene(self, gene: str) -> None:
+        if gene:
+            self.select_gene(gene)
+
+    def _recolor(self) -> None:
+        layer = self.layer
+        if layer is not None and layer.metadata.get("colored_by"):
+            self.select_gene(layer.metadata["colored_by"])
+
+    def _apply_mpp(self) -> None:
+        """Set the pixel size of the spots and of the slide they sit on (same pixels)."""
+        layer = self.layer
+        if layer is None:
+            return
+        mpp = float(self.mpp_box.value())
+        slide_path = layer.metadata.get("slide_path")
+        for other in self.viewer.layers:
+            if other is layer or (slide_path and other.metadata.get("slide_path") == slide_path):
+                other.scale = (mpp, mpp)
+                other.units = ("µm", "µm")
+                other.metadata["microns_per_pixel"] = mpp
+        layer.metadata["adata"].uns.setdefault("napari_hinge", {})["microns_per_pixel"] = mpp
+        self._on_layer()
+        self.viewer.reset_view()

@@ -1,0 +1,98 @@
+"""The main job on the shipped sample: ``make demo`` / ``napari-hinge demo``.
+
+With a display it opens napari with the her2st C3 sample (H&E under its spots,
+coloured by ERBB2) and the "Slide & spots" widget. Headless (``--headless``, run under
+Xvfb by ``make demo``) it renders the same scene, writes screenshots, the sample as
+``.h5ad`` and a ``summary.json`` into ``--out``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("demo", help="open the shipped sample (headless: screenshots)")
+    parser.add_argument("--out", type=Path, default=Path("demo_out"), help="output folder")
+    parser.add_argument("--headless", action="store_true",
+                        help="render, write screenshots + summary, and exit")
+    parser.set_defaults(func=lambda args: run_demo(args.out, headless=args.headless))
+
+
+def _screenshot(viewer, path: Path) -> dict:
+    from PIL import Image
+
+    shot = viewer.screenshot(canvas_only=True, flash=False)
+    Image.fromarray(shot).save(path)
+    rgb = shot[..., :3].astype(float)
+    # Share of pixels that are neither black background nor pure white.
+    content = float(((rgb.sum(-1) > 30) & (rgb.min(-1) < 250)).mean())
+    return {"file": path.name, "shape": list(shot.shape), "content_fraction": round(content, 3),
+            "mean_rgb": [round(float(v), 1) for v in rgb.reshape(-1, 3).mean(0)]}
+
+
+def run_demo(out: Path, *, headless: bool) -> int:
+    import napari
+    from qtpy.QtWidgets import QApplication
+
+    from napari_hinge._layers import slide_layer_data, spatial_layer_data
+    from napari_hinge._sample_data import SAMPLE_GENE
+    from napari_hinge._widgets.slide_spots import SlideSpotsWidget
+    from napari_hinge.datasets import cmu_slide_path, load_her2st_sample
+    from napari_hinge.io.slides import open_slide
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    adata = load_her2st_sample()
+    adata.write_h5ad(out / "her2st_C3_sample.h5ad")
+
+    viewer = napari.Viewer(show=True, title="napari-hinge demo")
+    viewer.window._qt_window.resize(1600, 1000)
+    for data, kwargs, kind in spatial_layer_data(adata, name="her2st C3"):
+        getattr(viewer, f"add_{kind}")(data, **kwargs)
+    widget = SlideSpotsWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="Slide & spots", area="right")
+    widget.select_gene(SAMPLE_GENE)
+    viewer.reset_view()
+    QApplication.processEvents()
+
+    summary = {
+        "sample": "her2st C3",
+        "spots": int(adata.n_obs),
+        "genes": int(adata.n_vars),
+        "microns_per_pixel": adata.uns["napari_hinge"].get("microns_per_pixel"),
+        "spot_diameter_px": adata.uns["napari_hinge"].get("spot_diameter_px"),
+        "layers": [f"{type(layer).__name__} {layer.name!r}" for layer in viewer.layers],
+        "colored_by": SAMPLE_GENE,
+        "seconds_to_scene": round(time.perf_counter() - t0, 2),
+    }
+    if not headless:
+        napari.run()
+        return 0
+
+    summary["screenshots"] = [_screenshot(viewer, out / f"her2st_C3_{SAMPLE_GENE}.png")]
+    viewer.layers.clear()
+    data, kwargs, _ = slide_layer_data(open_slide(cmu_slide_path()))
+    viewer.add_image(data, **kwargs)
+    viewer.reset_view()
+    QApplication.processEvents()
+    summary["screenshots"].append(_screenshot(viewer, out / "cmu1_slide.png"))
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    viewer.close()
+    print(json.dumps(summary, indent=2))
+    print(f"wrote {out}/")
+    return 0
+
+
+if __name__ == "__main__":
+    import argparse
+    import sys
+
+    sub = argparse.ArgumentParser(prog="python -m napari_hinge.demo").add_subparsers()
+    register(sub)
+    parser = sub.choices["demo"]
+    args = parser.parse_args(sys.argv[1:])
+    sys.exit(args.func(args))
