@@ -152,3 +152,63 @@ def read_config(directory: str | Path) -> tuple[BackboneConfig, dict[str, int]]:
     config = BackboneConfig(**json.loads((directory / "config.json").read_text()))
     vocab = json.loads((directory / "vocab.json").read_text())
     return config, vocab
+
+
+# ---------------------------------------------------------------------------------------------
+# Additions (brief D): generic save, panel mapping and value transforms. Nothing above changed.
+# ---------------------------------------------------------------------------------------------
+
+WEIGHTS_FILE = "model.safetensors"
+
+
+def save_backbone(backbone: GeneTokenBackbone, directory: str | Path) -> Path:
+    """Write ``config.json`` + ``vocab.json`` + ``model.safetensors`` (any kind).
+
+    :func:`napari_hinge.scfm.load_backbone` reads the folder back, picking the class from
+    ``config.kind``; the round trip is bit-identical.
+    """
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    save_config(backbone.config, directory, backbone.vocab)
+    # safetensors refuses shared or non-contiguous storage: store independent copies.
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in backbone.state_dict().items()}
+    save_file(state, str(directory / WEIGHTS_FILE), metadata={"kind": backbone.config.kind})
+    return directory
+
+
+def map_panel(backbone: GeneTokenBackbone, genes: list[str]
+              ) -> tuple[torch.Tensor, list[str], list[str]]:
+    """Split a gene panel into the genes the backbone knows and those it does not.
+
+    Returns
+    -------
+    ids
+        Token ids of the present genes, in panel order.
+    present
+        The present gene names (same order as ``ids``).
+    missing
+        The gene names the vocabulary lacks, in panel order.
+    """
+    ids, missing = backbone.gene_ids(list(genes))
+    keep = ids >= 0
+    present = [g for g, k in zip(genes, keep.tolist(), strict=True) if k]
+    return ids[keep], present, missing
+
+
+def transform_counts(counts: torch.Tensor, transform: str = "log1p_cp10k",
+                     library_size: torch.Tensor | None = None) -> torch.Tensor:
+    """Raw counts (cells, genes) -> the values a backbone expects.
+
+    ``'log1p_cp10k'``: ``log1p(counts / library_size * 1e4)``; ``library_size`` defaults to the
+    row sum of ``counts`` (pass the total over *all* genes when ``counts`` is a panel subset).
+    ``'log2p1'``: ``log2(counts + 1)`` (HINGE's released code).
+    """
+    counts = torch.as_tensor(counts, dtype=torch.float32)
+    if transform == "log1p_cp10k":
+        lib = counts.sum(-1, keepdim=True) if library_size is None else \
+            torch.as_tensor(library_size, dtype=torch.float32).reshape(*counts.shape[:-1], 1)
+        return torch.log1p(counts / lib.clamp_min(1.0) * 1e4)
+    if transform == "log2p1":
+        return torch.log2(counts + 1.0)
+    raise ValueError(f"unknown value transform {transform!r}; use 'log1p_cp10k' or 'log2p1'")

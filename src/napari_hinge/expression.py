@@ -1,0 +1,333 @@
+"""Expression targets, the gene-panel rule and the her2st leave-one-section-out data.
+
+The protocol (design.md section 6) is fixed here so that every model is scored the same way:
+
+- targets: ``log1p(normalize_total(counts, 1e4))`` computed over **all** genes of a section;
+- spots with fewer than 100 UMI are dropped;
+- panel: genes expressed (count > 0) in at least 10% of the spots of **every** training
+  section, then the top N by variance of the targets over the training spots
+  (:data:`HVG_RULE`; report it with every number, it moves scores more than models do);
+- inputs: spot-centred 160 px crops (about 112 um on these images), encoded once and cached.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ._convention import LEGACY_ST_PITCH_UM, LEGACY_ST_SPOT_UM, META_KEY, SPATIAL_KEY
+
+TARGET_SUM = 1e4
+MIN_UMI = 100
+MIN_FRAC = 0.10
+HER2ST_PATCH_PX = 160
+HER2ST_PATIENT_C = ("C2", "C3", "C4", "C5", "C6")
+TARGET_RULE = "log1p(normalize_total(counts, target_sum=1e4)) over all genes"
+
+
+def hvg_rule(n_genes: int, min_frac: float = MIN_FRAC) -> str:
+    """The gene-panel rule in words (echoed into every result)."""
+    return (
+        f"genes with count>0 in >={min_frac:.0%} of spots of every training section, then "
+        f"top {n_genes} by variance of {TARGET_RULE} over training spots"
+    )
+
+
+HVG_RULE = hvg_rule(50)
+
+
+def _dense(x) -> np.ndarray:
+    return np.asarray(x.toarray() if hasattr(x, "toarray") else x, dtype=np.float64)
+
+
+def expression_targets(counts, *, target_sum: float = TARGET_SUM) -> np.ndarray:
+    """``log1p(counts / rowsum * target_sum)`` as float32 (rows with zero total stay 0)."""
+    x = _dense(counts)
+    total = x.sum(axis=1, keepdims=True)
+    scale = np.divide(target_sum, total, out=np.zeros_like(total), where=total > 0)
+    return np.log1p(x * scale).astype(np.float32)
+
+
+def select_gene_panel(
+    train_adatas: Sequence,
+    n: int,
+    *,
+    min_frac: float = MIN_FRAC,
+    targets: Sequence[np.ndarray] | None = None,
+) -> list[str]:
+    """The panel rule: expressed in >= ``min_frac`` of the spots of every training section,
+    then the top ``n`` by variance of the targets over all training spots.
+
+    Parameters
+    ----------
+    train_adatas
+        Training sections (AnnData, ``X`` = raw counts, ``var_names`` = gene symbols).
+    n
+        Panel size.
+    min_frac
+        Minimum fraction of spots with count > 0, required in each section.
+    targets
+        Per-section targets over all genes (default: :func:`expression_targets` of ``X``).
+
+    Returns
+    -------
+    Gene names, highest variance first.
+    """
+    if not train_adatas:
+        raise ValueError("select_gene_panel needs at least one training section")
+    common = None
+    for ad in train_adatas:
+        names = list(ad.var_names)
+        common = set(names) if common is None else common & set(names)
+    keep = None
+    for ad in train_adatas:
+        frac = (_dense(ad.X) > 0).mean(axis=0)
+        ok = {g for g, f in zip(ad.var_names, frac, strict=True) if f >= min_frac}
+        keep = ok if keep is None else keep & ok
+    genes = sorted(common & keep)
+    if len(genes) < n:
+        raise ValueError(
+            f"only {len(genes)} genes pass the expression filter (>= {min_frac:.0%} of spots in "
+            f"every training section); asked for {n}"
+        )
+    if targets is None:
+        targets = [expression_targets(ad.X) for ad in train_adatas]
+    stacked = np.concatenate(
+        [t[:, ad.var_names.get_indexer(genes)] for ad, t in zip(train_adatas, targets, strict=True)]
+    )
+    var = stacked.var(axis=0)
+    order = np.argsort(-var, kind="stable")[:n]
+    return [genes[i] for i in order]
+
+
+def panel_targets(adata, genes: Sequence[str], targets: np.ndarray | None = None) -> np.ndarray:
+    """Targets ``(n_spots, len(genes))``; a gene absent from the section's table counts 0."""
+    if targets is None:
+        targets = expression_targets(adata.X)
+    idx = adata.var_names.get_indexer(list(genes))
+    out = np.zeros((adata.n_obs, len(genes)), dtype=np.float32)
+    present = idx >= 0
+    out[:, present] = targets[:, idx[present]]
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# her2st sections
+
+
+def _read_her2st_private(folder: Path, section: str):
+    """Minimal her2st reader (counts + selected spots + image) until io.spatial lands."""
+    import anndata as ad
+    import pandas as pd
+    import scipy.sparse as sp
+
+    counts_file = folder / "counts" / f"{section}.tsv.gz"
+    spots_file = folder / "spots" / f"{section}_selection.tsv"
+    for f in (counts_file, spots_file):
+        if not f.is_file():
+            raise FileNotFoundError(f"her2st section {section!r}: missing {f}")
+    counts = pd.read_csv(counts_file, sep="\t", index_col=0)
+    spots = pd.read_csv(spots_file, sep="\t")
+    spots = spots[spots["selected"] == 1]
+    spots.index = [f"{x}x{y}" for x, y in zip(spots["x"], spots["y"], strict=True)]
+    missing = counts.index.difference(spots.index)
+    if len(missing):
+        raise ValueError(f"{spots_file}: no selected spot for count rows {list(missing[:5])}")
+    spots = spots.loc[counts.index]
+    xy = spots[["pixel_x", "pixel_y"]].to_numpy(float)
+    # pixel size from the array grid: legacy ST spots sit 200 um apart (array unit)
+    arr = spots[["x", "y"]].to_numpy(float)
+    A = np.c_[arr, np.ones(len(arr))]
+    coef, *_ = np.linalg.lstsq(A, xy, rcond=None)
+    pitch_px = float(np.mean([np.hypot(*coef[0]), np.hypot(*coef[1])]))
+    mpp = LEGACY_ST_PITCH_UM / pitch_px
+    adata = ad.AnnData(
+        X=sp.csr_matrix(counts.to_numpy(np.float32)),
+        obs=pd.DataFrame(index=[f"{section}_{i}" for i in counts.index]),
+        var=pd.DataFrame(index=counts.columns.astype(str)),
+    )
+    adata.obsm[SPATIAL_KEY] = xy
+    image = folder / "images" / f"{section}_HE.jpg"
+    meta = {
+        "microns_per_pixel": mpp,
+        "spot_diameter_px": LEGACY_ST_SPOT_UM / mpp,
+        "source": str(folder),
+        "format": "legacy_st",
+    }
+    if image.is_file():
+        meta["slide_path"] = str(image)
+    adata.uns[META_KEY] = meta
+    return adata
+
+
+def read_her2st_section(folder: str | Path, section: str):
+    """One her2st section as AnnData (the project reader when available)."""
+    folder = Path(folder)
+    try:
+        from .io.spatial import read_her2st
+    except ImportError:
+        return _read_her2st_private(folder, section)
+    return read_her2st(folder, section)
+
+
+@dataclass
+class Section:
+    """One section ready for the protocol: spots kept, targets over all genes, features."""
+
+    name: str
+    adata: object
+    targets: np.ndarray  # (n_spots, n_genes_all) log1p CP10k
+    features: np.ndarray  # (n_spots, dim) or (8, n_spots, dim) with augmentations
+    meta: dict = field(default_factory=dict)
+
+
+def load_her2st_sections(
+    folder: str | Path,
+    sections: Sequence[str],
+    *,
+    encoder,
+    side_px: int = HER2ST_PATCH_PX,
+    augment: bool = False,
+    min_umi: int = MIN_UMI,
+    batch_size: int = 8,
+    cache: bool = True,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> list[Section]:
+    """Read sections, drop spots under ``min_umi``, compute targets and (cached) features.
+
+    Features are computed for all spots of a section (a stable cache key whatever the UMI
+    filter) and then subset.
+    """
+    from .features import encode_spots
+
+    out = []
+    for s in sections:
+        adata = read_her2st_section(folder, s)
+        meta = adata.uns.get(META_KEY, {})
+        if "slide_path" not in meta:
+            raise FileNotFoundError(f"her2st section {s!r} in {folder} has no H&E image")
+        tick = None if progress is None else (lambda d, t, s=s: progress(s, d, t))
+        feats = encode_spots(
+            meta["slide_path"],
+            adata.obsm[SPATIAL_KEY],
+            encoder=encoder,
+            side_px=side_px,
+            augment=augment,
+            batch_size=batch_size,
+            cache=cache,
+            progress=tick,
+        )
+        umi = np.asarray(adata.X.sum(axis=1)).ravel()
+        keep = umi >= min_umi
+        adata = adata[keep].copy()
+        feats = feats[..., keep, :]
+        out.append(
+            Section(
+                s,
+                adata,
+                expression_targets(adata.X),
+                feats,
+                meta={"n_spots": int(keep.sum()), "n_dropped_low_umi": int((~keep).sum())},
+            )
+        )
+    return out
+
+
+@dataclass
+class Fold:
+    """Train/test arrays of one split, with the gene panel chosen on the training sections."""
+
+    test: list[str]
+    train: list[str]
+    genes: list[str]
+    X_train: np.ndarray
+    Y_train: np.ndarray
+    groups_train: np.ndarray  # section name per training spot (for inner LOSO)
+    X_test: np.ndarray
+    Y_test: np.ndarray
+    groups_test: np.ndarray
+    hvg_rule: str
+    X_train_aug: np.ndarray | None = None  # (8, n_train, dim) when augmented features exist
+
+
+def make_fold(
+    train: Sequence[Section], test: Sequence[Section], *, n_genes: int = 50,
+    min_frac: float = MIN_FRAC,
+) -> Fold:
+    """Assemble one split; the panel uses the training sections only."""
+    genes = select_gene_panel(
+        [s.adata for s in train], n_genes, min_frac=min_frac, targets=[s.targets for s in train]
+    )
+
+    def stack(secs):
+        feats = [s.features if s.features.ndim == 2 else s.features[0] for s in secs]
+        Y = [panel_targets(s.adata, genes, s.targets) for s in secs]
+        groups = np.concatenate([np.full(s.adata.n_obs, s.name) for s in secs])
+        return np.concatenate(feats).astype(np.float32), np.concatenate(Y), groups
+
+    X_tr, Y_tr, g_tr = stack(train)
+    X_te, Y_te, g_te = stack(test)
+    aug = None
+    if all(s.features.ndim == 3 for s in train):
+        aug = np.concatenate([s.features for s in train], axis=1)
+    return Fold(
+        test=[s.name for s in test],
+        train=[s.name for s in train],
+        genes=genes,
+        X_train=X_tr,
+        Y_train=Y_tr,
+        groups_train=g_tr,
+        X_test=X_te,
+        Y_test=Y_te,
+        groups_test=g_te,
+        hvg_rule=hvg_rule(n_genes, min_frac),
+        X_train_aug=aug,
+    )
+
+
+def her2st_fold_data(
+    folder: str | Path,
+    sections: Sequence[str] = HER2ST_PATIENT_C,
+    *,
+    encoder,
+    n_genes: int = 50,
+    test: Sequence[str] | None = None,
+    side_px: int = HER2ST_PATCH_PX,
+    augment: bool = False,
+    batch_size: int = 8,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> list[Fold]:
+    """Leave-one-section-out folds over ``sections`` of a her2st folder.
+
+    Parameters
+    ----------
+    folder
+        The her2st folder (``counts/``, ``spots/``, ``images/``).
+    sections
+        Sections taking part (default patient C: C2-C6).
+    encoder
+        Patch encoder (features cached per section).
+    n_genes
+        Panel size (50 or 250 in the protocol).
+    test
+        Held-out sections: one fold per entry (default: every section in turn).
+
+    Returns
+    -------
+    One :class:`Fold` per held-out section.
+    """
+    secs = load_her2st_sections(
+        folder, sections, encoder=encoder, side_px=side_px, augment=augment,
+        batch_size=batch_size, progress=progress,
+    )
+    by_name = {s.name: s for s in secs}
+    folds = []
+    for t in test if test is not None else sections:
+        if t not in by_name:
+            raise KeyError(f"test section {t!r} is not among {list(sections)}")
+        train = [s for s in secs if s.name != t]
+        folds.append(make_fold(train, [by_name[t]], n_genes=n_genes))
+    return folds

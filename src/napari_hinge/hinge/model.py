@@ -1,0 +1,319 @@
+"""HINGE: a frozen gene-token foundation model turned into a histology-conditioned generator.
+
+    c      = CondNet(t, image features, m_prev)                    (trainable)
+    h      = backbone.embed(gene ids, x_t, masked = ~m_t)          (frozen; zero_emb on masked)
+    h      = SoftAdaLNBlock_i(h, c), each pre-trained block       (block frozen, modulation trained)
+    x0_hat = value_decoder(SoftPreNorm(h) (1 + scale) + shift)     (decoder frozen)
+
+Keys/values of masked genes are hidden in the first ``backbone.config.mask_kv_layers`` blocks,
+exactly as the backbone's own forward does. At initialisation the model reproduces the backbone
+(see :mod:`napari_hinge.hinge.softadaln`). The mask schedule lives in
+:mod:`napari_hinge.hinge.schedule`, the sampler in :mod:`napari_hinge.hinge.sampler`.
+
+A saved model folder holds ``config.json`` (:class:`HingeConfig`: genes, image encoder name,
+feature size, backbone reference, schedule), ``model.safetensors`` (the trainable part only),
+``meta.json`` (parameter counts, backbone digest) and, unless the backbone is a named shipped
+one, ``backbone/`` (its config, vocabulary and weights).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from napari_hinge.scfm.base import GeneTokenBackbone, save_backbone
+
+from .schedule import MaskSchedule
+from .softadaln import CondNet, ModulatedDecoder, SoftAdaLNBlock
+
+FORMAT_VERSION = 1
+# Registry names whose weights ship with the package: a saved model refers to them by name.
+NAMED_BACKBONES = ("builtin",)
+
+
+@dataclass
+class HingeConfig:
+    """Everything needed to rebuild a :class:`HingeModel` around its backbone.
+
+    Parameters
+    ----------
+    genes
+        The panel (G gene symbols), in the order of the target vectors.
+    feature_dim
+        Size of the image feature vector per spot.
+    encoder
+        Name of the image encoder that made the features (recorded, checked by callers).
+    backbone_ref
+        Registry name (e.g. ``'builtin'``) or path the backbone was loaded from; ``None`` when the
+        backbone was built in code (it is then saved inside the model folder).
+    value_transform
+        Transform of the target values; ``None`` takes the backbone's ``config.value_transform``.
+    num_steps, gamma, k_tail, mask_fill, warmup_mask_ratio
+        Mask schedule (:class:`~napari_hinge.hinge.schedule.MaskSchedule`) and warm-start ratio.
+    ada_rank
+        ``None``: full Ada6Head per block (paper); an int: low-rank heads of that rank.
+    gate, gate_bias, prenorm_logit
+        SoftAdaLN gate mode ('sigmoid'/'linear'), its initial bias, initial SoftPreNorm logit.
+    t_dim, max_period
+        Timestep sinusoid size and period.
+    """
+
+    genes: list[str]
+    feature_dim: int
+    encoder: str | None = None
+    backbone_ref: str | None = None
+    backbone: dict = field(default_factory=dict)  # the backbone's BackboneConfig, recorded
+    value_transform: str | None = None
+    num_steps: int = 50
+    gamma: str = "poly_auto"
+    k_tail: int = 1
+    mask_fill: str = "gauss"
+    warmup_mask_ratio: float = 0.2
+    ada_rank: int | None = None
+    gate: str = "sigmoid"
+    gate_bias: float = 6.0
+    prenorm_logit: float = -12.0
+    t_dim: int = 256
+    max_period: float = 10000.0
+
+    @property
+    def n_genes(self) -> int:
+        return len(self.genes)
+
+    def schedule(self) -> MaskSchedule:
+        return MaskSchedule(self.n_genes, num_steps=self.num_steps, gamma=self.gamma,
+                            k_tail=self.k_tail, mask_fill=self.mask_fill)
+
+
+def state_digest(module: nn.Module) -> str:
+    """SHA-256 over a module's state (names, dtypes, shapes, bytes): identifies exact weights."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+class HingeModel(nn.Module):
+    """Frozen backbone + CondNet + SoftAdaLN-wrapped blocks + modulated value decoder.
+
+    Parameters
+    ----------
+    backbone
+        A :class:`~napari_hinge.scfm.base.GeneTokenBackbone`, or a name/path for
+        ``napari_hinge.scfm.load_backbone`` (then recorded as ``config.backbone_ref``).
+    config
+        :class:`HingeConfig`. Every gene must be in the backbone's vocabulary (KeyError naming
+        the missing ones otherwise).
+
+    Notes
+    -----
+    The backbone is frozen (``requires_grad=False``) and stays in eval mode even when the model
+    trains, so it is a fixed function (no dropout inside it).
+    """
+
+    def __init__(self, backbone: GeneTokenBackbone | str | os.PathLike,
+                 config: HingeConfig) -> None:
+        super().__init__()
+        if not isinstance(backbone, nn.Module):
+            from napari_hinge.scfm import load_backbone  # written beside this module
+
+            if config.backbone_ref is None:
+                config = replace(config, backbone_ref=str(backbone))
+            backbone = load_backbone(backbone)
+        if not isinstance(backbone, GeneTokenBackbone):
+            raise TypeError(f"backbone must be a GeneTokenBackbone, got {type(backbone).__name__}")
+        if len(set(config.genes)) != len(config.genes):
+            raise ValueError("the gene panel has duplicate names")
+        if config.feature_dim < 1:
+            raise ValueError(f"feature_dim must be positive, got {config.feature_dim}")
+        config = replace(config, genes=list(config.genes), backbone=asdict(backbone.config))
+        if config.value_transform is None:
+            config.value_transform = backbone.config.value_transform
+        self.config = config
+        self.schedule = config.schedule()
+        self.backbone = backbone.requires_grad_(False).eval()
+        self.register_buffer("gene_ids", backbone.require_genes(list(config.genes)),
+                             persistent=False)
+        d = backbone.d_model
+        self.cond = CondNet(d, config.n_genes, config.feature_dim, t_dim=config.t_dim,
+                            max_period=config.max_period)
+        self.blocks = nn.ModuleList(
+            SoftAdaLNBlock(b, d, rank=config.ada_rank, gate=config.gate,
+                           gate_bias=config.gate_bias, prenorm_logit=config.prenorm_logit)
+            for b in backbone.blocks
+        )
+        self.decoder = ModulatedDecoder(backbone.value_decoder, d, d, rank=config.ada_rank,
+                                        prenorm_logit=config.prenorm_logit)
+
+    # -- bookkeeping ----------------------------------------------------------------------
+    def train(self, mode: bool = True) -> HingeModel:
+        super().train(mode)
+        self.backbone.eval()  # frozen means a fixed function: no dropout in it
+        return self
+
+    def param_counts(self) -> dict[str, int]:
+        """Trainable and frozen parameter counts."""
+        trainable = sum(p.numel() for p in self.trainable_parameters())
+        frozen = sum(p.numel() for p in self.backbone.parameters())
+        return {"trainable": trainable, "frozen": frozen}
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for n, p in self.named_parameters() if not n.startswith("backbone.")]
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("backbone.")}
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        own = self.trainable_state_dict()
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise KeyError(f"trainable state does not match the model: missing {missing[:5]}, "
+                           f"unexpected {unexpected[:5]}")
+        self.load_state_dict(state, strict=False)
+
+    @property
+    def n_genes(self) -> int:
+        return self.config.n_genes
+
+    # -- forward --------------------------------------------------------------------------
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, m_prev: torch.Tensor,
+                m_t: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """Predict ``x0`` (B, G).
+
+        Parameters
+        ----------
+        x_t
+            (B, G) current values (observed genes hold values, masked ones noise).
+        t
+            (B,) timesteps (int or float).
+        m_prev, m_t
+            (B, G) bool observed masks after and before this step; ``m_prev`` conditions, ``~m_t``
+            selects the masked tokens.
+        features
+            (B, F) image features.
+        """
+        B = x_t.shape[0]
+        t = torch.as_tensor(t, device=x_t.device)
+        if t.ndim == 0:
+            t = t.expand(B)
+        c = self.cond(t, features.to(x_t.dtype), m_prev)
+        masked = ~m_t.bool()
+        ids = self.gene_ids.unsqueeze(0).expand(B, -1)
+        h = self.backbone.embed(ids, x_t, masked)
+        hidden = self.backbone.hidden_tokens(masked)
+        n_kv = self.backbone.config.mask_kv_layers
+        for i, block in enumerate(self.blocks):
+            h = block(h, c, hidden if i < n_kv else None)
+        out = self.decoder(h[:, 1:], c)
+        return out.squeeze(-1) if out.ndim == 3 else out
+
+    # -- save / load ----------------------------------------------------------------------
+    def save(self, directory: str | os.PathLike, *, include_backbone: bool | None = None) -> Path:
+        """Write the model folder atomically (a temporary folder renamed into place).
+
+        ``include_backbone=None`` saves the backbone weights unless ``config.backbone_ref`` names
+        a shipped backbone (:data:`NAMED_BACKBONES`).
+        """
+        directory = Path(directory)
+        if include_backbone is None:
+            include_backbone = self.config.backbone_ref not in NAMED_BACKBONES
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+        try:
+            (tmp / "config.json").write_text(json.dumps(asdict(self.config), indent=2))
+            state = {k: v.detach().cpu().contiguous()
+                     for k, v in self.trainable_state_dict().items()}
+            save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            meta = {"format_version": FORMAT_VERSION,
+                    "backbone_digest": state_digest(self.backbone),
+                    "backbone_saved": bool(include_backbone), **self.param_counts()}
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+            if include_backbone:
+                _save_backbone(self.backbone, tmp / "backbone")
+            _replace_dir(tmp, directory)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, *, backbone: GeneTokenBackbone | None = None,
+             map_location: str | torch.device = "cpu") -> HingeModel:
+        """Rebuild a saved model bit-identically.
+
+        The backbone structure comes from ``backbone`` when given, else from
+        ``load_backbone(folder/'backbone')`` or ``load_backbone(config.backbone_ref)``; saved
+        backbone weights, when present, then overwrite it. The backbone digest recorded at save
+        time is checked (ValueError on a mismatch: other weights than the model was trained on).
+        """
+        directory = Path(directory)
+        for name in ("config.json", "model.safetensors", "meta.json"):
+            if not (directory / name).is_file():
+                raise FileNotFoundError(f"{directory / name} is missing: not a saved HINGE model")
+        try:
+            config = HingeConfig(**json.loads((directory / "config.json").read_text()))
+            meta = json.loads((directory / "meta.json").read_text())
+        except (json.JSONDecodeError, TypeError) as exc:
+            raise ValueError(f"{directory} holds an invalid config.json/meta.json: {exc}") from exc
+        saved = directory / "backbone"
+        if backbone is None:
+            backbone = _resolve_backbone(saved, config.backbone_ref, directory)
+        if (saved / "model.safetensors").is_file():
+            state = load_file(str(saved / "model.safetensors"))
+            backbone.load_state_dict(state, strict=True)
+        digest = state_digest(backbone)
+        if digest != meta.get("backbone_digest"):
+            raise ValueError(f"the backbone for {directory} differs from the one the model was "
+                             f"saved with (digest {digest[:12]} != "
+                             f"{str(meta.get('backbone_digest'))[:12]})")
+        model = cls(backbone, config)
+        model.load_trainable_state_dict(load_file(str(directory / "model.safetensors")))
+        return model.to(map_location)
+
+
+def _save_backbone(backbone: GeneTokenBackbone, directory: Path) -> None:
+    if hasattr(backbone, "save"):
+        backbone.save(directory)
+    if not (directory / "model.safetensors").is_file():
+        save_backbone(backbone, directory)  # generic: config.json + vocab.json + weights
+
+
+def _resolve_backbone(saved: Path, ref: str | None, directory: Path) -> GeneTokenBackbone:
+    try:
+        from napari_hinge.scfm import load_backbone
+    except ImportError as exc:
+        raise ValueError(f"cannot rebuild the backbone of {directory}: napari_hinge.scfm has no "
+                         f"load_backbone; pass backbone= to HingeModel.load") from exc
+    errors = []
+    for source in ([saved] if saved.is_dir() else []) + ([ref] if ref else []):
+        try:
+            return load_backbone(source)
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:  # try the next source
+            errors.append(f"{source}: {exc}")
+    raise ValueError(f"cannot rebuild the backbone of {directory} (tried {errors or 'nothing'}); "
+                     f"pass backbone= to HingeModel.load")
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Move folder ``src`` onto ``dst``; an existing ``dst`` is removed only after the swap."""
+    old = None
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(dst, old)
+    os.replace(src, dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

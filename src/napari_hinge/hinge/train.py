@@ -1,0 +1,297 @@
+"""Train HINGE's modulation on (image features, expression) pairs; a generator of TrainEvents.
+
+Masked-diffusion training (methods.md 1.4-1.6): per batch a step ``t`` per spot (uniform in
+1..t_cap during the warm-start epochs, then 1..T), a random gene order, noise on the masked
+genes, and the MSE on the genes revealed at ``t``. AdamW on the trainable parameters only,
+MultiStepLR per epoch, gradient clipping. Each spot contributes ``aug_ratio`` of its K feature
+views per epoch (sampled without replacement, HINGE's ``num_aug_ratio``). Validation holds out
+whole spots (a spot with all its views) and reports the masked-diffusion loss at fixed random
+steps (comparable across epochs) and, optionally, the gene-wise Pearson r of a cheap sampler run.
+
+Checkpoints: ``checkpoint_dir/last.pt`` after every epoch (trainable weights, optimiser,
+scheduler, RNG, history; written atomically) and ``checkpoint_dir/best/`` (a full
+:meth:`HingeModel.save` folder) whenever the validation loss improves. ``resume=True``
+continues from ``last.pt`` and gives the same weights as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from napari_hinge.device import autocast, default_device
+from napari_hinge.training import (
+    StopToken,
+    TrainEvent,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    seed_everything,
+    set_rng_state,
+)
+
+from .model import HingeModel
+from .sampler import sample
+from .schedule import masked_diffusion_loss
+
+
+def gene_pearson(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
+    """Pearson r per gene (column) over spots; a constant column scores 0."""
+    pred = np.asarray(pred, dtype=np.float64)
+    true = np.asarray(true, dtype=np.float64)
+    p = pred - pred.mean(0)
+    q = true - true.mean(0)
+    den = np.sqrt((p**2).sum(0) * (q**2).sum(0))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = (p * q).sum(0) / den
+    return np.where(den > 1e-12, r, 0.0)
+
+
+def _check_inputs(model: HingeModel, features, targets) -> tuple[torch.Tensor, torch.Tensor]:
+    f = torch.as_tensor(np.asarray(features) if not torch.is_tensor(features) else features)
+    y = torch.as_tensor(np.asarray(targets) if not torch.is_tensor(targets) else targets)
+    f, y = f.float(), y.float()
+    if f.ndim == 2:
+        f = f.unsqueeze(0)
+    F, G = model.config.feature_dim, model.n_genes
+    if f.ndim != 3 or f.shape[-1] != F:
+        raise ValueError(f"train_features must be (N, {F}) or (K, N, {F}), got {tuple(f.shape)}")
+    if y.ndim != 2 or y.shape[1] != G:
+        raise ValueError(f"train_targets must be (N, {G}) over the model's genes, "
+                         f"got {tuple(y.shape)}")
+    if f.shape[1] != y.shape[0]:
+        raise ValueError(f"features have {f.shape[1]} spots but targets have {y.shape[0]}")
+    if not torch.isfinite(f).all():
+        raise ValueError("train_features contain NaN or infinite values")
+    if not torch.isfinite(y).all():
+        raise ValueError("train_targets contain NaN or infinite values")
+    return f, y
+
+
+def split_groups(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, val) spot indices; a spot and all its views are in the same part."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    n_val = int(round(val_fraction * n))
+    if val_fraction > 0:
+        n_val = min(max(1, n_val), n - 1)
+    if n - n_val < 1:
+        raise ValueError(f"need at least 2 spots to hold out validation spots, got {n}")
+    perm = np.random.default_rng(seed).permutation(n)
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+@torch.no_grad()
+def validation_loss(model: HingeModel, features: torch.Tensor, targets: torch.Tensor, *,
+                    seed: int, batch_size: int = 128,
+                    device: torch.device | None = None) -> float:
+    """Masked-diffusion loss at fixed random steps and orders (seeded), pooled over all revealed
+    genes. Steps are uniform over those that reveal genes (for G < T some reveal none, and a small
+    validation set could otherwise score nothing). ``features`` (N, F), ``targets`` (N, G)."""
+    device = device or next(model.parameters()).device
+    gen = torch.Generator().manual_seed(seed)
+    sched = model.schedule
+    steps = sched.revealing_steps()
+    was_training = model.training
+    model.eval()
+    num = den = 0.0
+    try:
+        for s in range(0, len(targets), batch_size):
+            x0 = targets[s:s + batch_size]
+            t = steps[torch.randint(0, len(steps), (len(x0),), generator=gen)]
+            cor = sched.corrupt(x0, t, generator=gen)
+            with autocast(device):
+                pred = model(cor.x_t.to(device), t.to(device), cor.m_prev.to(device),
+                             cor.m_t.to(device), features[s:s + batch_size].to(device))
+            d = cor.reveal.to(device).float()
+            num += float((((pred.float() - x0.to(device)) ** 2) * d).sum())
+            den += float(d.sum())
+    finally:
+        model.train(was_training)
+    return num / max(den, 1.0)
+
+
+def train_hinge(model: HingeModel, train_features, train_targets, *, val_fraction: float = 0.1,
+                epochs: int = 40, batch_size: int = 32, lr: float = 1e-4,
+                milestones: tuple[int, ...] = (20, 35), gamma: float = 0.2,
+                warmup_epochs: int = 5, grad_clip: float = 1.0, seed: int = 42,
+                checkpoint_dir: str | Path | None = None, resume: bool = False,
+                stop: StopToken | None = None, val_every: int = 1, aug_ratio: int = 1,
+                val_samples: int = 2, val_reveal_steps: int = 10,
+                device: str | torch.device | None = None) -> Iterator[TrainEvent]:
+    """Train a :class:`HingeModel` (its trainable part) by masked diffusion; yields TrainEvents.
+
+    Parameters
+    ----------
+    model
+        The model; trained in place (the backbone stays frozen).
+    train_features
+        (N, F) image features, or (K, N, F) with K views per spot (e.g. the 8 dihedral views).
+    train_targets
+        (N, G) target values over ``model.config.genes``, already transformed
+        (``model.config.value_transform``).
+    val_fraction
+        Fraction of spots held out for validation (0: none).
+    epochs, batch_size, lr, milestones, gamma, grad_clip
+        AdamW (betas 0.9/0.999, eps 1e-8, no weight decay) with MultiStepLR per epoch.
+    warmup_epochs
+        Warm-start curriculum: epochs 1..warmup_epochs sample ``t`` in 1..t_cap only.
+    seed
+        Seeds the split, the batches, the masks and the noise (recorded in the summary).
+    checkpoint_dir
+        Where ``last.pt`` and ``best/`` go (None: no checkpoints, no resume).
+    resume
+        Continue from ``checkpoint_dir/last.pt``. Without it an existing ``last.pt`` is never
+        overwritten (FileExistsError).
+    stop
+        Checked between steps; when requested a 'stopped' event is yielded and the generator
+        returns (the last completed epoch's checkpoint stays).
+    val_every
+        Validate every this many epochs (and after the last).
+    aug_ratio
+        Views per spot per epoch (1..K), drawn without replacement.
+    val_samples, val_reveal_steps
+        The validation sampler run for the val Pearson r (``val_samples=0`` turns it off).
+    device
+        Training device (default: :func:`napari_hinge.device.default_device`).
+
+    Yields
+    ------
+    TrainEvent
+        'step' (loss), 'epoch' (mean train loss, val_loss, metrics: val_pcc, lr, t_max,
+        best_val_loss), 'stopped', 'done' (metrics: the run summary).
+    """
+    if epochs < 1 or batch_size < 1 or val_every < 1:
+        raise ValueError("epochs, batch_size and val_every must be >= 1")
+    stop = stop or StopToken()
+    device = default_device(str(device) if device is not None else None)
+    feats, targets = _check_inputs(model, train_features, train_targets)
+    K, N, _ = feats.shape
+    if not 1 <= aug_ratio <= K:
+        raise ValueError(f"aug_ratio must be in 1..{K} (the number of feature views)")
+    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    last_path = ckpt_dir / "last.pt" if ckpt_dir is not None else None
+    if resume and last_path is None:
+        raise ValueError("resume=True needs checkpoint_dir")
+    if resume and not last_path.is_file():
+        raise FileNotFoundError(f"cannot resume: {last_path} does not exist")
+    if not resume and last_path is not None and last_path.exists():
+        raise FileExistsError(f"{last_path} exists; pass resume=True to continue that run or "
+                              f"choose another checkpoint_dir")
+
+    train_idx, val_idx = split_groups(N, val_fraction, seed)
+    model.to(device)
+    model.train()
+    params = model.trainable_parameters()
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    lr_sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(milestones), gamma=gamma)
+    sched = model.schedule
+    t_cap = sched.t_cap(model.config.warmup_mask_ratio)
+    n_rows = len(train_idx) * aug_ratio
+    steps_per_epoch = math.ceil(n_rows / batch_size)
+    total_steps = epochs * steps_per_epoch
+    history: list[dict] = []
+    best_val, best_epoch, start_epoch = math.inf, 0, 1
+
+    if resume:
+        ck = load_checkpoint(last_path)
+        if ck.get("genes") != list(model.config.genes):
+            raise ValueError(f"{last_path} was written for another gene panel")
+        if not np.array_equal(ck.get("val_idx"), val_idx):
+            raise ValueError(f"{last_path} used another train/validation split (different data "
+                             f"or seed)")
+        model.load_trainable_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        lr_sched.load_state_dict(ck["scheduler"])
+        set_rng_state(ck["rng"])
+        start_epoch = ck["epoch"] + 1
+        best_val, best_epoch, history = ck["best_val"], ck["best_epoch"], ck["history"]
+    else:
+        seed_everything(seed)
+
+    val_feats = feats[:, val_idx]
+    val_targets = targets[val_idx]
+    step = (start_epoch - 1) * steps_per_epoch
+    for epoch in range(start_epoch, epochs + 1):
+        warm = epoch <= warmup_epochs
+        # one (or aug_ratio) of each spot's K views, then shuffle the rows
+        views = torch.rand(len(train_idx), K).argsort(1)[:, :aug_ratio].reshape(-1)
+        spots = torch.as_tensor(train_idx).repeat_interleave(aug_ratio)
+        order = torch.randperm(n_rows)
+        views, spots = views[order], spots[order]
+        losses = []
+        for b in range(steps_per_epoch):
+            if stop.requested:
+                yield TrainEvent("stopped", epoch, step, total_steps, metrics={
+                    "last_complete_epoch": epoch - 1,
+                    "checkpoint": str(last_path) if last_path and last_path.exists() else None})
+                return
+            sl = slice(b * batch_size, (b + 1) * batch_size)
+            x0 = targets[spots[sl]]
+            f = feats[views[sl], spots[sl]]
+            t = sched.sample_timesteps(len(x0), warm=warm,
+                                       warmup_ratio=model.config.warmup_mask_ratio)
+            cor = sched.corrupt(x0, t)
+            x0 = x0.to(device)
+            with autocast(device):
+                pred = model(cor.x_t.to(device), t.to(device), cor.m_prev.to(device),
+                             cor.m_t.to(device), f.to(device))
+            loss = masked_diffusion_loss(pred.float(), x0, cor.reveal.to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if grad_clip and grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, grad_clip)
+            opt.step()
+            step += 1
+            losses.append(float(loss.detach()))
+            yield TrainEvent("step", epoch, step, total_steps, loss=losses[-1])
+        lr_now = opt.param_groups[0]["lr"]
+        lr_sched.step()
+
+        record = {"epoch": epoch, "train_loss": float(np.mean(losses)), "lr": lr_now,
+                  "t_max": t_cap if warm else sched.num_steps}
+        val_loss = None
+        if len(val_idx) and (epoch % val_every == 0 or epoch == epochs):
+            val_loss = validation_loss(model, val_feats[0], val_targets, seed=seed + 1,
+                                       device=device)
+            record["val_loss"] = val_loss
+            if val_samples > 0 and len(val_idx) >= 2:
+                res = sample(model, val_feats, n_samples=val_samples,
+                             reveal_steps=min(val_reveal_steps, sched.num_steps),
+                             seed=seed + 2, device=device)
+                record["val_pcc"] = float(gene_pearson(res.mean.numpy(),
+                                                       val_targets.numpy()).mean())
+            if val_loss < best_val:
+                best_val, best_epoch = val_loss, epoch
+                if ckpt_dir is not None:
+                    model.save(ckpt_dir / "best")
+        history.append(record)
+        if last_path is not None:
+            save_checkpoint(last_path, {
+                "model": {k: v.detach().cpu() for k, v in model.trainable_state_dict().items()},
+                "optimizer": opt.state_dict(), "scheduler": lr_sched.state_dict(),
+                "epoch": epoch, "rng": rng_state(), "best_val": best_val,
+                "best_epoch": best_epoch, "history": history, "genes": list(model.config.genes),
+                "val_idx": val_idx, "seed": seed, "config": asdict(model.config),
+            })
+        yield TrainEvent("epoch", epoch, step, total_steps, loss=record["train_loss"],
+                         val_loss=val_loss,
+                         metrics={k: v for k, v in record.items() if k not in ("epoch",)}
+                         | {"best_val_loss": best_val if best_epoch else None})
+
+    counts = model.param_counts()
+    yield TrainEvent("done", epochs, step, total_steps,
+                     loss=history[-1]["train_loss"] if history else None,
+                     val_loss=best_val if best_epoch else None,
+                     metrics={"epochs": epochs, "best_epoch": best_epoch,
+                              "best_val_loss": best_val if best_epoch else None,
+                              "seed": seed, "n_train": int(len(train_idx)),
+                              "n_val": int(len(val_idx)), "views": K, "aug_ratio": aug_ratio,
+                              "t_cap": t_cap, "trainable_params": counts["trainable"],
+                              "frozen_params": counts["frozen"], "history": history,
+                              "checkpoint_dir": str(ckpt_dir) if ckpt_dir else None})

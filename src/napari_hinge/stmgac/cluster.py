@@ -1,0 +1,153 @@
+"""Domains from a latent: Gaussian mixture or Leiden, then optional spatial smoothing.
+
+The authors cluster with R's mclust model "EEE" (ellipsoidal, equal volume, shape and
+orientation: one covariance matrix shared by all components). scikit-learn's
+``GaussianMixture(covariance_type='tied')`` is the same model family, so it is the
+default here; initialisation differs (mclust starts from model-based hierarchical
+clustering, scikit-learn from k-means), so labels can differ slightly.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+from sklearn.mixture import GaussianMixture
+
+from .graph import knn_indices
+
+
+def _check_k(x: np.ndarray, n_clusters: int) -> None:
+    if n_clusters < 1:
+        raise ValueError(f"the number of domains must be >= 1, got {n_clusters}")
+    if n_clusters > x.shape[0]:
+        raise ValueError(
+            f"cannot find {n_clusters} domains among {x.shape[0]} spots: K is larger than the "
+            "number of spots"
+        )
+
+
+def gmm_labels(
+    x: np.ndarray,
+    n_clusters: int,
+    *,
+    covariance_type: str = "tied",
+    seed: int = 666,
+    n_init: int = 1,
+) -> np.ndarray:
+    """Labels 0..K-1 of a Gaussian mixture with K components (tied covariance ≈ mclust EEE)."""
+    x = np.asarray(x, dtype=np.float64)
+    _check_k(x, n_clusters)
+    gmm = GaussianMixture(
+        n_components=n_clusters,
+        covariance_type=covariance_type,
+        random_state=seed,
+        n_init=n_init,
+        reg_covar=1e-6,
+    )
+    return gmm.fit_predict(x).astype(np.int64)
+
+
+def leiden_labels(
+    x: np.ndarray,
+    n_clusters: int,
+    *,
+    n_neighbors: int = 15,
+    seed: int = 0,
+    max_iter: int = 30,
+) -> tuple[np.ndarray, float]:
+    """Leiden on the kNN graph of ``x``, bisecting the resolution until K clusters appear.
+
+    Returns (labels, resolution). When no resolution gives exactly K the closest count is
+    returned (ties: the smaller resolution).
+    """
+    import anndata as ad
+    import scanpy as sc
+
+    x = np.asarray(x, dtype=np.float32)
+    _check_k(x, n_clusters)
+    a = ad.AnnData(np.zeros((x.shape[0], 1), np.float32))
+    a.obsm["X_lat"] = x
+    sc.pp.neighbors(a, n_neighbors=min(n_neighbors, x.shape[0] - 1), use_rep="X_lat",
+                    random_state=seed)
+
+    def run(res: float) -> np.ndarray:
+        sc.tl.leiden(a, resolution=res, random_state=seed, flavor="igraph", n_iterations=2,
+                     directed=False, key_added="_l")
+        return a.obs["_l"].astype(int).to_numpy()
+
+    lo, hi = 0.01, 3.0
+    best = None
+    for _ in range(max_iter):
+        mid = (lo + hi) / 2
+        labels = run(mid)
+        k = labels.max() + 1
+        if best is None or abs(k - n_clusters) < abs(best[0] - n_clusters):
+            best = (k, labels, mid)
+        if k == n_clusters:
+            break
+        if k < n_clusters:
+            lo = mid
+        else:
+            hi = mid
+    return best[1], float(best[2])
+
+
+def refine_labels(coords: np.ndarray, labels, n_neighbors: int = 30) -> np.ndarray:
+    """Spatial majority vote: each spot takes the most common label of its ``n_neighbors``
+    nearest spots (self excluded); ties go to the label seen first among the nearest."""
+    labels = np.asarray(labels)
+    uniq, codes = np.unique(labels, return_inverse=True)
+    n = codes.size
+    k = min(n_neighbors, n - 1)
+    if k < 1:
+        return labels.copy()
+    idx = knn_indices(coords, k)
+    nb = codes[idx]
+    # Integer votes plus a tie-break weight < 1 in total that favours nearer neighbours.
+    weights = 1.0 + (k - np.arange(k)) / (2.0 * k * k)
+    score = np.zeros((n, uniq.size))
+    np.add.at(score, (np.repeat(np.arange(n), k), nb.ravel()), np.tile(weights, n))
+    return uniq[score.argmax(axis=1)]
+
+
+def ari(truth, pred) -> float:
+    """Adjusted Rand index (scikit-learn)."""
+    return float(adjusted_rand_score(np.asarray(truth), np.asarray(pred)))
+
+
+def nmi(truth, pred) -> float:
+    """Normalised mutual information (scikit-learn, arithmetic mean)."""
+    return float(normalized_mutual_info_score(np.asarray(truth), np.asarray(pred)))
+
+
+def cluster_latent(
+    latent: np.ndarray,
+    n_clusters: int,
+    *,
+    method: str = "gmm",
+    coords: np.ndarray | None = None,
+    refine: bool = False,
+    refine_k: int = 30,
+    seed: int = 666,
+    covariance_type: str = "tied",
+) -> tuple[np.ndarray, dict]:
+    """Cluster ``latent`` into ``n_clusters`` domains, optionally refined spatially.
+
+    Returns (labels 0..K-1, info dict with what was done).
+    """
+    info: dict = {"method": method, "refine": bool(refine)}
+    if method == "gmm":
+        labels = gmm_labels(latent, n_clusters, covariance_type=covariance_type, seed=seed)
+        info["covariance_type"] = covariance_type
+    elif method == "leiden":
+        labels, res = leiden_labels(latent, n_clusters, seed=seed)
+        info["resolution"] = res
+        info["n_found"] = int(labels.max() + 1)
+    else:
+        raise ValueError(f"unknown clustering method {method!r}; use 'gmm' or 'leiden'")
+    if refine:
+        if coords is None:
+            raise ValueError("spatial refinement needs spot coordinates")
+        labels = refine_labels(coords, labels, refine_k)
+        info["refine_k"] = int(refine_k)
+    return labels, info
