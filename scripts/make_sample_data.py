@@ -39,16 +39,20 @@ N_TOP_VAR = 300
 MIN_EXPRESSED = 0.10
 MAX_GENES = 1000
 JPEG_QUALITY = 85
+# Named markers kept whatever their variance: ERBB2 is high everywhere in this HER2+ tumour, so
+# variance alone drops it, yet "colour the spots by ERBB2" is the first thing a demo user does.
+MARKERS = ("ERBB2", "GRB7", "ESR1", "KRT19", "EPCAM", "PTPRC", "CD74", "COL1A1", "ACTB", "GAPDH")
 CMU_SHA256 = "ed92d5a9f2e86df67640d6f92ce3e231419ce127131697fbbce42ad5e002c8a7"
 
 
 def select_genes(her2st: Path) -> list[str]:
-    """Genes kept in the sample: top variance ∪ broadly expressed, over C2-C6.
+    """Genes kept in the sample: top variance ∪ markers ∪ broadly expressed, over C2-C6.
 
     Targets are log1p(normalize_total to 1e4) with library sizes over all genes of each
     section. Kept: the ``N_TOP_VAR`` genes of highest variance over the pooled C2-C6 spots,
-    plus the genes expressed (count > 0) in >= 10% of those spots, ranked by variance and cut
-    so that the total stays <= ``MAX_GENES``. Only genes present in every section qualify.
+    the ``MARKERS``, plus the genes expressed (count > 0) in >= 10% of those spots, ranked by
+    variance and cut so that the total stays <= ``MAX_GENES``. Only genes present in every
+    section qualify.
     """
     tables = []
     for s in GENE_SECTIONS:
@@ -67,7 +71,7 @@ def select_genes(her2st: Path) -> list[str]:
     # stable order: variance descending, ties by name
     order = np.lexsort((np.asarray(common), -var))
     top = list(common[order[:N_TOP_VAR]])
-    chosen = set(top)
+    chosen = set(top) | {g for g in MARKERS if g in common}
     for i in order:
         if len(chosen) >= MAX_GENES:
             break
@@ -77,7 +81,8 @@ def select_genes(her2st: Path) -> list[str]:
     print(
         f"genes: {len(common)} common to {', '.join(GENE_SECTIONS)}; "
         f"{n_broad} expressed in >= {MIN_EXPRESSED:.0%} of spots; kept {len(chosen)} "
-        f"(top {N_TOP_VAR} by variance + broadly expressed by variance, cap {MAX_GENES})"
+        f"(top {N_TOP_VAR} by variance + {len(MARKERS)} markers + broadly expressed by "
+        f"variance, cap {MAX_GENES})"
     )
     return sorted(chosen)
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -33,6 +34,8 @@ from napari_hinge.scfm.builtin import PAD, BuiltinBackbone
 from napari_hinge.training import StopToken, TrainEvent, seed_everything
 
 HELD_OUT_PATIENT = "C"
+# Unnamed clone-based loci (RP11-34P13.7, AC009133.12, AL627309.1, CTD-2331H12.4, ...).
+CLONE_NAME = re.compile(r"^(RP\d+-|CT[A-D]-|A[CLP]\d{6}\.\d+$|FO\d{6}\.\d+$)")
 
 
 def read_her2st(counts_dir: Path) -> dict[str, pd.DataFrame]:
@@ -71,7 +74,7 @@ def choose_vocab(train: dict[str, pd.DataFrame], immune: pd.DataFrame, n_max: in
     cell_frac = (immune > 0).mean(axis=0)
     keep = set(spot_frac.index[spot_frac >= min_spot_frac]) | set(
         cell_frac.index[cell_frac >= min_cell_frac])
-    keep = {g for g in keep if not g.startswith(("RP11-", "AC0", "AL", "AP0", "CTD-", "CTB-"))}
+    keep = {g for g in keep if not CLONE_NAME.match(g)}
     score = pd.Series({g: max(spot_frac.get(g, 0.0), cell_frac.get(g, 0.0)) for g in keep})
     return sorted(score.sort_values(ascending=False).index[:n_max].tolist())
 
@@ -161,7 +164,8 @@ def pretrain(model: BuiltinBackbone, train: Pool, val: Pool, gene_mean: torch.Te
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
+    p.add_argument("--data", type=Path,
+                   default=Path(__file__).resolve().parents[2] / "shared" / "data")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=1500)
@@ -236,11 +240,17 @@ def main(argv: list[str] | None = None) -> int:
     model.save(args.out)
     (args.out / "training_log.json").write_text(json.dumps(record, indent=1))
     write_training_md(args.out / "TRAINING.md", record, config, len(genes))
-    print(f"saved to {args.out} ({sum(f.stat().st_size for f in args.out.iterdir()) / 2**20:.1f} MiB)")
+    size = sum(f.stat().st_size for f in args.out.iterdir()) / 2**20
+    print(f"saved to {args.out} ({size:.1f} MiB)")
     return 0
 
 
 def write_training_md(path: Path, r: dict, config: BackboneConfig, n_genes: int) -> None:
+    val = (f"| held-out 10 % of training sources | {r['n_val_cells']} | "
+           f"{r['val_masked_mse']:.4f} | {r['val_gene_mean_mse']:.4f} | {r['val_ratio']:.3f} |")
+    pat = (f"| patient C (never seen) | {r['n_patient_c_spots']} | "
+           f"{r['patient_c_masked_mse']:.4f} | {r['patient_c_gene_mean_mse']:.4f} | "
+           f"{r['patient_c_ratio']:.3f} |")
     rows = "\n".join(f"| {h['step']} | {h['train_loss']:.4f} | {h['val_mse']:.4f} | "
                      f"{h['val_gene_mean_mse']:.4f} | {h['ratio']:.3f} |" for h in r["history"])
     path.write_text(f"""# Builtin backbone: how these weights were made
@@ -263,14 +273,15 @@ Command (from the repository root, data in `../shared/data`):
 - **Held out entirely: her2st patient C ({', '.join(r['held_out_sections'])})**, because the HINGE
   benchmark tests on patient C images.
 - Vocabulary: genes detected in >= 5 % of the training spots (pooled) or >= 10 % of the immune
-  cells, RP11-/AC0/AL/AP0/CTD-/CTB- clone names dropped, ranked by detection, capped at 4,000.
+  cells, clone-named loci (RP11-..., AC/AL/AP000000.1, CTD-...) dropped, ranked by detection,
+  capped at 4,000.
 
 ## Validation (masked MSE vs predicting each gene's training mean, same hidden entries)
 
 | set | cells | masked MSE | gene-mean MSE | ratio |
 |---|---|---|---|---|
-| held-out 10 % of training sources | {r['n_val_cells']} | {r['val_masked_mse']:.4f} | {r['val_gene_mean_mse']:.4f} | {r['val_ratio']:.3f} |
-| patient C (never seen) | {r['n_patient_c_spots']} | {r['patient_c_masked_mse']:.4f} | {r['patient_c_gene_mean_mse']:.4f} | {r['patient_c_ratio']:.3f} |
+{val}
+{pat}
 
 Training curve (validation every {r['history'][0]['step']} steps):
 

@@ -303,8 +303,10 @@ def test_save_load_bit_identical(tmp_path):
         assert torch.equal(model.eval()(cor.x_t, t, cor.m_prev, cor.m_t, feats),
                            loaded.eval()(cor.x_t, t, cor.m_prev, cor.m_t, feats))
     # saving again over the folder replaces it and leaves no temporary folders
-    loaded.save(folder)
+    loaded.save(folder)  # (re-uses the identical backbone files by hard link)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hinge"]
+    again = HingeModel.load(folder, backbone=BuiltinBackbone.load(folder / "backbone"))
+    assert all(torch.equal(a[k], again.state_dict()[k]) for k in a)
     # another backbone than the one trained with is refused
     other = builtin_backbone(model.config.genes + ["EXTRA1", "EXTRA2"])
     with pytest.raises(ValueError, match="differs"):

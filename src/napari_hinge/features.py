@@ -108,7 +108,11 @@ def encode_spots(
     feats = np.empty((len(views), n, encoder.dim), dtype=np.float32)
     done = 0
     for start in range(0, n, CHUNK):
-        patches = spot_patches(slide, coords[start : start + CHUNK], side_px=side_px)
+        # patches much larger than the encoder input are read from a coarser level
+        out_size = encoder.input_size if side_px >= 2 * encoder.input_size else None
+        patches = spot_patches(
+            slide, coords[start : start + CHUNK], side_px=side_px, out_size=out_size
+        )
         for v, k in enumerate(views):
 
             def tick(d, _t, base=done):

@@ -135,7 +135,9 @@ def spot_patches(
     side_px
         Patch side in level-0 pixels.
     out_size
-        Resize each patch to ``out_size`` pixels (antialiased) when given.
+        Resize each patch to ``out_size`` pixels (antialiased) when given. When the patch
+        shrinks by 2x or more, it is read from the coarsest pyramid level that is still
+        at least as fine as the output.
 
     Returns
     -------
@@ -149,15 +151,33 @@ def spot_patches(
     if side < 1:
         raise ValueError(f"side_px must be positive, got {side_px}")
     size = side if out_size is None else int(out_size)
+    level, ds = _pick_level(slide, side / size)
+    read = max(1, int(round(side / ds)))  # region side in pixels of that level
     out = np.empty((len(coords), size, size, 3), dtype=np.uint8)
     for i, (x, y) in enumerate(coords):
         x0 = int(np.floor(x - side / 2 + 0.5))
         y0 = int(np.floor(y - side / 2 + 0.5))
-        patch = np.asarray(slide.read_region(x0, y0, side, side, level=0))[..., :3]
-        if patch.shape[:2] != (side, side):
-            patch = _crop_padded(patch, 0, 0, side, side)
-        out[i] = patch if size == side else _resize(patch, size)
+        patch = np.asarray(slide.read_region(x0, y0, read, read, level=level))[..., :3]
+        if patch.shape[:2] != (read, read):
+            patch = _crop_padded(patch, 0, 0, read, read)
+        out[i] = patch if size == read else _resize(patch, size)
     return out
+
+
+def _pick_level(slide, zoom_out: float) -> tuple[int, float]:
+    """The coarsest pyramid level still at least as fine as the output (level 0 if none).
+
+    A 1 mm patch shrunk to 224 px needs no level-0 pixels: reading a level that is at most
+    ``zoom_out`` times coarser gives the same antialiased result for a fraction of the I/O.
+    """
+    downsamples = getattr(slide, "downsamples", None)
+    if not downsamples or zoom_out < 2:
+        return 0, 1.0
+    best = 0
+    for i, ds in enumerate(downsamples):
+        if ds <= zoom_out * 1.001 and ds > downsamples[best]:
+            best = i
+    return best, float(downsamples[best])
 
 
 def _resize(patch: np.ndarray, size: int) -> np.ndarray:

@@ -253,6 +253,19 @@ def test_flat_tiff_gets_pyramid_with_lazy_base(flat_tiff, tmp_path, monkeypatch)
     s.close()
 
 
+def test_uncompressed_single_strip_tiff_is_memory_mapped(c2_pixels, tmp_path, monkeypatch):
+    root = _isolated_cache(monkeypatch, tmp_path)
+    crop = np.ascontiguousarray(c2_pixels[6000:6400, 1000:5300])  # one 5 MB strip
+    path = tmp_path / "strip.tif"
+    tifffile.imwrite(path, crop, photometric="rgb")
+    s = open_slide(path)
+    assert s.levels[0].chunksize == (400, 512, 3)  # not one image-sized chunk
+    assert len(s.levels) == 5 and s.pyramid_cache.parent == root
+    np.testing.assert_array_equal(s.read_region(1234, 100, 300, 200), crop[100:300, 1234:1534])
+    np.testing.assert_array_equal(s.levels[1].compute(), slides._halve(crop))
+    s.close()
+
+
 def test_interrupted_build_leaves_no_cache(flat_tiff, tmp_path, monkeypatch):
     root = _isolated_cache(monkeypatch, tmp_path)
     path, crop = flat_tiff
@@ -335,9 +348,3 @@ def test_is_slide_path():
     for no in ["a.h5ad", "b.txt", "c.zarr", "tif", "d.svs.gz"]:
         assert not is_slide_path(no)
 
-
-def test_layer_data(pyramids):
-    data, kwargs, kind = pyramids[1].layer_data()
-    assert kind == "image" and data is pyramids[1].levels
-    assert kwargs["multiscale"] and kwargs["rgb"] and kwargs["contrast_limits"] == (0, 255)
-    assert kwargs["metadata"]["napari_hinge"]["microns_per_pixel"] == pytest.approx(0.69)

@@ -133,22 +133,38 @@ def test_tiny_fixture_blank_hires_falls_back_to_lowres(shared_data):
     np.testing.assert_array_equal(ad.var["gene_ids"], ref.var["gene_ids"])
 
 
-def test_scanpy_pl_spatial_draws_our_anndata(shared_data, tmp_path):
+@pytest.mark.parametrize("which", ["dlpfc", "her2st"])
+def test_scanpy_pl_spatial_draws_our_anndata(shared_data, which):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import scanpy as sc
 
-    ad = _quiet(read_spaceranger, shared_data / "dlpfc_visium_lowres" / "151673")
-    ax = sc.pl.spatial(ad, color="MBP", show=False, return_fig=False)
+    if which == "dlpfc":
+        ad = _quiet(read_spaceranger, shared_data / "dlpfc_visium_lowres" / "151673")
+    else:
+        ad = _quiet(read_her2st, shared_data / "her2st_subset", "C2")
+    (lib,) = ad.uns["spatial"].values()
+    (key, img), *_ = lib["images"].items()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        ax = sc.pl.spatial(ad, color="ERBB2" if which == "her2st" else "MBP", show=False)
     ax = ax[0] if isinstance(ax, list) else ax
-    # the spots must fall inside the drawn image extent (the scale factors map them onto it)
-    img = ax.get_images()[0]
-    x0, x1, y1, y0 = img.get_extent()
-    offsets = ax.collections[0].get_offsets()
-    assert (offsets[:, 0] > x0).all() and (offsets[:, 0] < x1).all()
-    assert (offsets[:, 1] > y0).all() and (offsets[:, 1] < y1).all()
+    # scanpy places each spot at obsm['spatial'] * tissue_<key>_scalef on the stored image:
+    # those positions must be our coordinates mapped onto the image, and land on tissue
+    paths = ax.collections[0].get_paths()  # one circle per spot, in plotting order
+    offsets = np.array([(p.vertices.min(0) + p.vertices.max(0)) / 2 for p in paths])
+    diameters = np.array([np.ptp(p.vertices[:, 0]) for p in paths])
+    np.testing.assert_allclose(
+        diameters,
+        lib["scalefactors"]["spot_diameter_fullres"] * lib["scalefactors"][f"tissue_{key}_scalef"],
+        rtol=1e-3,
+    )
+    expected = ad.obsm[SPATIAL_KEY] * lib["scalefactors"][f"tissue_{key}_scalef"]
+    np.testing.assert_allclose(np.sort(offsets, axis=0), np.sort(expected, axis=0), rtol=1e-6)
+    under, background = _spots_darker_than_background(img, offsets, 1)
+    assert under < background - 10, (under, background)
     plt.close("all")
 
 
@@ -191,15 +207,14 @@ def test_dlpfc_lowres_spots_land_on_tissue(shared_data, sample):
 
 
 def test_spaceranger_with_fullres_slide_keeps_fullres_coords(shared_data, tmp_path):
-    from PIL import Image
+    import tifffile
 
     path = shared_data / "dlpfc_visium_lowres" / "151673"
     sf = json.loads((path / "spatial" / "scalefactors_json.json").read_text())
-    # a stand-in "full-res slide": the lowres image upscaled back to full resolution
-    low = Image.open(path / "spatial" / "tissue_lowres_image.png")
+    # a stand-in full-resolution slide of the right size (an empty, sparse TIFF: instant)
     size = round(600 / sf["tissue_lowres_scalef"])
-    slide = tmp_path / "slide.png"
-    low.resize((size, size)).save(slide)
+    slide = tmp_path / "slide.tif"
+    tifffile.imwrite(slide, shape=(size, size, 3), dtype=np.uint8)
     ad = read_spaceranger(path, slide=slide)
     meta = ad.uns[META_KEY]
     assert meta["slide_path"] == str(slide)
@@ -213,6 +228,11 @@ def test_spaceranger_with_fullres_slide_keeps_fullres_coords(shared_data, tmp_pa
     # explicit mpp wins
     ad2 = read_spaceranger(path, slide=slide, mpp=0.5)
     assert ad2.uns[META_KEY]["microns_per_pixel"] == 0.5
+    # passing the lowres PNG as the full-res slide: coordinates far outside -> clear error
+    low = path / "spatial" / "tissue_lowres_image.png"
+    with pytest.raises(SpatialDataError, match="outside the image") as err:
+        read_spaceranger(path, slide=low)
+    assert str(low) in str(err.value)
 
 
 # ------------------------------------------------------------------------------------------
@@ -551,3 +571,93 @@ def test_validate_spatial_directly(shared_data):
         bad = ad.copy()
         bad.obs_names = ["A"] * bad.n_obs
         validate_spatial(bad, source="in.h5ad")
+    dense = ad.copy()
+    dense.X = dense.X.toarray()
+    dense.X[[4, 9], 3] = np.nan
+    with pytest.raises(SpatialDataError, match="in.h5ad: 2 NaN/infinite .* in 2 spot") as err:
+        validate_spatial(dense, source="in.h5ad")
+    assert ad.obs_names[9] in str(err.value)
+    dense.X[[4, 9], 3] = -1
+    with pytest.raises(SpatialDataError, match="in.h5ad: 2 negative"):
+        validate_spatial(dense, source="in.h5ad")
+
+
+def test_spaceranger2_layout_mtx_and_header_positions_match_h5(tiny, tmp_path):
+    """The same spots as a 2.x run folder (run/outs, MTX counts, positions with header)."""
+    import gzip
+
+    import h5py
+    import scipy.io
+
+    ref = _quiet(read_spaceranger, tiny)
+    outs = tmp_path / "run" / "outs"
+    (outs / "filtered_feature_bc_matrix").mkdir(parents=True)
+    shutil.copytree(tiny / "spatial", outs / "spatial", copy_function=shutil.copyfile)
+    with h5py.File(tiny / "filtered_feature_bc_matrix.h5") as f:
+        g = f["matrix"]
+        n_feat, n_bc = g["shape"][:]
+        m = sp.csc_matrix((g["data"][:], g["indices"][:], g["indptr"][:]), shape=(n_feat, n_bc))
+        ids = [v.decode() for v in g["features/id"][:]]
+        bcs = [v.decode() for v in g["barcodes"][:]]
+    mtx = outs / "filtered_feature_bc_matrix"
+    with gzip.open(mtx / "matrix.mtx.gz", "wb") as fh:
+        scipy.io.mmwrite(fh, m.astype(np.int64))
+    feats = pd.DataFrame({"id": ids, "name": ids, "type": "Gene Expression"})
+    feats.to_csv(mtx / "features.tsv.gz", sep="\t", header=False, index=False)
+    pd.Series(bcs).to_csv(mtx / "barcodes.tsv.gz", header=False, index=False)
+    pos = pd.read_csv(outs / "spatial" / "tissue_positions_list.csv", header=None)
+    pos.columns = [
+        "barcode",
+        "in_tissue",
+        "array_row",
+        "array_col",
+        "pxl_row_in_fullres",
+        "pxl_col_in_fullres",
+    ]
+    (outs / "spatial" / "tissue_positions_list.csv").unlink()
+    pos.to_csv(outs / "spatial" / "tissue_positions.csv", index=False)
+
+    assert detect_spatial_format(tmp_path / "run") == "spaceranger"
+    ad = _quiet(read_spatial, tmp_path / "run")
+    assert ad.uns[META_KEY]["source"] == str(outs)
+    np.testing.assert_array_equal(ad.X.toarray(), ref.X.toarray())
+    np.testing.assert_array_equal(ad.obsm[SPATIAL_KEY], ref.obsm[SPATIAL_KEY])
+    assert list(ad.obs_names) == list(ref.obs_names)
+
+
+def test_visium_hd_microns_per_pixel_from_scalefactors(tiny):
+    f = tiny / "spatial" / "scalefactors_json.json"
+    sf = json.loads(f.read_text())
+    sf["microns_per_pixel"] = 0.2738  # Visium HD writes the full-res pixel size
+    f.write_text(json.dumps(sf))
+    ad = _quiet(read_spaceranger, tiny)
+    assert ad.uns[META_KEY]["microns_per_pixel"] == pytest.approx(0.2738 / 0.045004502)
+
+
+def test_spaceranger_h5ad_round_trip(tiny, tmp_path):
+    ad = _quiet(read_spaceranger, tiny)
+    out = tmp_path / "tiny.h5ad"
+    ad.write_h5ad(out)
+    back = read_h5ad(out)
+    assert back.uns[META_KEY] == ad.uns[META_KEY]
+    np.testing.assert_array_equal(back.obsm[SPATIAL_KEY], ad.obsm[SPATIAL_KEY])
+    assert back.uns["spatial"]["custom"]["scalefactors"] == pytest.approx(
+        ad.uns["spatial"]["custom"]["scalefactors"]
+    )
+
+
+def test_h5ad_normalised_x_with_counts_layer(tiny, tmp_path):
+    ad = _quiet(read_spaceranger, tiny)
+    raw = ad.X.copy()
+    ad.layers["counts"] = raw.copy()
+    ad.X = sp.csr_matrix(np.log1p(raw.toarray() / 7.0).astype(np.float32))
+    ad.uns[META_KEY]["slide_path"] = str(tmp_path / "moved_away.png")
+    out = tmp_path / "norm.h5ad"
+    ad.write_h5ad(out)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        back = read_h5ad(out)
+    msgs = " | ".join(str(w.message) for w in rec if issubclass(w.category, SpatialDataWarning))
+    assert "using layers['counts'] as X" in msgs and "moved_away.png not found" in msgs
+    np.testing.assert_array_equal(back.X.toarray(), raw.toarray())
+    np.testing.assert_allclose(back.layers["X_original"].toarray(), ad.X.toarray())

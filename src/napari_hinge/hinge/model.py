@@ -240,7 +240,8 @@ class HingeModel(nn.Module):
                     "backbone_digest": state_digest(self.backbone),
                     "backbone_saved": bool(include_backbone), **self.param_counts()}
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-            if include_backbone:
+            if include_backbone and not _reuse_backbone(directory, meta["backbone_digest"],
+                                                        tmp / "backbone"):
                 _save_backbone(self.backbone, tmp / "backbone")
             _replace_dir(tmp, directory)
         finally:
@@ -288,6 +289,27 @@ def _save_backbone(backbone: GeneTokenBackbone, directory: Path) -> None:
         backbone.save(directory)
     if not (directory / "model.safetensors").is_file():
         save_backbone(backbone, directory)  # generic: config.json + vocab.json + weights
+
+
+def _reuse_backbone(old: Path, digest: str, new: Path) -> bool:
+    """Hard-link the backbone files of an earlier save of the same backbone (e.g. ``best/``
+    rewritten every epoch) instead of writing gigabytes again; False when there is none."""
+    try:
+        meta = json.loads((old / "meta.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    src = old / "backbone"
+    if meta.get("backbone_digest") != digest or not (src / "model.safetensors").is_file():
+        return False
+    if not all(f.is_file() for f in src.iterdir()):
+        return False
+    new.mkdir()
+    for f in src.iterdir():
+        try:
+            os.link(f, new / f.name)
+        except OSError:
+            shutil.copy2(f, new / f.name)
+    return True
 
 
 def _resolve_backbone(saved: Path, ref: str | None, directory: Path) -> GeneTokenBackbone:

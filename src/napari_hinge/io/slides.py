@@ -184,25 +184,6 @@ class Slide:
         size = (max(1, round(arr.shape[1] * scale)), max(1, round(arr.shape[0] * scale)))
         return np.asarray(img.resize(size, Image.Resampling.BOX))
 
-    def layer_data(self, name: str | None = None) -> tuple[list[da.Array], dict, str]:
-        """An npe2 layer-data tuple that shows the slide in napari (level-0 pixel units)."""
-        meta = {
-            "napari_hinge": {
-                "slide_path": str(self.path),
-                "microns_per_pixel": self.microns_per_pixel,
-                "format": self.format,
-            }
-        }
-        kwargs = {
-            "name": name or self.path.name,
-            "multiscale": len(self.levels) > 1,
-            "rgb": True,
-            "contrast_limits": (0, 255),
-            "metadata": meta,
-        }
-        data = self.levels if len(self.levels) > 1 else self.levels[0]
-        return data, kwargs, "image"
-
     def close(self) -> None:
         """Close the file handles behind the lazy levels (they can no longer be read)."""
         for handle in self._handles:
@@ -290,7 +271,14 @@ def _open_tiff(path: Path, tile: int) -> Slide:
         levels = []
         for i, lv in enumerate(series.levels):
             z = zarr.open_array(series.aszarr(level=i), mode="r")
-            arr = da.from_array(z, chunks=z.chunks, fancy=False, name=_token(path, i, tile))
+            src, chunks = z, z.chunks
+            if math.prod(z.chunks) > 16 * tile * tile * 3 and _memmappable(lv):
+                # Uncompressed single-strip TIFF: the one "chunk" is the whole image, so map
+                # the file instead and read any window directly.
+                src = tifffile.memmap(path, series=0, level=i, mode="r")
+                axes_sizes = zip(lv.axes, src.shape, strict=True)
+                chunks = tuple(tile if a in "YX" else n for a, n in axes_sizes)
+            arr = da.from_array(src, chunks=chunks, fancy=False, name=_token(path, i, tile))
             levels.append(_to_rgb(arr, lv.axes, path))
         order = sorted(range(len(levels)), key=lambda i: -levels[i].shape[0] * levels[i].shape[1])
         levels = [levels[i] for i in order]
@@ -342,6 +330,13 @@ def _check_tile_offsets(path: Path, series: Any) -> None:
                     f"{path}: not a readable slide (truncated: level {i} image data ends at "
                     f"byte {end} but the file has {size} bytes)"
                 )
+
+
+def _memmappable(level: Any) -> bool:
+    try:
+        return len(level.pages) == 1 and bool(level.keyframe.is_memmappable)
+    except Exception:  # noqa: BLE001 - a feature probe; the zarr path still works
+        return False
 
 
 def _probe(path: Path, level: da.Array) -> None:

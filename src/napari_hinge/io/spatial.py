@@ -170,26 +170,32 @@ def validate_spatial(
 
 def _check_counts(X, names: pd.Index, counts_source) -> None:
     if sp.issparse(X):
-        csr = sp.csr_matrix(X)
+        csr = X if sp.isspmatrix_csr(X) or isinstance(X, sp.csr_array) else sp.csr_matrix(X)
         data = csr.data
-        row_of = np.repeat(np.arange(csr.shape[0]), np.diff(csr.indptr))
+
+        def rows_of(flat):  # spot of each stored value, only computed on error
+            return np.unique(np.searchsorted(csr.indptr, np.flatnonzero(flat), side="right") - 1)
+
     else:
-        dense = np.asarray(X)
+        dense = np.atleast_2d(np.asarray(X))
         data = dense.ravel()
-        row_of = np.repeat(np.arange(dense.shape[0]), dense.shape[1] if dense.ndim == 2 else 1)
+
+        def rows_of(flat):
+            return np.unique(np.flatnonzero(flat) // max(dense.shape[1], 1))
+
     if data.dtype.kind not in "biuf":
         raise SpatialDataError(f"{counts_source}: counts have non-numeric dtype {data.dtype}")
     if data.dtype.kind == "f":
         nonfinite = ~np.isfinite(data)
         if nonfinite.any():
-            rows = np.unique(row_of[nonfinite])
+            rows = rows_of(nonfinite)
             raise SpatialDataError(
                 f"{counts_source}: {int(nonfinite.sum())} NaN/infinite count value(s) in "
                 f"{len(rows)} spot(s): {_first(names[rows])}"
             )
     negative = data < 0
     if negative.any():
-        rows = np.unique(row_of[negative])
+        rows = rows_of(negative)
         raise SpatialDataError(
             f"{counts_source}: {int(negative.sum())} negative count value(s) in {len(rows)} "
             f"spot(s) (raw counts cannot be negative): {_first(names[rows])}"
@@ -1011,9 +1017,16 @@ def read_h5ad(path: str | Path) -> AnnData:
             d = _nn_spacing(adata.obsm[SPATIAL_KEY])
             if d:
                 meta["spot_diameter_px"] = d * VISIUM_SPOT_UM / VISIUM_PITCH_UM
-        adata.uns[META_KEY] = meta
     adata.uns[META_KEY] = meta
-    return validate_spatial(adata, source=path)
+    # the slide the coordinates refer to, when it is still where it was: check them against it
+    image_shape = None
+    slide = meta.get("slide_path")
+    if slide:
+        if Path(slide).is_file():
+            image_shape = _image_shape(Path(slide))
+        else:
+            _warn(f"{path}: slide_path {slide} not found (moved?); coordinates not checked")
+    return validate_spatial(adata, source=path, image_shape=image_shape, image_source=slide)
 
 
 def _nn_spacing(xy: np.ndarray) -> float | None:

@@ -19,7 +19,9 @@ from sklearn.neighbors import NearestNeighbors
 def _check_coords(coords, k: int) -> np.ndarray:
     coords = np.asarray(coords, dtype=np.float64)
     if coords.ndim != 2 or coords.shape[1] < 2:
-        raise ValueError(f"spot coordinates must be an (n_spots, 2) array, got shape {coords.shape}")
+        raise ValueError(
+            f"spot coordinates must be an (n_spots, 2) array, got shape {coords.shape}"
+        )
     if not np.isfinite(coords).all():
         bad = int((~np.isfinite(coords).all(axis=1)).sum())
         raise ValueError(f"{bad} spot(s) have missing (NaN/inf) coordinates")

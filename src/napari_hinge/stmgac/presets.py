@@ -107,7 +107,9 @@ class Preset:
 
     def __post_init__(self) -> None:
         if self.input not in ("pca", "hvg"):
-            raise ValueError(f"preset {self.name!r}: input must be 'pca' or 'hvg', got {self.input!r}")
+            raise ValueError(
+                f"preset {self.name!r}: input must be 'pca' or 'hvg', got {self.input!r}"
+            )
         if not 0.0 < self.mask_rate < 1.0:
             raise ValueError(f"preset {self.name!r}: mask_rate must be in (0, 1)")
         if not 0.0 <= self.replace_rate < 1.0:

@@ -1,0 +1,584 @@
+"""HINGE end to end: spatial data -> features + targets -> trained model -> predictions.
+
+The glue a user calls (and the command line, the widgets and the benchmark build on):
+
+- :func:`prepare_dataset` reads a section (AnnData or any path ``read_spatial`` reads), cuts
+  spot-centred patches of side ``max(spot diameter, 112 um)`` from its slide, encodes them once
+  (features cached on disk) and computes the targets with the model's value transform.
+- :func:`fit_hinge` picks the gene panel (design.md section 6 rule, restricted to genes the
+  backbone knows; the others are reported by name), builds a :class:`HingeModel` and trains it;
+  it is a generator of :class:`~napari_hinge.training.TrainEvent` whose return value is the model.
+- :func:`predict_spots` samples S expression vectors per spot; mean = prediction, std =
+  uncertainty, written scanpy-style under ``key_added``.
+- :func:`evaluate` scores predictions against the measured spots with
+  :mod:`napari_hinge.metrics`.
+
+Image features are standardised with the training mean/std before they reach the network (the
+raw EfficientNet features span two orders of magnitude per channel); the statistics are part of
+the model folder (``feature_norm.safetensors``, written by :func:`save_model`).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from napari_hinge._convention import META_KEY, SPATIAL_KEY
+from napari_hinge.training import StopToken, TrainEvent
+
+from .model import HingeConfig, HingeModel
+
+DEFAULT_ENCODER = "efficientnet-lite0"
+DEFAULT_BACKBONE = "builtin"
+SHIPPED_MODEL = "shipped"
+MIN_UMI = 100
+FEATURE_NORM_FILE = "feature_norm.safetensors"
+VALUE_TRANSFORMS = ("log1p_cp10k", "log2p1")
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+
+
+def read_dataset(adata_or_path, *, section: str | None = None):
+    """An AnnData from an AnnData or a path :func:`napari_hinge.io.spatial.read_spatial` reads.
+
+    ``"folder:SECTION"`` is accepted for her2st-layout folders (same as ``section=``).
+    """
+    if hasattr(adata_or_path, "obsm") and hasattr(adata_or_path, "var_names"):
+        return adata_or_path
+    from napari_hinge.io.spatial import read_spatial
+
+    path = str(adata_or_path)
+    if section is None and not Path(path).exists() and ":" in path:
+        path, section = path.rsplit(":", 1)
+    kwargs = {"section": section} if section else {}
+    return read_spatial(Path(path), **kwargs)
+
+
+def _name(adata) -> str:
+    meta = adata.uns.get(META_KEY, {})
+    return str(meta.get("section") or meta.get("source") or "the dataset")
+
+
+def _check_spatial(adata) -> dict:
+    meta = adata.uns.get(META_KEY)
+    if not isinstance(meta, dict):
+        raise ValueError(f"{_name(adata)}: adata.uns['{META_KEY}'] is missing (read it with "
+                         "napari_hinge.io.spatial.read_spatial)")
+    if SPATIAL_KEY not in adata.obsm:
+        raise ValueError(f"{_name(adata)}: adata.obsm['{SPATIAL_KEY}'] (spot x, y) is missing")
+    slide = meta.get("slide_path")
+    if not slide:
+        raise FileNotFoundError(f"{_name(adata)}: no H&E image (uns['{META_KEY}']['slide_path'] "
+                                "is not set); HINGE needs the slide the spots sit on")
+    if not Path(slide).is_file():
+        raise FileNotFoundError(f"{_name(adata)}: slide not found: {slide}")
+    return meta
+
+
+def library_size(adata) -> np.ndarray:
+    """UMI total per spot over *all* genes: ``obs['total_counts_all_genes']`` when the table is a
+    gene subset (the shipped sample), else the row sums of ``X``."""
+    if "total_counts_all_genes" in adata.obs:
+        return adata.obs["total_counts_all_genes"].to_numpy(np.float64)
+    X = adata.X
+    return np.asarray(X.sum(axis=1), dtype=np.float64).ravel()
+
+
+def transform_values(adata, genes: Sequence[str] | None = None, *,
+                     value_transform: str = "log1p_cp10k") -> tuple[np.ndarray, list[str]]:
+    """Targets ``(n_spots, n_genes)`` float32 over ``genes`` (default all) and the genes of the
+    list that the data lacks (their column is 0: report them, never score them).
+
+    ``'log1p_cp10k'``: ``log1p(count / library size * 1e4)``, library size over all genes;
+    ``'log2p1'``: ``log2(count + 1)`` (HINGE's released code).
+    """
+    if value_transform not in VALUE_TRANSFORMS:
+        raise ValueError(f"unknown value transform {value_transform!r}; use one of "
+                         f"{VALUE_TRANSFORMS}")
+    genes = list(adata.var_names) if genes is None else list(genes)
+    idx = adata.var_names.get_indexer(genes)
+    missing = [g for g, i in zip(genes, idx, strict=True) if i < 0]
+    present = idx >= 0
+    X = adata.X[:, idx[present]]
+    X = np.asarray(X.toarray() if hasattr(X, "toarray") else X, dtype=np.float64)
+    if value_transform == "log1p_cp10k":
+        lib = library_size(adata)[:, None]
+        vals = np.log1p(np.divide(X * 1e4, lib, out=np.zeros_like(X), where=lib > 0))
+    else:
+        vals = np.log2(X + 1.0)
+    out = np.zeros((adata.n_obs, len(genes)), dtype=np.float32)
+    out[:, present] = vals
+    return out, missing
+
+
+def resolve_encoder(encoder, weights=None):
+    """An :class:`~napari_hinge.encoders.Encoder` from a name (or the encoder itself)."""
+    if isinstance(encoder, torch.nn.Module):
+        return encoder
+    from napari_hinge.encoders import get_encoder
+
+    return get_encoder(str(encoder), weights=weights)
+
+
+def spot_features(adata, *, encoder=DEFAULT_ENCODER, encoder_weights=None, augment: bool = False,
+                  side_px: int | None = None, batch_size: int = 8, cache: bool = True,
+                  progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+    """Encoder features of every spot of ``adata`` (cached on disk); ``(N, F)``, or
+    ``(8, N, F)`` with the dihedral views when ``augment``."""
+    from napari_hinge.features import encode_spots
+    from napari_hinge.patches import patch_side_px
+
+    meta = _check_spatial(adata)
+    enc = resolve_encoder(encoder, encoder_weights)
+    side = int(side_px) if side_px else patch_side_px(adata)
+    return encode_spots(meta["slide_path"], np.asarray(adata.obsm[SPATIAL_KEY], dtype=float),
+                        encoder=enc, side_px=side, augment=augment, cache=cache,
+                        batch_size=batch_size, progress=progress)
+
+
+def prepare_dataset(adata_or_path, *, encoder=DEFAULT_ENCODER, genes: Sequence[str] | None = None,
+                    augment: bool = False, section: str | None = None,
+                    encoder_weights=None, value_transform: str = "log1p_cp10k",
+                    min_umi: int = MIN_UMI, side_px: int | None = None, batch_size: int = 8,
+                    cache: bool = True, progress: Callable[[int, int], None] | None = None,
+                    ) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Features, targets and gene names of one section, ready for :func:`fit_hinge`.
+
+    Parameters
+    ----------
+    adata_or_path
+        AnnData (convention of ``napari_hinge._convention``) or a path
+        :func:`~napari_hinge.io.spatial.read_spatial` reads (Space Ranger ``outs/``, .h5ad, a
+        her2st folder with ``section=`` or ``"folder:SECTION"``).
+    encoder, encoder_weights
+        Patch encoder name (registry) or object; weights file for user-supplied encoders.
+    genes
+        Target genes (default: every gene of the table). A gene the table lacks raises KeyError.
+    augment
+        Also encode the 8 dihedral views (features become ``(8, N, F)``).
+    value_transform
+        ``'log1p_cp10k'`` (default; the builtin backbone's) or ``'log2p1'``.
+    min_umi
+        Spots with fewer UMI (over all genes) are dropped (design.md: 100).
+    side_px
+        Patch side in slide pixels (default ``max(spot diameter, 112 um)``).
+
+    Returns
+    -------
+    features
+        float32 ``(N, F)`` or ``(8, N, F)``.
+    targets
+        float32 ``(N, G)``.
+    genes
+        The G gene names of the target columns.
+    """
+    adata = read_dataset(adata_or_path, section=section)
+    _check_spatial(adata)
+    feats = spot_features(adata, encoder=encoder, encoder_weights=encoder_weights,
+                          augment=augment, side_px=side_px, batch_size=batch_size, cache=cache,
+                          progress=progress)
+    targets, missing = transform_values(adata, genes, value_transform=value_transform)
+    if missing:
+        shown = ", ".join(missing[:20]) + (" ..." if len(missing) > 20 else "")
+        raise KeyError(f"{_name(adata)}: {len(missing)} requested genes are not measured: {shown}")
+    keep = library_size(adata) >= min_umi
+    if not keep.any():
+        raise ValueError(f"{_name(adata)}: no spot has >= {min_umi} UMI")
+    genes = list(adata.var_names) if genes is None else list(genes)
+    return feats[..., keep, :], targets[keep], genes
+
+
+# ---------------------------------------------------------------------------------------------
+# backbone and model
+
+
+def load_backbone_spec(backbone, *, seed: int = 0):
+    """A backbone from an object, a registry name/path, or ``'random'`` / ``'random:<ref>'``
+    (the same architecture and vocabulary as ``<ref>`` (default builtin), randomly initialised:
+    the "does pre-training help?" ablation). Returns ``(backbone, ref)``; ``ref`` is what a saved
+    model records (``None`` when the weights must be saved with it)."""
+    if isinstance(backbone, torch.nn.Module):
+        return backbone, None
+    spec = str(backbone)
+    from napari_hinge import scfm
+
+    if spec == "random" or spec.startswith("random:"):
+        like = scfm.load_backbone(spec.partition(":")[2] or DEFAULT_BACKBONE)
+        if hasattr(scfm, "random_backbone"):
+            torch.manual_seed(seed)
+            return scfm.random_backbone(like), None
+        torch.manual_seed(seed)  # fallback: rebuild the class with fresh initial weights
+        return type(like)(like.config, like.vocab).eval(), None
+    return scfm.load_backbone(spec), spec
+
+
+def select_panel(datasets: Sequence, n_genes: int, vocab: dict[str, int], *,
+                 min_frac: float = 0.10) -> tuple[list[str], list[str]]:
+    """The design.md panel rule over training sections, among genes the backbone knows.
+
+    Returns ``(panel, skipped)``: ``skipped`` names the genes the rule would have chosen that the
+    backbone's vocabulary lacks (reported, never dropped silently).
+    """
+    from napari_hinge.expression import select_gene_panel
+
+    adatas = [d for d in datasets]
+    targets = [transform_values(a)[0] for a in adatas]
+    full = select_gene_panel(adatas, n_genes, min_frac=min_frac, targets=targets)
+    skipped = [g for g in full if g not in vocab]
+    if not skipped:
+        return full, []
+    known = [a[:, a.var_names.isin(list(vocab))] for a in adatas]
+    sub_t = [t[:, a.var_names.isin(list(vocab))] for a, t in zip(adatas, targets, strict=True)]
+    panel = select_gene_panel(known, n_genes, min_frac=min_frac, targets=sub_t)
+    return panel, skipped
+
+
+def build_model(genes: Sequence[str], feature_dim: int, *, backbone=DEFAULT_BACKBONE,
+                encoder: str | None = DEFAULT_ENCODER, ada_rank: int | None = 32,
+                seed: int = 42, backbone_ref: str | None = None, **config) -> HingeModel:
+    """A fresh :class:`HingeModel` over ``genes`` (KeyError naming genes the backbone lacks).
+
+    ``backbone_ref`` records the registry name of a backbone passed as an object (so a saved
+    model refers to the shipped weights instead of copying them)."""
+    bb, ref = load_backbone_spec(backbone, seed=seed)
+    ref = backbone_ref or ref
+    _, missing = bb.gene_ids(list(genes))
+    if missing:
+        shown = ", ".join(missing[:20]) + (" ..." if len(missing) > 20 else "")
+        raise KeyError(f"{len(missing)} of {len(genes)} genes are not in the {bb.config.kind} "
+                       f"backbone's vocabulary: {shown}")
+    torch.manual_seed(seed)
+    cfg = HingeConfig(genes=list(genes), feature_dim=int(feature_dim), encoder=encoder,
+                      backbone_ref=ref, ada_rank=ada_rank, **config)
+    return HingeModel(bb, cfg)
+
+
+def feature_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and std over all spots (and views) of training features."""
+    f = np.asarray(features, dtype=np.float64).reshape(-1, features.shape[-1])
+    std = f.std(0)
+    return f.mean(0).astype(np.float32), np.where(std > 1e-6, std, 1.0).astype(np.float32)
+
+
+def set_feature_norm(model: HingeModel, mean, std) -> None:
+    """Attach the standardisation applied to features before :meth:`HingeModel.forward`."""
+    model.feature_norm = (torch.as_tensor(np.asarray(mean, np.float32)),
+                          torch.as_tensor(np.asarray(std, np.float32)))
+
+
+def normalize_features(model: HingeModel, features) -> np.ndarray:
+    """Features as the network sees them (standardised when the model carries statistics)."""
+    f = np.asarray(features, dtype=np.float32)
+    if f.shape[-1] != model.config.feature_dim:
+        raise ValueError(f"features have {f.shape[-1]} channels; the model expects "
+                         f"{model.config.feature_dim} ({model.config.encoder})")
+    norm = getattr(model, "feature_norm", None)
+    if norm is None:
+        return f
+    mean, std = (t.numpy() for t in norm)
+    return ((f - mean) / std).astype(np.float32)
+
+
+def save_model(model: HingeModel, directory: str | os.PathLike) -> Path:
+    """:meth:`HingeModel.save` plus the feature standardisation (``feature_norm.safetensors``)."""
+    from safetensors.torch import save_file
+
+    from napari_hinge.training import atomic_write
+
+    directory = model.save(directory)
+    norm = getattr(model, "feature_norm", None)
+    if norm is not None:
+        state = {"mean": norm[0].contiguous(), "std": norm[1].contiguous()}
+        atomic_write(directory / FEATURE_NORM_FILE,
+                     lambda tmp: save_file(state, str(tmp)))
+    return directory
+
+
+def shipped_model_dir() -> Path:
+    """Folder of the shipped HINGE weights (trained on her2st C2, C4, C5, C6)."""
+    return Path(__file__).resolve().parents[1] / "weights" / "hinge"
+
+
+def load_model(path_or_name: str | os.PathLike = SHIPPED_MODEL, *,
+               map_location: str | torch.device = "cpu") -> HingeModel:
+    """Load a model folder (or ``'shipped'``) with its feature standardisation."""
+    from safetensors.torch import load_file
+
+    path = shipped_model_dir() if str(path_or_name) == SHIPPED_MODEL else Path(path_or_name)
+    if not path.is_dir():
+        raise FileNotFoundError(f"HINGE model folder not found: {path}")
+    model = HingeModel.load(path, map_location=map_location)
+    norm = path / FEATURE_NORM_FILE
+    if norm.is_file():
+        state = load_file(str(norm))
+        set_feature_norm(model, state["mean"], state["std"])
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# training
+
+
+def fit_hinge_arrays(features, targets, genes: Sequence[str], *, encoder: str = DEFAULT_ENCODER,
+                     backbone=DEFAULT_BACKBONE, model: HingeModel | None = None,
+                     ada_rank: int | None = 32, standardize: bool = True,
+                     epochs: int = 40, batch_size: int = 32, lr: float = 1e-4,
+                     milestones: Sequence[int] | None = None, warmup_epochs: int = 5,
+                     val_fraction: float = 0.1, aug_ratio: int = 1, seed: int = 42,
+                     checkpoint_dir: str | os.PathLike | None = None, resume: bool = False,
+                     stop: StopToken | None = None, device=None, val_samples: int = 2,
+                     backbone_ref: str | None = None, **config) -> Iterator[TrainEvent]:
+    """Train HINGE on prepared arrays; a generator of TrainEvents that returns the model.
+
+    ``features`` ``(N, F)`` or ``(K, N, F)``, ``targets`` ``(N, G)`` over ``genes``. The
+    milestones default to HINGE's (20, 35) of 40 epochs, scaled to ``epochs``. With
+    ``checkpoint_dir`` the final model is saved to ``checkpoint_dir/final`` (with
+    :func:`save_model`); ``best/`` holds the best-validation weights.
+    """
+    from .train import train_hinge
+
+    features = np.asarray(features, dtype=np.float32)
+    if features.ndim == 2:
+        features = features[None]
+    if model is None:
+        model = build_model(genes, features.shape[-1], backbone=backbone, encoder=encoder,
+                            ada_rank=ada_rank, seed=seed, backbone_ref=backbone_ref, **config)
+        if standardize:
+            set_feature_norm(model, *feature_stats(features))
+    if milestones is None:
+        milestones = tuple(sorted({max(1, round(epochs * 20 / 40)), max(1, round(epochs * 35 / 40))}))
+    gen = train_hinge(model, normalize_features(model, features), np.asarray(targets, np.float32),
+                      val_fraction=val_fraction, epochs=epochs, batch_size=batch_size, lr=lr,
+                      milestones=tuple(milestones), warmup_epochs=warmup_epochs, seed=seed,
+                      checkpoint_dir=checkpoint_dir, resume=resume, stop=stop, device=device,
+                      aug_ratio=aug_ratio, val_samples=val_samples)
+    done = None
+    for event in gen:
+        if event.kind == "done":
+            done = event
+            if checkpoint_dir is not None:
+                save_model(model.cpu(), Path(checkpoint_dir) / "final")
+                if (Path(checkpoint_dir) / "best").is_dir():
+                    save_model(_with_norm_of(Path(checkpoint_dir) / "best", model),
+                               Path(checkpoint_dir) / "best")
+        yield event
+    model.train_summary = done.metrics if done is not None else None
+    return model.cpu().eval()
+
+
+def _with_norm_of(folder: Path, model: HingeModel) -> HingeModel:
+    best = HingeModel.load(folder, backbone=model.backbone)
+    norm = getattr(model, "feature_norm", None)
+    if norm is not None:
+        set_feature_norm(best, *norm)
+    return best
+
+
+def fit_hinge(datasets: Sequence, *, genes: Sequence[str] | None = None, n_genes: int = 50,
+              encoder=DEFAULT_ENCODER, encoder_weights=None, backbone=DEFAULT_BACKBONE,
+              epochs: int = 40, augment: bool = True, min_umi: int = MIN_UMI,
+              progress: Callable[[str, int, int], None] | None = None,
+              stop: StopToken | None = None, **train_kwargs) -> Iterator[TrainEvent]:
+    """Train HINGE on spatial datasets; a generator of TrainEvents returning the HingeModel.
+
+    Parameters
+    ----------
+    datasets
+        AnnData objects or paths :func:`read_dataset` reads (``"her2st_folder:C2"`` works).
+    genes
+        The panel; default: the design.md rule (expressed in >= 10% of the spots of every
+        section, top ``n_genes`` by variance of log1p CP10k) among the genes the backbone knows.
+        Genes the rule would pick but the vocabulary lacks are warned about by name and listed
+        in the 'done' event (``metrics['genes_not_in_vocab']``). An explicit panel with unknown
+        genes raises KeyError naming them.
+    encoder, encoder_weights
+        Patch encoder (features are cached per slide).
+    backbone
+        Registry name/path of the backbone (``'builtin'`` = the shipped pre-trained one), a
+        backbone object, or ``'random'`` for a randomly initialised one.
+    epochs, augment
+        Training epochs; ``augment`` trains on the 8 dihedral feature views.
+    stop
+        A :class:`~napari_hinge.training.StopToken` checked between steps.
+    **train_kwargs
+        Passed to :func:`fit_hinge_arrays` (``batch_size``, ``lr``, ``ada_rank``, ``seed``,
+        ``checkpoint_dir``, ``resume``, ``device`` ...).
+
+    Yields
+    ------
+    TrainEvent
+        'step', 'epoch', 'stopped' or 'done'. The generator's return value (``StopIteration
+        .value``, or ``model = yield from fit_hinge(...)``) is the trained model.
+    """
+    if not datasets:
+        raise ValueError("fit_hinge needs at least one dataset")
+    adatas = [read_dataset(d) for d in datasets]
+    for a in adatas:
+        _check_spatial(a)
+    seed = train_kwargs.get("seed", 42)
+    bb, ref = load_backbone_spec(backbone, seed=seed)
+    skipped: list[str] = []
+    kept = [a[library_size(a) >= min_umi] for a in adatas]
+    if genes is None:
+        genes, skipped = select_panel(kept, n_genes, bb.vocab)
+        if skipped:
+            warnings.warn(f"{len(skipped)} genes of the panel rule are not in the backbone's "
+                          f"vocabulary and were replaced by the next ones: {', '.join(skipped)}",
+                          stacklevel=2)
+    feats, targets = [], []
+    enc = resolve_encoder(encoder, encoder_weights)
+    for a in adatas:
+        tick = None if progress is None else (lambda d, t, n=_name(a): progress(n, d, t))
+        f, y, _ = prepare_dataset(a, encoder=enc, genes=genes, augment=augment, min_umi=min_umi,
+                                  progress=tick,
+                                  value_transform=bb.config.value_transform
+                                  if bb.config.value_transform in VALUE_TRANSFORMS
+                                  else "log1p_cp10k")
+        feats.append(f if f.ndim == 3 else f[None])
+        targets.append(y)
+    features = np.concatenate(feats, axis=1)
+    # the backbone object already loaded (the same random weights that chose the panel)
+    model = yield from fit_hinge_arrays(features, np.concatenate(targets), genes,
+                                        encoder=enc.name, backbone=bb, backbone_ref=ref,
+                                        epochs=epochs, stop=stop, **train_kwargs)
+    if model.train_summary is not None:
+        model.train_summary["genes_not_in_vocab"] = skipped
+    return model
+
+
+def run_training(gen: Iterator[TrainEvent], callback: Callable[[TrainEvent], None] | None = None):
+    """Drain a training generator; returns ``(model, last_event)``."""
+    last = None
+    while True:
+        try:
+            last = next(gen)
+        except StopIteration as stop:
+            return stop.value, last
+        if callback is not None:
+            callback(last)
+
+
+# ---------------------------------------------------------------------------------------------
+# prediction and evaluation
+
+
+def predict_spots(model: HingeModel, adata, *, features=None, n_samples: int = 8,
+                  reveal_steps: int | None = None, seed: int = 0, key_added: str = "hinge",
+                  augment: bool = False, batch_size: int = 256, device=None,
+                  encoder_weights=None, progress: Callable[[int, int], None] | None = None):
+    """Predict the model's genes on every spot of ``adata``.
+
+    Parameters
+    ----------
+    model
+        A trained :class:`HingeModel` (see :func:`load_model`).
+    adata
+        Spots with a slide (or pass ``features``). Not changed except for the keys below.
+    features
+        Precomputed ``(N, F)`` / ``(K, N, F)`` features (default: encoded with the model's
+        encoder, cached).
+    n_samples, reveal_steps, seed
+        Sampler settings: S samples per spot; ``reveal_steps < T`` reveals several genes per step.
+    key_added
+        Writes ``adata.obsm[f'{key_added}_mean']``/``[f'{key_added}_std']`` (N, G) and
+        ``adata.uns[key_added]`` (genes, parameters).
+    augment
+        Sample over the 8 dihedral views (test-time augmentation; sample s uses view s % 8).
+
+    Returns
+    -------
+    AnnData
+        A new AnnData over the model's genes: ``X`` = predicted mean (the model's value
+        transform), ``layers['std']``, ``layers['measured']`` (same transform; zeros and
+        ``var['measured'] = False`` for genes the data lacks), ``obsm['spatial']`` and
+        ``uns['napari_hinge']`` copied, ``uns[key_added]`` the parameters.
+    """
+    import anndata as ad
+    import pandas as pd
+
+    from .sampler import sample
+
+    adata = read_dataset(adata)
+    if features is None:
+        if model.config.encoder is None:
+            raise ValueError("the model records no encoder; pass features=")
+        features = spot_features(adata, encoder=model.config.encoder,
+                                 encoder_weights=encoder_weights, augment=augment)
+    features = np.asarray(features, dtype=np.float32)
+    if features.shape[-2] != adata.n_obs:
+        raise ValueError(f"features have {features.shape[-2]} spots, the data {adata.n_obs}")
+    res = sample(model, normalize_features(model, features), n_samples=n_samples,
+                 reveal_steps=reveal_steps, seed=seed, batch_size=batch_size, device=device,
+                 progress=progress)
+    genes = list(model.config.genes)
+    mean, std = res.mean.numpy(), res.std.numpy()
+    vt = model.config.value_transform if model.config.value_transform in VALUE_TRANSFORMS \
+        else "log1p_cp10k"
+    measured, missing = transform_values(adata, genes, value_transform=vt)
+    params = {"genes": genes, "n_samples": int(n_samples),
+              "reveal_steps": None if reveal_steps is None else int(reveal_steps),
+              "seed": int(seed), "augment": bool(augment), "encoder": model.config.encoder,
+              "value_transform": vt, "backbone_ref": model.config.backbone_ref,
+              "genes_missing_in_data": missing}
+    adata.obsm[f"{key_added}_mean"] = mean
+    adata.obsm[f"{key_added}_std"] = std
+    adata.uns[key_added] = params
+    out = ad.AnnData(X=mean, obs=adata.obs.copy(),
+                     var=pd.DataFrame({"measured": [g not in missing for g in genes]},
+                                      index=pd.Index(genes)))
+    out.layers["std"] = std
+    out.layers["measured"] = measured
+    out.obsm[SPATIAL_KEY] = np.asarray(adata.obsm[SPATIAL_KEY])
+    if META_KEY in adata.uns:
+        out.uns[META_KEY] = dict(adata.uns[META_KEY])
+    if "spatial" in adata.uns:
+        out.uns["spatial"] = adata.uns["spatial"]
+    out.uns[key_added] = params
+    return out
+
+
+def evaluate(pred, adata=None, *, min_umi: int = MIN_UMI, **predict_kwargs) -> dict:
+    """Score predictions against the measured expression.
+
+    ``pred`` is the AnnData returned by :func:`predict_spots`, or a model (then ``adata`` is
+    predicted first with ``predict_kwargs``). Spots under ``min_umi`` UMI and genes the data
+    lacks are left out (and named). Returns :func:`napari_hinge.metrics.expression_scores`
+    plus ``genes_scored``, ``genes_missing_in_data``, ``n_spots``.
+    """
+    from napari_hinge.metrics import expression_scores
+
+    if isinstance(pred, HingeModel):
+        if adata is None:
+            raise ValueError("evaluate(model, adata): the data to predict is missing")
+        adata = read_dataset(adata)
+        pred = predict_spots(pred, adata, **predict_kwargs)
+    elif adata is not None:
+        adata = read_dataset(adata)
+    ok = pred.var["measured"].to_numpy(bool)
+    if ok.sum() < 3:
+        raise ValueError(f"only {int(ok.sum())} of the model's genes are measured in the data: "
+                         "nothing to score")
+    lib = library_size(adata) if adata is not None else None
+    keep = np.ones(pred.n_obs, bool) if lib is None else lib >= min_umi
+    genes = list(pred.var_names[ok])
+    scores = expression_scores(np.asarray(pred.X)[keep][:, ok],
+                               np.asarray(pred.layers["measured"])[keep][:, ok], genes=genes)
+    scores.update(genes_scored=len(genes), n_spots=int(keep.sum()),
+                  genes_missing_in_data=list(pred.var_names[~ok]),
+                  params={k: v for k, v in pred.uns.get("hinge", {}).items() if k != "genes"})
+    return scores
+
+
+def model_summary(model: HingeModel) -> dict:
+    """JSON-ready description of a model (config without the gene list, counts)."""
+    cfg = asdict(model.config)
+    cfg["n_genes"] = len(cfg.pop("genes"))
+    return {"config": cfg, **model.param_counts()}

@@ -1,0 +1,168 @@
+"""GUI-free rasterisation of spot domains into a label image, and a per-domain table.
+
+Label value ``i + 1`` paints the i-th category of ``obs[key]``; 0 is background (no spot,
+outside the tissue, or a spot without a domain). The napari widget shows the array as a
+Labels layer with ``scale = 1 / scale`` over the slide's level 0.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from scipy.spatial import cKDTree
+
+from .._convention import META_KEY, SPATIAL_KEY
+
+
+def _label_codes(adata, key: str) -> tuple[np.ndarray, pd.Index]:
+    if key not in adata.obs:
+        raise KeyError(f"AnnData has no obs['{key}']; run napari_hinge.tl.domains first")
+    cat = pd.Categorical(adata.obs[key])
+    codes = cat.codes.astype(np.int64) + 1  # NaN (code -1) becomes 0 = background
+    return codes, cat.categories
+
+
+def _dtype_for(n: int):
+    if n <= np.iinfo(np.uint8).max:
+        return np.uint8
+    if n <= np.iinfo(np.uint16).max:
+        return np.uint16
+    raise ValueError(f"{n} domains do not fit a uint16 label image")
+
+
+def _coords(adata, scale: float) -> np.ndarray:
+    if SPATIAL_KEY not in adata.obsm:
+        raise KeyError(f"AnnData has no obsm['{SPATIAL_KEY}'] (spot coordinates)")
+    xy = np.asarray(adata.obsm[SPATIAL_KEY], dtype=np.float64)[:, :2] * float(scale)
+    if not np.isfinite(xy).all():
+        raise ValueError("some spots have missing (NaN) coordinates")
+    return xy
+
+
+def spot_diameter(adata) -> float:
+    d = adata.uns.get(META_KEY, {}).get("spot_diameter_px")
+    if d is None or not np.isfinite(d) or d <= 0:
+        raise KeyError(
+            f"uns['{META_KEY}']['spot_diameter_px'] is missing; read the data with "
+            "napari_hinge.io so the spot size is known"
+        )
+    return float(d)
+
+
+def domains_to_labels(
+    adata,
+    image_shape: tuple[int, ...],
+    *,
+    key: str = "domain",
+    scale: float = 1.0,
+    mode: str = "disc",
+    tissue_mask: np.ndarray | None = None,
+    max_distance: float | None = None,
+    chunk: int = 256,
+) -> np.ndarray:
+    """Paint ``obs[key]`` as a label image of shape ``image_shape[:2]`` (rows, cols).
+
+    Parameters
+    ----------
+    adata
+        Spots with ``obsm['spatial']`` (x, y in level-0 px) and ``obs[key]``.
+    image_shape
+        Shape of the output raster; its pixel (r, c) covers level-0 point (c, r) / scale.
+    scale
+        Raster pixels per level-0 pixel (e.g. 0.25 for a raster at a quarter of level 0).
+    mode
+        'disc': each spot a disc of its true diameter (``uns['napari_hinge']
+        ['spot_diameter_px']``); 'voronoi': every pixel takes its nearest spot's domain, up to
+        ``max_distance`` raster px (default 1.5 spot diameters) and inside ``tissue_mask``.
+    tissue_mask
+        Optional boolean array of ``image_shape``; pixels outside stay 0 (both modes).
+
+    Returns
+    -------
+    uint8 array (uint16 beyond 255 domains); value i + 1 is the i-th category of obs[key].
+    """
+    shape = tuple(int(s) for s in image_shape[:2])
+    if len(shape) != 2 or min(shape) < 1:
+        raise ValueError(f"image_shape must give (rows, cols), got {image_shape}")
+    if scale <= 0:
+        raise ValueError(f"scale must be > 0, got {scale}")
+    codes, cats = _label_codes(adata, key)
+    out = np.zeros(shape, dtype=_dtype_for(len(cats)))
+    xy = _coords(adata, scale)
+    radius = spot_diameter(adata) * scale / 2.0
+    if tissue_mask is not None:
+        tissue_mask = np.asarray(tissue_mask, dtype=bool)
+        if tissue_mask.shape != shape:
+            raise ValueError(f"tissue_mask has shape {tissue_mask.shape}, expected {shape}")
+    if mode == "disc":
+        r = int(np.ceil(radius)) + 1
+        oy, ox = np.mgrid[-r : r + 1, -r : r + 1]
+        oy, ox = oy.ravel(), ox.ravel()
+        keep = codes > 0
+        for start in range(0, int(keep.sum()), chunk):
+            sel = np.flatnonzero(keep)[start : start + chunk]
+            # Pixel centres are at integer (col, row); a pixel is in if its centre is.
+            cx, cy = np.floor(xy[sel, 0] + 0.5), np.floor(xy[sel, 1] + 0.5)
+            px = cx[:, None] + ox[None, :]
+            py = cy[:, None] + oy[None, :]
+            inside = (px - xy[sel, 0, None]) ** 2 + (py - xy[sel, 1, None]) ** 2 <= radius**2
+            inside &= (px >= 0) & (py >= 0) & (px < shape[1]) & (py < shape[0])
+            lab = np.broadcast_to(codes[sel, None], px.shape)
+            out[py[inside].astype(np.int64), px[inside].astype(np.int64)] = lab[inside]
+        if tissue_mask is not None:
+            out[~tissue_mask] = 0
+        return out
+    if mode == "voronoi":
+        maxd = 3.0 * radius if max_distance is None else float(max_distance)
+        tree = cKDTree(xy)
+        cols = np.arange(shape[1], dtype=np.float64)
+        rows_per = max(1, (1 << 20) // max(1, shape[1]))
+        for r0 in range(0, shape[0], rows_per):
+            rr = np.arange(r0, min(shape[0], r0 + rows_per), dtype=np.float64)
+            gx, gy = np.meshgrid(cols, rr)
+            pts = np.column_stack([gx.ravel(), gy.ravel()])
+            block = np.zeros(pts.shape[0], dtype=out.dtype)
+            want = np.ones(pts.shape[0], bool)
+            if tissue_mask is not None:
+                want = tissue_mask[r0 : r0 + rr.size].ravel()
+            if want.any():
+                dist, idx = tree.query(pts[want], distance_upper_bound=maxd)
+                hit = np.isfinite(dist)
+                vals = np.zeros(idx.size, dtype=out.dtype)
+                vals[hit] = codes[idx[hit]]
+                block[want] = vals
+            out[r0 : r0 + rr.size] = block.reshape(rr.size, shape[1])
+        return out
+    raise ValueError(f"unknown mode {mode!r}; use 'disc' or 'voronoi'")
+
+
+def domain_table(adata, key: str = "domain", *, n_markers: int = 5, layer: str | None = None):
+    """One row per domain: label value, spot count, fraction, top marker genes.
+
+    Markers are the genes with the largest difference in mean log1p(counts per 10k) between
+    the domain and all other spots (computed from raw counts in ``X`` or ``layer``).
+    """
+    codes, cats = _label_codes(adata, key)
+    x = adata.layers[layer] if layer is not None else adata.X
+    x = sp.csr_matrix(x, dtype=np.float64)
+    lib = np.asarray(x.sum(axis=1)).ravel()
+    norm = sp.diags(np.divide(1e4, lib, out=np.zeros_like(lib), where=lib > 0)) @ x
+    norm = norm.tocsr()
+    norm.data = np.log1p(norm.data)
+    genes = np.asarray(adata.var_names)
+    total = np.asarray(norm.sum(axis=0)).ravel()
+    n = codes.size
+    rows = []
+    for i, name in enumerate(cats):
+        inside = codes == i + 1
+        k = int(inside.sum())
+        if 0 < k < n:
+            s_in = np.asarray(norm[inside].sum(axis=0)).ravel()
+            diff = s_in / k - (total - s_in) / (n - k)
+            top = genes[np.argsort(-diff, kind="stable")[:n_markers]]
+        else:
+            top = genes[:0]
+        rows.append({"domain": str(name), "label": i + 1, "n_spots": k,
+                     "fraction": k / max(n, 1), "top_markers": ", ".join(map(str, top))})
+    return pd.DataFrame(rows).set_index("domain")

@@ -1,0 +1,197 @@
+"""Scanpy-style tools on AnnData: spatial domains (STMGAC), expression prediction, synthesis.
+
+Each tool takes the AnnData first, keyword-only options, writes under ``key_added`` and
+echoes its parameters into ``uns``. The ``*_iter`` variants are generators of
+:class:`~napari_hinge.training.TrainEvent` for GUI workers and progress bars.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator
+
+import numpy as np
+import pandas as pd
+
+from .training import StopToken, TrainEvent
+
+# ----------------------------------------------------------------------------------------
+# Spatial domains (STMGAC)
+# ----------------------------------------------------------------------------------------
+
+DOMAIN_LATENT_KEY = "X_stmgac"
+DOMAIN_DENOISED_LAYER = "stmgac_denoised"
+
+
+def domains_iter(
+    adata,
+    *,
+    n_domains: int,
+    preset="dlpfc",
+    epochs: int | None = None,
+    seed: int = 3407,
+    refine: bool | None = None,
+    method: str = "gmm",
+    covariance_type: str = "tied",
+    key_added: str = "domain",
+    layer: str | None = None,
+    stop: StopToken | None = None,
+    device=None,
+    copy: bool = False,
+) -> Generator[TrainEvent, None, object]:
+    """:func:`domains` as a generator of training events (for GUI workers).
+
+    Yields the trainer's 'step'/'epoch' events, then one 'done' event whose
+    ``metrics['result']`` is the AnnData written to (``adata`` itself, or a copy when
+    ``copy=True``). On a stop request it yields 'stopped' and writes nothing.
+    """
+    import torch
+
+    from .device import default_device
+    from .stmgac.cluster import cluster_latent
+    from .stmgac.graph import gcn_normalize, knn_adjacency, to_torch
+    from .stmgac.labels import _coords
+    from .stmgac.preprocess import preprocess
+    from .stmgac.presets import get_preset
+    from .stmgac.train import train_stmgac
+
+    p = get_preset(preset)
+    refine = p.refine if refine is None else bool(refine)
+    n_domains = int(n_domains)
+    if n_domains < 1:
+        raise ValueError(f"n_domains must be >= 1, got {n_domains}")
+    if n_domains > adata.n_obs:
+        raise ValueError(
+            f"n_domains = {n_domains} is larger than the number of spots ({adata.n_obs})"
+        )
+    if method not in ("gmm", "leiden"):
+        raise ValueError(f"unknown clustering method {method!r}; use 'gmm' or 'leiden'")
+    coords = _coords(adata, 1.0)
+    adjacency = knn_adjacency(coords, p.k)
+    pre = preprocess(adata, p, layer=layer)
+    dev = default_device(device) if device is not None else torch.device("cpu")
+
+    trainer = train_stmgac(pre.x, adjacency, p, n_domains=n_domains, epochs=epochs, seed=seed,
+                           stop=stop, device=dev)
+    summary: dict = {}
+    while True:
+        try:
+            ev = next(trainer)
+        except StopIteration as fin:
+            model = fin.value
+            break
+        if ev.kind == "stopped":
+            yield ev
+            return None
+        if ev.kind == "done":  # ours comes after clustering
+            summary = {k: v for k, v in ev.metrics.items() if k != "model"}
+            continue
+        yield ev
+
+    xt = torch.from_numpy(pre.x).to(dev)
+    adj = to_torch(gcn_normalize(adjacency), dev)
+    latent = model.embed(xt, adj).float().cpu().numpy()
+    denoised = pre.to_expression(model.denoise(xt, adj).float().cpu().numpy())
+    labels, info = cluster_latent(latent, n_domains, method=method, coords=coords, refine=refine,
+                                  refine_k=p.refine_k, covariance_type=covariance_type)
+
+    target = adata.copy() if copy else adata
+    cats = [str(i) for i in range(n_domains)]
+    target.obs[key_added] = pd.Categorical([str(v) for v in labels], categories=cats)
+    target.obsm[DOMAIN_LATENT_KEY] = latent
+    full = np.full((target.n_obs, target.n_vars), np.nan, dtype=np.float32)
+    full[:, pre.hvg_index] = denoised
+    target.layers[DOMAIN_DENOISED_LAYER] = full
+    target.var[f"{DOMAIN_DENOISED_LAYER}_gene"] = np.isin(np.arange(target.n_vars), pre.hvg_index)
+    unit = f"counts per {pre.target_sum:g}"
+    if pre.log1p:
+        unit = f"log1p({unit})"
+    target.uns[key_added] = {
+        "method": "STMGAC",
+        "params": {
+            "n_domains": n_domains, "preset": p.name, "epochs": int(summary.get("epochs", 0)),
+            "seed": int(seed), "refine": bool(refine), "clustering": method,
+            "covariance_type": covariance_type, "layer": layer,
+        },
+        "preset": p.to_dict(),
+        "clustering": info,
+        "training": {k: v for k, v in summary.items() if isinstance(v, (int, float))},
+        "latent_key": DOMAIN_LATENT_KEY,
+        "denoised_layer": DOMAIN_DENOISED_LAYER,
+        "denoised_space": (
+            f"{unit} of the {pre.genes.size} seurat_v3 HVGs (var['{DOMAIN_DENOISED_LAYER}_gene']),"
+            f" decoded from the model's {pre.input} input and mapped back through the "
+            "PCA loadings and the z-score; NaN for the other genes"
+        ),
+    }
+    counts = np.bincount(labels, minlength=n_domains)
+    yield TrainEvent(
+        "done", summary.get("epochs", 1) - 1, summary.get("epochs", 1), summary.get("epochs", 1),
+        summary.get("recon"), metrics={**summary, "domain_sizes": counts.tolist(),
+                                       "result": target},
+    )
+    return target
+
+
+def domains(
+    adata,
+    *,
+    n_domains: int,
+    preset="dlpfc",
+    epochs: int | None = None,
+    seed: int = 3407,
+    refine: bool | None = None,
+    method: str = "gmm",
+    covariance_type: str = "tied",
+    key_added: str = "domain",
+    layer: str | None = None,
+    stop: StopToken | None = None,
+    progress: Callable[[TrainEvent], None] | None = None,
+    device=None,
+    copy: bool = False,
+):
+    """Spatial domains with STMGAC (Fang et al. 2024): train, embed, cluster, smooth.
+
+    Parameters
+    ----------
+    adata
+        Spots: raw counts in ``X`` (or ``layer``), coordinates in ``obsm['spatial']``.
+    n_domains
+        K, the number of domains.
+    preset
+        A name from :func:`napari_hinge.stmgac.presets.available_presets` or a ``Preset``.
+    epochs
+        Training epochs (default: the preset's, 500 for 'dlpfc').
+    seed
+        Seeds initialisation, masking, triplets and the mixture; recorded in ``uns``.
+    refine
+        30-NN spatial majority vote after clustering (default: the preset's).
+    method
+        'gmm' (Gaussian mixture, ``covariance_type`` 'tied' ≈ mclust EEE) or 'leiden'
+        (resolution searched until K clusters).
+    key_added
+        ``obs[key_added]`` gets the domains (categorical '0'..'K-1'), ``uns[key_added]`` the
+        parameters. The latent goes to ``obsm['X_stmgac']``, the denoised expression to
+        ``layers['stmgac_denoised']`` (see ``uns[key_added]['denoised_space']``).
+    stop
+        A :class:`~napari_hinge.training.StopToken`; when requested, nothing is written and
+        None is returned.
+    progress
+        Called with every :class:`~napari_hinge.training.TrainEvent`.
+    copy
+        Work on and return a copy instead of writing into ``adata``.
+
+    Returns
+    -------
+    The AnnData copy when ``copy=True``, else None.
+    """
+    result = None
+    for ev in domains_iter(
+        adata, n_domains=n_domains, preset=preset, epochs=epochs, seed=seed, refine=refine,
+        method=method, covariance_type=covariance_type, key_added=key_added, layer=layer,
+        stop=stop, device=device, copy=copy,
+    ):
+        if progress is not None:
+            progress(ev)
+        if ev.kind == "done":
+            result = ev.metrics["result"]
+    return result if copy else None
