@@ -168,3 +168,13 @@ def test_make_sample_data_rebuilds_the_shipped_files(shared_data, tmp_path):
     )
     assert ad.n_vars == 1000
     assert pd.Index(ad.var_names).equals(pd.Index(datasets.load_her2st_sample().var_names))
+
+
+def test_read_spatial_on_the_sample_folder(sample):
+    from napari_hinge.io.spatial import detect_spatial_format, read_spatial
+
+    folder = datasets.her2st_sample_paths()["folder"]
+    assert detect_spatial_format(folder) == "legacy_st"
+    ad = read_spatial(folder)  # one section: no section= needed
+    assert ad.uns[META_KEY]["section"] == "C3"
+    np.testing.assert_array_equal(ad.X.toarray(), sample.X.toarray())

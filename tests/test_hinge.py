@@ -23,6 +23,8 @@ from napari_hinge.hinge.softadaln import Ada6Head, SoftAdaLNBlock, SoftPreNorm
 from napari_hinge.hinge.train import gene_pearson, split_groups, train_hinge, validation_loss
 from napari_hinge.scfm.base import BackboneConfig, GeneTokenBackbone, MHABlock
 from napari_hinge.scfm.builtin import BuiltinBackbone
+from napari_hinge.scfm.cellfm import CellFMBackbone
+from napari_hinge.scfm.scgpt import ScGPTBackbone
 from napari_hinge.training import StopToken, load_checkpoint
 
 N_GENES = 20
@@ -61,12 +63,27 @@ def builtin_backbone(genes: list[str], d: int = 32) -> BuiltinBackbone:
     return BuiltinBackbone(cfg, vocab).eval()
 
 
+def make_backbone(kind: str, genes: list[str], d: int = 32) -> GeneTokenBackbone:
+    """Tiny random backbones of every kind (the real loaders are tested in test_scfm.py)."""
+    if kind == "builtin":
+        return builtin_backbone(genes, d)
+    if kind == "noisy":
+        return NoisyTokenBackbone(genes, d)
+    if kind == "cellfm":  # retention blocks, DeepNorm alpha = 4^(1/4), K/V hidden in block 0
+        cfg = BackboneConfig(kind="cellfm", d_model=d, n_layers=2, n_heads=2, d_ff=d,
+                             mask_kv_layers=1)
+        return CellFMBackbone(cfg, {g: i + 1 for i, g in enumerate(genes)}).eval()
+    cfg = BackboneConfig(kind="scgpt", d_model=d, n_layers=2, n_heads=2, d_ff=2 * d,
+                         value_transform="scgpt_binned")
+    vocab = {"<pad>": 0, "<cls>": 1, **{g: i + 2 for i, g in enumerate(genes)}}
+    return ScGPTBackbone(cfg, vocab).eval()
+
+
 def make_model(kind: str = "builtin", genes: list[str] | None = None, feature_dim: int = 16,
                seed: int = 0, **cfg) -> HingeModel:
     torch.manual_seed(seed)
     genes = genes or [f"GENE{i}" for i in range(N_GENES)]
-    vocab_genes = genes + ["EXTRA1", "EXTRA2"]  # the panel is a subset of the vocabulary
-    bb = builtin_backbone(vocab_genes) if kind == "builtin" else NoisyTokenBackbone(vocab_genes)
+    bb = make_backbone(kind, genes + ["EXTRA1", "EXTRA2"])  # the panel is a vocabulary subset
     return HingeModel(bb, HingeConfig(genes=genes, feature_dim=feature_dim, **cfg))
 
 
@@ -204,8 +221,8 @@ def test_softprenorm_and_head_init():
     assert full == 64 * 6 * 64 + 6 * 64 and low == 64 * 8 + 8 * 6 * 64 + 6 * 64
 
 
-@pytest.mark.parametrize("kind", ["builtin", "noisy"])
-@pytest.mark.parametrize("rank", [None, 4])
+@pytest.mark.parametrize(("kind", "rank"), [("builtin", None), ("builtin", 4), ("noisy", None),
+                                             ("cellfm", None), ("cellfm", 4), ("scgpt", None)])
 def test_identity_at_init(kind, rank):
     """At initialisation the wrapped model is the backbone, up to sigmoid(6) on the branches.
 
@@ -302,6 +319,9 @@ def test_save_load_bit_identical(tmp_path):
     with torch.no_grad():
         assert torch.equal(model.eval()(cor.x_t, t, cor.m_prev, cor.m_t, feats),
                            loaded.eval()(cor.x_t, t, cor.m_prev, cor.m_t, feats))
+    # without backbone=: napari_hinge.scfm.load_backbone reads the saved backbone folder
+    alone = HingeModel.load(folder)
+    assert all(torch.equal(a[k], alone.state_dict()[k]) for k in a)
     # saving again over the folder replaces it and leaves no temporary folders
     loaded.save(folder)  # (re-uses the identical backbone files by hard link)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hinge"]
@@ -314,6 +334,10 @@ def test_save_load_bit_identical(tmp_path):
         HingeModel.load(folder, backbone=other)
     with pytest.raises(FileNotFoundError, match="config.json"):
         HingeModel.load(tmp_path / "missing")
+    # a backbone class no loader knows: the error says to pass backbone=
+    noisy = make_model("noisy").save(tmp_path / "noisy")
+    with pytest.raises(ValueError, match="backbone="):
+        HingeModel.load(noisy)
 
 
 def test_state_digest_sees_one_bit():
@@ -423,6 +447,11 @@ def test_stop_mid_epoch_keeps_the_last_good_checkpoint(her2st, tmp_path):
     ck = load_checkpoint(tmp_path / "last.pt")
     assert ck["epoch"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best", "last.pt"]  # no temp files
+    # without validation spots best/ follows the latest epoch
+    for _ in train_hinge(make_model("builtin", genes=genes), feats[:40], x[:40], epochs=1,
+                         val_fraction=0, checkpoint_dir=tmp_path / "noval"):
+        pass
+    assert (tmp_path / "noval" / "best" / "model.safetensors").is_file()
     with pytest.raises(FileExistsError, match="resume=True"):
         next(train_hinge(model, feats[:80], x[:80], checkpoint_dir=tmp_path))
 

@@ -294,8 +294,12 @@ def test_clustering_and_refinement_on_real_layers(dlpfc):
     assert ari(truth, refined) > ari(truth, lab)
     # Refining the truth itself keeps most spots (layers are spatially contiguous).
     assert (refine_labels(dlpfc.obsm["spatial"], truth, 30) == truth).mean() > 0.9
-    lab_l, res = leiden_labels(pre.x, 7, seed=0)
-    assert lab_l.max() + 1 == 7 and res > 0
+
+
+def test_leiden_resolution_search_reaches_k(crop_input):
+    pre, _ = crop_input
+    lab, res = leiden_labels(pre.x, 5, seed=0)
+    assert lab.max() + 1 == 5 and res > 0
     with pytest.raises(ValueError, match="larger than the number of spots"):
         gmm_labels(pre.x[:5], 7)
 
@@ -401,7 +405,7 @@ def test_cli_domains(shared_data, tmp_path):
     counts = shared_data / "her2st_subset" / "counts" / "A1.tsv.gz"
     out, tif = tmp_path / "a1.h5ad", tmp_path / "a1.tif"
     args = parser.parse_args(["domains", str(counts), "--k", "4", "--out", str(out),
-                              "--preset", "hm", "--epochs", "5", "--labels-tif", str(tif),
+                              "--preset", "dlpfc", "--epochs", "5", "--labels-tif", str(tif),
                               "--scale", "0.05"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from napari_hinge._convention import META_KEY, SPATIAL_KEY
+from napari_hinge._convention import META_KEY, SPATIAL_KEY, library_size
 
 LayerData = tuple[Any, dict[str, Any], str]
 UNITS = ("µm", "µm")
@@ -46,12 +46,12 @@ def slide_layer_data(slide, *, name: str | None = None) -> LayerData:
 
 
 def spot_features(adata, genes: list[str] = ()) -> pd.DataFrame:
-    """Per-spot features: barcode, total counts, detected genes, and the given genes' counts."""
+    """Per-spot features: barcode, total counts (all genes), genes detected in ``X``, and the
+    given genes' counts."""
     import scipy.sparse as sp
 
-    X = adata.X
-    totals = np.asarray(X.sum(axis=1)).ravel()
-    detected = np.asarray((X > 0).sum(axis=1)).ravel()
+    totals = library_size(adata)
+    detected = np.asarray((adata.X > 0).sum(axis=1)).ravel()
     features = pd.DataFrame(
         {"barcode": adata.obs_names.to_numpy(), "total_counts": totals, "n_genes": detected}
     )
@@ -118,7 +118,7 @@ def gene_values(adata, gene: str, transform: str = GENE_TRANSFORMS[0]) -> np.nda
     values = values.astype(np.float64)
     if transform == "raw counts":
         return values
-    totals = np.asarray(adata.X.sum(axis=1)).ravel().astype(np.float64)
+    totals = library_size(adata)
     with np.errstate(divide="ignore", invalid="ignore"):
         scaled = np.where(totals > 0, values / totals * 1e4, 0.0)
     return np.log1p(scaled)

@@ -13,6 +13,7 @@ import sys
 # Modules that define ``register(subparsers)``; each parser sets ``func``.
 COMMAND_MODULES = [
     "napari_hinge.demo",
+    "napari_hinge.io.spatial",
 ]
 
 

@@ -8,7 +8,13 @@ import tifffile
 from PIL import Image
 
 from napari_hinge.io import slides
-from napari_hinge.io.slides import SLIDE_SUFFIXES, Slide, is_slide_path, open_slide
+from napari_hinge.io.slides import (
+    SLIDE_SUFFIXES,
+    Slide,
+    is_slide_path,
+    needs_pyramid_build,
+    open_slide,
+)
 
 C2_SHAPE = (9911, 9274)  # her2st C2 H&E, (H, W)
 
@@ -45,6 +51,7 @@ def _entries(folder):
 
 def test_svs_single_level_with_aperio_mpp(wsi):
     path = wsi / "CMU-1-Small-Region.svs"
+    assert not needs_pyramid_build(path)  # below the threshold: opens lazily as it is
     with tifffile.TiffFile(path) as tif:
         assert len(tif.series) == 4  # baseline + thumbnail, label, macro
         ref = tif.pages[0].asarray()
@@ -78,6 +85,7 @@ def pyramids(wsi):
 
 def test_pyramid_structure_and_mpp(pyramids):
     tif, ome = pyramids
+    assert not needs_pyramid_build(tif.path) and not needs_pyramid_build(ome.path)
     assert (tif.format, ome.format) == ("tiff", "ome-tiff")
     assert (tif.mpp_source, ome.mpp_source) == ("tiff-resolution", "ome")
     for s in pyramids:
@@ -156,7 +164,9 @@ def test_thumbnail(pyramids):
 
 def test_jpeg_builds_cached_pyramid_once(c2_jpg, c2_pixels, tmp_path, monkeypatch):
     root = _isolated_cache(monkeypatch, tmp_path)
+    assert needs_pyramid_build(c2_jpg)
     slide = open_slide(c2_jpg)
+    assert not needs_pyramid_build(c2_jpg)
     assert slide.format == "jpeg"
     assert slide.microns_per_pixel is None  # 72 dpi JPEG metadata is not a pixel size
     assert [lv.shape[:2] for lv in slide.levels] == [
@@ -241,7 +251,9 @@ def flat_tiff(c2_pixels, tmp_path):
 def test_flat_tiff_gets_pyramid_with_lazy_base(flat_tiff, tmp_path, monkeypatch):
     root = _isolated_cache(monkeypatch, tmp_path)
     path, crop = flat_tiff
+    assert needs_pyramid_build(path)
     s = open_slide(path)
+    assert not needs_pyramid_build(path)
     assert [lv.shape[:2] for lv in s.levels] == [
         (700, 4400), (350, 2200), (175, 1100), (88, 550), (44, 275)
     ]  # fmt: skip
@@ -322,6 +334,7 @@ def test_truncated_jpeg_fails_at_open(c2_jpg, tmp_path, monkeypatch):
 def test_bad_paths(tmp_path):
     txt = tmp_path / "notes.svs"
     txt.write_text("this is a text file, not an Aperio slide\n" * 20)
+    assert not needs_pyramid_build(txt)  # the cheap probe never raises
     with pytest.raises(ValueError, match="not a readable slide") as info:
         open_slide(txt)
     assert str(txt) in str(info.value)

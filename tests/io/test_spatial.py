@@ -661,3 +661,86 @@ def test_h5ad_normalised_x_with_counts_layer(tiny, tmp_path):
     assert "using layers['counts'] as X" in msgs and "moved_away.png not found" in msgs
     np.testing.assert_array_equal(back.X.toarray(), raw.toarray())
     np.testing.assert_allclose(back.layers["X_original"].toarray(), ad.X.toarray())
+
+
+def test_her2st_original_repo_layout(shared_data, tmp_path):
+    """almaan/her2st's own tree: data/ST-cnts, ST-spotfiles, ST-imgs/<patient>/<s>, ST-pat/lbl."""
+    src = shared_data / "her2st_subset"
+    data = tmp_path / "her2st" / "data"
+    links = {
+        data / "ST-cnts" / "C2.tsv.gz": src / "counts" / "C2.tsv.gz",
+        data / "ST-spotfiles" / "C2_selection.tsv": src / "spots" / "C2_selection.tsv",
+        data / "ST-imgs" / "C" / "C2" / "5714_HE_BT_C2.jpg": src / "images" / "C2_HE.jpg",
+        data / "ST-cnts" / "A1.tsv.gz": src / "counts" / "A1.tsv.gz",
+        data / "ST-spotfiles" / "A1_selection.tsv": src / "spots" / "A1_selection.tsv",
+        data / "ST-pat" / "lbl" / "A1_labeled_coordinates.tsv": src
+        / "pathology_labels"
+        / "A1_labeled_coordinates.tsv",
+    }
+    for dst, target in links.items():
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        dst.symlink_to(target)
+    root = tmp_path / "her2st"
+    assert list_her2st_sections(root) == ["A1", "C2"]
+    assert detect_spatial_format(root) == "legacy_st"
+    c2 = read_her2st(root, "C2", images=False)
+    assert c2.uns[META_KEY]["slide_path"].endswith("5714_HE_BT_C2.jpg")
+    a1 = read_spatial(data / "ST-cnts" / "A1.tsv.gz")
+    assert a1.obs["pathology_label"].notna().all() and "slide_path" not in a1.uns[META_KEY]
+
+
+def test_slide_header_sizes_without_decoding(shared_data):
+    from napari_hinge.io.spatial import _image_shape
+
+    wsi = shared_data / "wsi_small"
+    assert _image_shape(wsi / "CMU-1-Small-Region.svs") == (2967, 2220)
+    assert _image_shape(wsi / "her2st_C2_HE_pyramid.ome.tif") == (9911, 9274)
+    assert _image_shape(shared_data / "her2st_subset" / "images" / "C2_HE.jpg") == (9911, 9274)
+
+
+def test_legacy_st_on_pyramid_tiff_slide(shared_data):
+    """The her2st spots apply to level 0 of the pyramid built from the same JPEG; the overview
+    for scanpy comes from a small pyramid level."""
+    folder = shared_data / "her2st_subset"
+    slide = shared_data / "wsi_small" / "her2st_C2_HE_pyramid.tif"
+    ad = read_legacy_st(
+        folder / "counts" / "C2.tsv.gz", folder / "spots" / "C2_selection.tsv", image=slide
+    )
+    assert ad.uns[META_KEY]["slide_path"] == str(slide)
+    _assert_convention(ad, image_shape=(9911, 9274))
+    lib = ad.uns["spatial"]["C2"]
+    ov = lib["images"]["hires"]
+    assert ov.shape == (1238, 1159, 3)
+    xy = ad.obsm[SPATIAL_KEY] * lib["scalefactors"]["tissue_hires_scalef"]
+    under, background = _spots_darker_than_background(ov, xy, 3)
+    assert under < background - 10, (under, background)
+
+
+def test_cli_spatial_info(shared_data, tmp_path, capsys):
+    import argparse
+
+    from napari_hinge.io import spatial
+
+    parser = argparse.ArgumentParser()
+    spatial.register(parser.add_subparsers(dest="command"))
+
+    def run(*argv):
+        args = parser.parse_args(["spatial-info", *map(str, argv)])
+        return args.func(args)
+
+    out = tmp_path / "c2.h5ad"
+    assert run(shared_data / "her2st_subset", "--section", "C2", "-o", out) == 0
+    text = capsys.readouterr().out
+    assert "spots       187" in text and "um/px       0.688" in text and f"wrote {out}" in text
+    back = read_h5ad(out)
+    assert back.n_obs == 187 and back.uns[META_KEY]["section"] == "C2"
+    before = out.read_bytes()
+    with pytest.raises(SpatialDataError, match="exists; pass --overwrite"):
+        run(shared_data / "visium_tiny_fixture", "-o", out)
+    assert out.read_bytes() == before  # what the user had is untouched
+    run(shared_data / "visium_tiny_fixture", "-o", out, "--overwrite")
+    err = capsys.readouterr().err
+    assert "warning:" in err and "blank" in err
+    assert read_h5ad(out).n_obs == 100
+    with pytest.raises(SpatialDataError, match="section do not apply to h5ad"):
+        run(out, "--section", "C2")

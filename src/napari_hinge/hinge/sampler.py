@@ -47,7 +47,7 @@ def _as_views(features, n_features: int) -> torch.Tensor:
 
 @torch.no_grad()
 def sample(model: HingeModel, features, *, n_samples: int = 8, reveal_steps: int | None = None,
-           batch_size: int = 256, seed: int = 0, generator: torch.Generator | None = None,
+           batch_size: int | None = None, seed: int = 0, generator: torch.Generator | None = None,
            return_samples: bool = False, device: str | torch.device | None = None,
            progress: Callable[[int, int], None] | None = None) -> SampleResult:
     """Sample ``n_samples`` expression vectors per spot.
@@ -65,7 +65,8 @@ def sample(model: HingeModel, features, *, n_samples: int = 8, reveal_steps: int
         Number of reverse steps (``None``: all T). Fewer steps reveal several genes at once over
         the same gamma (a sub-sampled time grid).
     batch_size
-        Rows (spot x sample) per forward pass; whole spots are kept in one batch.
+        Rows (spot x sample) per forward pass; whole spots are kept in one batch. ``None``: 64 on
+        the CPU (small batches stay in cache: measured fastest on one thread), 1024 on CUDA.
     seed, generator
         Randomness: a ``torch.Generator`` on the sampling device, or one seeded with ``seed``.
         The result is deterministic for the same seed, batch size and device.
@@ -84,9 +85,11 @@ def sample(model: HingeModel, features, *, n_samples: int = 8, reveal_steps: int
     """
     if n_samples < 1:
         raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    if batch_size is None:
+        batch_size = 1024 if device.type == "cuda" else 64
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    device = torch.device(device) if device is not None else next(model.parameters()).device
     views = _as_views(features, model.config.feature_dim)
     K, N, _ = views.shape
     G, S = model.n_genes, n_samples

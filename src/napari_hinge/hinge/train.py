@@ -144,7 +144,8 @@ def train_hinge(model: HingeModel, train_features, train_targets, *, val_fractio
     seed
         Seeds the split, the batches, the masks and the noise (recorded in the summary).
     checkpoint_dir
-        Where ``last.pt`` and ``best/`` go (None: no checkpoints, no resume).
+        Where ``last.pt`` and ``best/`` go (None: no checkpoints, no resume). Without validation
+        spots ``best/`` holds the latest epoch's model.
     resume
         Continue from ``checkpoint_dir/last.pt``. Without it an existing ``last.pt`` is never
         overwritten (FileExistsError).
@@ -156,7 +157,8 @@ def train_hinge(model: HingeModel, train_features, train_targets, *, val_fractio
     aug_ratio
         Views per spot per epoch (1..K), drawn without replacement.
     val_samples, val_reveal_steps
-        The validation sampler run for the val Pearson r (``val_samples=0`` turns it off).
+        The validation sampler run for the val Pearson r (``val_samples=0`` turns it off); its
+        samples cycle through the K views. The validation loss uses view 0.
     device
         Training device (default: :func:`napari_hinge.device.default_device`).
 
@@ -205,7 +207,11 @@ def train_hinge(model: HingeModel, train_features, train_targets, *, val_fractio
         if not np.array_equal(ck.get("val_idx"), val_idx):
             raise ValueError(f"{last_path} used another train/validation split (different data "
                              f"or seed)")
-        model.load_trainable_state_dict(ck["model"])
+        try:
+            model.load_trainable_state_dict(ck["model"])
+        except (KeyError, RuntimeError) as exc:
+            raise ValueError(f"{last_path} does not fit this model's configuration: {exc}") \
+                from exc
         opt.load_state_dict(ck["optimizer"])
         lr_sched.load_state_dict(ck["scheduler"])
         set_rng_state(ck["rng"])
@@ -270,6 +276,8 @@ def train_hinge(model: HingeModel, train_features, train_targets, *, val_fractio
                 best_val, best_epoch = val_loss, epoch
                 if ckpt_dir is not None:
                     model.save(ckpt_dir / "best")
+        if not len(val_idx) and ckpt_dir is not None:
+            model.save(ckpt_dir / "best")  # nothing to compare on: best/ is the latest model
         history.append(record)
         if last_path is not None:
             save_checkpoint(last_path, {

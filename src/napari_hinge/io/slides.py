@@ -39,6 +39,7 @@ __all__ = [
     "SLIDE_SUFFIXES",
     "Slide",
     "is_slide_path",
+    "needs_pyramid_build",
     "open_slide",
 ]
 
@@ -201,6 +202,34 @@ class Slide:
 def is_slide_path(path: str | os.PathLike) -> bool:
     """True when the file name has a suffix ``open_slide`` reads (cheap: looks at the name only)."""
     return str(path).lower().endswith(SLIDE_SUFFIXES)
+
+
+def needs_pyramid_build(path: str | os.PathLike, *, tile: int = 512) -> bool:
+    """True when ``open_slide(path)`` would first build and cache a pyramid (seconds to a minute).
+
+    Cheap (reads headers only), so a GUI can open such files in a worker with a progress
+    message. False for files that open lazily, already-cached ones and unreadable ones
+    (``open_slide`` then raises its own error).
+    """
+    path = Path(path)
+    name = path.name.lower()
+    if not path.is_file() or not is_slide_path(name):
+        return False
+    try:
+        if name.endswith(_PIL_SUFFIXES):
+            from PIL import Image
+
+            with _pil_limit(), Image.open(path) as img:
+                big = max(img.size) > PYRAMID_MIN_SIDE
+        else:
+            import tifffile
+
+            with tifffile.TiffFile(path) as tif:
+                levels = tif.series[0].levels
+                big = len(levels) == 1 and max(levels[0].shape) > PYRAMID_MIN_SIDE
+    except Exception:  # noqa: BLE001 - a cheap probe; open_slide reports the real problem
+        return False
+    return big and not _cache_valid(cache_dir("pyramids") / _cache_key(path, tile))
 
 
 def open_slide(path: str | os.PathLike, *, mpp: float | None = None, tile: int = 512) -> Slide:

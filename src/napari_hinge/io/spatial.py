@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import io
 import json
 import warnings
 from pathlib import Path
@@ -48,6 +49,8 @@ __all__ = [
     "read_legacy_st",
     "read_spaceranger",
     "read_spatial",
+    "register",
+    "summary",
     "validate_spatial",
 ]
 
@@ -298,6 +301,8 @@ def _is_blank(img: np.ndarray) -> bool:
 
 def _overview(path: Path, max_side: int = _OVERVIEW_MAX_SIDE) -> tuple[np.ndarray, float]:
     """A small RGB copy of a large image and its scale (overview px per image px)."""
+    if Path(path).suffix.lower() in _SLIDE_TIFF_SUFFIXES:
+        return _tiff_overview(Path(path), max_side)
     with _pil_large_images() as Image, Image.open(path) as img:
         w, h = img.size
         factor = 1
@@ -312,6 +317,33 @@ def _overview(path: Path, max_side: int = _OVERVIEW_MAX_SIDE) -> tuple[np.ndarra
             img = img.resize(target, Image.Resampling.LANCZOS)
         arr = np.asarray(img)
     return np.ascontiguousarray(arr), arr.shape[1] / w
+
+
+def _tiff_overview(path: Path, max_side: int) -> tuple[np.ndarray, float]:
+    """Overview from the smallest pyramid level that is still >= ``max_side / 2``."""
+    import tifffile
+    from PIL import Image
+
+    with tifffile.TiffFile(path) as tif:
+        levels = tif.series[0].levels
+        axes = levels[0].axes
+        sizes = [(lv.shape[axes.index("Y")], lv.shape[axes.index("X")]) for lv in levels]
+        ok = [i for i, (h, w) in enumerate(sizes) if max(h, w) >= max_side // 2] or [0]
+        i = ok[-1]
+        if sizes[i][0] * sizes[i][1] > 2e8:
+            raise ValueError(f"no pyramid level small enough ({sizes[i][1]}x{sizes[i][0]} px)")
+        arr = levels[i].asarray()
+    if axes.index("Y") != 0:  # e.g. 'SYX' planar: move samples last
+        arr = np.moveaxis(arr, axes.index("S") if "S" in axes else 0, -1)
+    img = Image.fromarray(np.ascontiguousarray(arr[..., :3]) if arr.ndim == 3 else arr)
+    h0, w0 = sizes[0]
+    if max(img.size) > max_side:
+        f = max_side / max(img.size)
+        img = img.resize(
+            (max(1, round(img.width * f)), max(1, round(img.height * f))), Image.Resampling.LANCZOS
+        )
+    out = np.asarray(img.convert("RGB"))
+    return np.ascontiguousarray(out), out.shape[1] / w0
 
 
 def _decode(values) -> np.ndarray:
@@ -689,6 +721,11 @@ def _read_st_counts(path: Path) -> tuple[sp.csr_matrix, pd.Index, pd.DataFrame]:
     if not path.is_file():
         raise FileNotFoundError(f"counts file not found: {path}")
     try:
+        fast = _read_st_counts_fast(path)
+        if fast is not None:
+            X, ids, genes = fast
+            _check_unique(ids, path)
+            return X, ids, _make_var(None, genes)
         tab = pd.read_csv(path, sep="\t", index_col=0)
     except (ValueError, OSError, EOFError, UnicodeDecodeError, pd.errors.ParserError) as err:
         raise SpatialDataError(f"{path}: not a readable tab-separated count table ({err})") from err
@@ -703,6 +740,45 @@ def _read_st_counts(path: Path) -> tuple[sp.csr_matrix, pd.Index, pd.DataFrame]:
     X = sp.csr_matrix(tab.to_numpy(np.float32))
     var = _make_var(None, tab.columns.astype(str))
     return X, ids, var
+
+
+def _read_st_counts_fast(path: Path) -> tuple[sp.csr_matrix, pd.Index, pd.Index] | None:
+    """Plain numeric spots x genes tables, ~2x faster than ``read_csv`` on 15k columns.
+
+    Parses all values as one column (pandas' per-column cost dominates wide tables). Returns
+    None for anything irregular (quotes, ragged rows, text), which the caller then reads with
+    ``pd.read_csv`` for its exact error.
+    """
+    with _open_text(path) as fh:
+        text = fh.read()
+    head, _, body = text.partition("\n")
+    genes = head.rstrip("\r").split("\t")[1:]
+    lines = [line.rstrip("\r") for line in body.split("\n")]
+    while lines and not lines[-1]:
+        lines.pop()
+    if not genes or not lines or '"' in head:
+        return None
+    ids, rows = [], []
+    for line in lines:
+        spot, _, rest = line.partition("\t")
+        if rest.count("\t") != len(genes) - 1 or not rest or rest.endswith("\t"):
+            return None
+        ids.append(spot)
+        rows.append(rest)
+    try:
+        values = pd.read_csv(
+            io.StringIO("\n".join(rows).replace("\t", "\n")),
+            header=None,
+            dtype=np.float32,
+            skip_blank_lines=False,
+            engine="c",
+        )[0].to_numpy()
+    except (ValueError, pd.errors.ParserError):
+        return None
+    if values.size != len(ids) * len(genes):
+        return None
+    X = sp.csr_matrix(values.reshape(len(ids), len(genes)))
+    return X, pd.Index(ids, dtype=str), pd.Index(genes, dtype=str)
 
 
 def _read_st_spots(path: Path) -> pd.DataFrame:
@@ -1074,6 +1150,13 @@ def detect_spatial_format(path: str | Path) -> str | None:
     return None
 
 
+_READER_OPTIONS = {
+    "spaceranger": {"slide", "mpp", "library_id", "bin_size"},
+    "legacy_st": {"section", "mpp", "images"},
+    "h5ad": set(),
+}
+
+
 def read_spatial(path: str | Path, **kwargs) -> AnnData:
     """Read any supported spatial dataset, dispatching on :func:`detect_spatial_format`.
 
@@ -1083,35 +1166,109 @@ def read_spatial(path: str | Path, **kwargs) -> AnnData:
         A Space Ranger ``outs`` folder, a ``.h5ad``, a her2st-layout folder (pass
         ``section=``; optional when it holds one section) or one of its ``counts/<s>.tsv.gz``.
     **kwargs
-        Passed to the reader (``slide``, ``mpp``, ``section``, ``image``, ...).
+        Options of the matching reader: ``slide``, ``mpp``, ``library_id``, ``bin_size``
+        (Space Ranger); ``section``, ``mpp``, ``images`` (legacy ST); none for ``.h5ad``.
     """
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"spatial data not found: {p}")
     fmt = detect_spatial_format(p)
+    if fmt is None:
+        raise SpatialDataError(
+            f"{p}: not a recognised spatial dataset (expected a Space Ranger outs/ folder, a "
+            "her2st-layout folder with counts/ and spots/, or a .h5ad file)"
+        )
+    unknown = set(kwargs) - _READER_OPTIONS[fmt]
+    if unknown:
+        raise SpatialDataError(
+            f"{p}: option(s) {', '.join(sorted(unknown))} do not apply to {fmt} data "
+            f"(options: {', '.join(sorted(_READER_OPTIONS[fmt])) or 'none'})"
+        )
     if fmt == "spaceranger":
         return read_spaceranger(p, **kwargs)
     if fmt == "h5ad":
-        return read_h5ad(p, **kwargs)
-    if fmt == "legacy_st":
-        if p.is_file():
-            section = p.name.split(".")[0]
-            root = p.parent.parent
-            if p.parent.name == "ST-cnts":
-                root = root.parent
-            kwargs.pop("section", None)
-            return read_her2st(root, section, **kwargs)
-        section = kwargs.pop("section", None)
-        if section is None:
-            sections = list_her2st_sections(p)
-            if len(sections) != 1:
-                raise SpatialDataError(
-                    f"{p}: holds {len(sections)} sections ({_first(sections, 10)}); "
-                    "pass section=..."
-                )
-            section = sections[0]
-        return read_her2st(p, section, **kwargs)
-    raise SpatialDataError(
-        f"{p}: not a recognised spatial dataset (expected a Space Ranger outs/ folder, a "
-        "her2st-layout folder with counts/ and spots/, or a .h5ad file)"
+        return read_h5ad(p)
+    if p.is_file():  # legacy_st: one section's count table
+        section = p.name.split(".")[0]
+        root = p.parent.parent
+        if p.parent.name == "ST-cnts":
+            root = root.parent
+        kwargs.pop("section", None)
+        return read_her2st(root, section, **kwargs)
+    section = kwargs.pop("section", None)
+    if section is None:
+        sections = list_her2st_sections(p)
+        if len(sections) != 1:
+            raise SpatialDataError(
+                f"{p}: holds {len(sections)} sections ({_first(sections, 10)}); pass section=..."
+            )
+        section = sections[0]
+    return read_her2st(p, section, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# command line
+# --------------------------------------------------------------------------------------------
+
+
+def summary(adata: AnnData) -> str:
+    """A few lines describing a spatial AnnData (what was read, where, at what pixel size)."""
+    meta = dict(adata.uns.get(META_KEY, {}))
+    xy = np.asarray(adata.obsm[SPATIAL_KEY])
+    mpp = meta.get("microns_per_pixel")
+    lines = [
+        f"format      {meta.get('format', '?')} ({meta.get('source', '?')})",
+        f"spots       {adata.n_obs}",
+        f"genes       {adata.n_vars}",
+        f"UMI/spot    median {np.median(np.asarray(adata.X.sum(axis=1)).ravel()):.0f}",
+        f"slide       {meta.get('slide_path', '(none)')}",
+        f"um/px       {mpp:.4g}" if mpp else "um/px       unknown",
+        f"spot        {meta.get('spot_diameter_px', float('nan')):.1f} px across",
+        f"x range     {xy[:, 0].min():.1f} .. {xy[:, 0].max():.1f}",
+        f"y range     {xy[:, 1].min():.1f} .. {xy[:, 1].max():.1f}",
+    ]
+    extra = [c for c in adata.obs.columns if adata.obs[c].dtype.name == "category"]
+    if extra:
+        lines.append(f"annotations {', '.join(extra)}")
+    return "\n".join(lines)
+
+
+def register(subparsers) -> None:
+    """Add ``spatial-info``: read any spatial dataset, print a summary, optionally save h5ad."""
+    p = subparsers.add_parser(
+        "spatial-info",
+        help="read spatial data (Space Ranger outs/, her2st folder, .h5ad) and describe it",
+        description="Read spatial transcriptomics data into the napari-hinge AnnData "
+        "convention, report problems, print a summary and optionally write it as .h5ad.",
     )
+    p.add_argument("path", help="Space Ranger outs/ folder, her2st-layout folder or file, .h5ad")
+    p.add_argument("--section", help="her2st section (e.g. C3) when the folder holds several")
+    p.add_argument("--slide", help="Space Ranger: the full-resolution H&E the spots belong to")
+    p.add_argument("--mpp", type=float, help="microns per pixel of the slide (override)")
+    p.add_argument("-o", "--output", help="write the AnnData here (.h5ad)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    p.set_defaults(func=_cmd_spatial_info)
+
+
+def _cmd_spatial_info(args) -> int:
+    import sys
+
+    kwargs = {k: getattr(args, k) for k in ("section", "slide", "mpp") if getattr(args, k)}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", SpatialDataWarning)
+        adata = read_spatial(args.path, **kwargs)
+    for w in caught:
+        if issubclass(w.category, SpatialDataWarning):
+            print(f"warning: {w.message}", file=sys.stderr)
+    print(summary(adata))
+    if args.output:
+        out = Path(args.output)
+        if out.suffix != ".h5ad":
+            raise SpatialDataError(f"{out}: output must end in .h5ad")
+        if out.exists() and not args.overwrite:
+            raise SpatialDataError(f"{out} exists; pass --overwrite to replace it")
+        from napari_hinge.training import atomic_write
+
+        atomic_write(out, lambda tmp: adata.write_h5ad(tmp))
+        print(f"wrote {out}")
+    return 0

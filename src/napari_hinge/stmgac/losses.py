@@ -55,7 +55,7 @@ def _latent_knn(hs: np.ndarray, ht: np.ndarray, topk: int, chunk: int = 2048) ->
 def kmeans_labels(
     h: np.ndarray, n_clusters: int, seeds=KMEANS_SEEDS, n_iter: int = 20
 ) -> np.ndarray:
-    """Cluster labels of ``h`` from one k-means run per seed (scikit-learn, ``n_iter`` iterations)."""
+    """Labels of ``h`` from one k-means run per seed (scikit-learn, ``n_iter`` iterations)."""
     n_clusters = int(min(n_clusters, h.shape[0]))
     runs = []
     for seed in seeds:

@@ -139,7 +139,8 @@ def preprocess(adata, preset, *, layer: str | None = None, seed: int = 42) -> Pr
     components = pca_mean = None
     if preset.input == "pca":
         n_pcs = int(min(preset.n_pcs, n_spots - 1, z.shape[1]))
-        pca = PCA(n_components=n_pcs, svd_solver="full", random_state=seed)
+        # Exact PCA through the (n_hvg x n_hvg) covariance: fast for <= a few thousand HVGs.
+        pca = PCA(n_components=n_pcs, svd_solver="covariance_eigh", random_state=seed)
         model_x = pca.fit_transform(z)
         components, pca_mean = pca.components_.astype(np.float64), pca.mean_.astype(np.float64)
     else:
