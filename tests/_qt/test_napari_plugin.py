@@ -162,3 +162,20 @@ def test_bad_slide_keeps_existing_layers(make_napari_viewer, shared_data, tmp_pa
     with pytest.raises(Exception, match="truncated.tif"):
         viewer.open(truncated, plugin=PLUGIN)
     assert [layer.name for layer in viewer.layers] == ["CMU-1-Small-Region.svs"]
+
+
+def test_open_legacy_st_folder_and_section(make_napari_viewer, shared_data):
+    """A her2st folder opens its sections that have an H&E (first visible); a count table
+    opens its own section."""
+    viewer = make_napari_viewer()
+    layers = viewer.open(shared_data / "her2st_subset", plugin=PLUGIN)
+    names = [layer.name for layer in layers]
+    assert names[:2] == ["C2 H&E", "C2 spots"] and len(layers) == 10
+    assert [layer.visible for layer in layers[:4]] == [True, True, False, False]
+    points = layers[1]
+    assert points.scale[0] == pytest.approx(0.688, rel=0.01)
+    assert points.size[0] * points.scale[0] == pytest.approx(100, rel=0.05)  # ST spots: 100 µm
+
+    viewer.layers.clear()
+    [points] = viewer.open(shared_data / "her2st_subset" / "counts" / "A1.tsv.gz", plugin=PLUGIN)
+    assert type(points).__name__ == "Points" and len(points.data) == points.metadata["adata"].n_obs

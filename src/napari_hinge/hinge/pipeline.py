@@ -212,11 +212,7 @@ def load_backbone_spec(backbone, *, seed: int = 0):
 
     if spec == "random" or spec.startswith("random:"):
         like = scfm.load_backbone(spec.partition(":")[2] or DEFAULT_BACKBONE)
-        if hasattr(scfm, "random_backbone"):
-            torch.manual_seed(seed)
-            return scfm.random_backbone(like), None
-        torch.manual_seed(seed)  # fallback: rebuild the class with fresh initial weights
-        return type(like)(like.config, like.vocab).eval(), None
+        return scfm.random_backbone(like, seed=seed).eval(), None
     return scfm.load_backbone(spec), spec
 
 

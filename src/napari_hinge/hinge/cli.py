@@ -1,0 +1,245 @@
+"""``napari-hinge train | predict | evaluate``: HINGE on any dataset the readers read.
+
+DATA is anything :func:`napari_hinge.io.spatial.read_spatial` reads: a Space Ranger ``outs/``
+folder, a ``.h5ad`` with ``obsm['spatial']`` and a slide path, or a her2st-layout folder with
+``--section`` (or ``FOLDER:SECTION``, which also lets ``train`` take several sections)::
+
+    napari-hinge train her2st:C2 her2st:C4 her2st:C5 --out my_model --epochs 40
+    napari-hinge predict her2st --section C3 --model my_model --out C3_pred.h5ad
+    napari-hinge evaluate her2st --section C3 --model my_model --json C3_scores.json
+
+``--model shipped`` (the default of predict/evaluate) uses the weights that ship with the package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _data_args(parser: argparse.ArgumentParser, *, many: bool = False) -> None:
+    parser.add_argument("data", nargs="+" if many else None,
+                        help="Space Ranger outs/ folder, .h5ad, or her2st folder "
+                             "(FOLDER:SECTION or --section)")
+    parser.add_argument("--section", help="section of a her2st-layout folder")
+
+
+def _sampler_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="shipped",
+                        help="model folder written by 'train' (default: the shipped weights)")
+    parser.add_argument("--samples", type=int, default=8, help="samples per spot (S)")
+    parser.add_argument("--reveal-steps", type=int, default=None,
+                        help="reverse steps (default: all T; fewer is faster)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--augment", action="store_true",
+                        help="sample over the 8 dihedral views of each patch")
+    parser.add_argument("--device", default=None, help="cpu, cuda, mps (default: best)")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("train", help="train HINGE on spatial datasets",
+                              description="Train HINGE (frozen backbone, SoftAdaLN modulation).")
+    _data_args(p, many=True)
+    p.add_argument("--out", type=Path, required=True, help="model folder to write")
+    p.add_argument("--genes", help="comma-separated panel or a file with one gene per line "
+                                   "(default: the panel rule, --n-genes)")
+    p.add_argument("--n-genes", type=int, default=50)
+    p.add_argument("--encoder", default="efficientnet-lite0")
+    p.add_argument("--encoder-weights", help="weights file of a user-supplied encoder")
+    p.add_argument("--backbone", default="builtin",
+                   help="'builtin', a backbone folder/checkpoint, or 'random'")
+    p.add_argument("--epochs", type=int, default=40)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--ada-rank", type=int, default=32,
+                   help="rank of the low-rank SoftAdaLN heads (0 = full heads, the paper)")
+    p.add_argument("--no-augment", action="store_true", help="no dihedral feature views")
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--checkpoints", type=Path, default=None,
+                   help="checkpoint folder (default: OUT.checkpoints)")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT model")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_train)
+
+    p = subparsers.add_parser("predict", help="predict expression on spots with HINGE")
+    _data_args(p)
+    _sampler_args(p)
+    p.add_argument("--out", type=Path, required=True, help=".h5ad to write")
+    p.add_argument("--png", type=Path, default=None,
+                   help="picture of the top genes (default: OUT with .png)")
+    p.add_argument("--no-png", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    p.set_defaults(func=cmd_predict)
+
+    p = subparsers.add_parser("evaluate", help="score HINGE against measured expression")
+    _data_args(p)
+    _sampler_args(p)
+    p.add_argument("--pred", type=Path, default=None,
+                   help="score this .h5ad written by 'predict' instead of predicting again")
+    p.add_argument("--json", type=Path, default=None, help="write the scores here")
+    p.set_defaults(func=cmd_evaluate)
+
+
+def _read(data: str, section: str | None):
+    from .pipeline import read_dataset
+
+    return read_dataset(data, section=section)
+
+
+def _genes(spec: str | None) -> list[str] | None:
+    if not spec:
+        return None
+    path = Path(spec)
+    if path.is_file():
+        genes = [g.strip() for g in path.read_text().splitlines() if g.strip()]
+    else:
+        genes = [g.strip() for g in spec.split(",") if g.strip()]
+    if len(genes) < 3:
+        raise ValueError(f"--genes: need at least 3 genes, got {genes}")
+    return genes
+
+
+def _bar(total: int, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="step", file=sys.stderr, dynamic_ncols=True)
+
+
+def cmd_train(args) -> int:
+    from .pipeline import fit_hinge, save_model
+
+    out = Path(args.out)
+    if (out / "config.json").exists() and not (args.overwrite or args.resume):
+        raise ValueError(f"{out} already holds a model; pass --overwrite to replace it")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} exists and is not a folder")
+    datasets = [_read(d, args.section) for d in args.data]
+    ckpt = args.checkpoints or out.with_name(out.name + ".checkpoints")
+    gen = fit_hinge(
+        datasets, genes=_genes(args.genes), n_genes=args.n_genes, encoder=args.encoder,
+        encoder_weights=args.encoder_weights, backbone=args.backbone, epochs=args.epochs,
+        augment=not args.no_augment, batch_size=args.batch_size, lr=args.lr,
+        ada_rank=args.ada_rank or None, val_fraction=args.val_fraction, seed=args.seed,
+        checkpoint_dir=ckpt, resume=args.resume, device=args.device,
+        progress=lambda name, d, t: None,
+    )
+    bar = None
+    model = None
+    try:
+        while True:
+            try:
+                ev = next(gen)
+            except FileExistsError as exc:  # an earlier run's checkpoints: never overwrite
+                raise ValueError(f"{exc} (--resume continues it)") from None
+            except StopIteration as stop:
+                model = stop.value
+                break
+            if bar is None and ev.total_steps:
+                bar = _bar(ev.total_steps, "train HINGE")
+                bar.update(ev.step - (1 if ev.kind == "step" else 0))
+            if ev.kind == "step" and bar is not None:
+                bar.update(1)
+                bar.set_postfix(epoch=ev.epoch, loss=f"{ev.loss:.3f}")
+            elif ev.kind == "epoch" and bar is not None:
+                val = "" if ev.val_loss is None else f" val_loss {ev.val_loss:.4f}"
+                pcc = ev.metrics.get("val_pcc")
+                bar.write(f"epoch {ev.epoch}: loss {ev.loss:.4f}{val}"
+                          + ("" if pcc is None else f" val_pcc {pcc:.3f}"))
+            elif ev.kind == "stopped":
+                print(f"stopped; resume with --resume (checkpoints in {ckpt})", file=sys.stderr)
+                return 130
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; the last completed epoch is in {ckpt}; continue with --resume",
+              file=sys.stderr)
+        return 130
+    finally:
+        if bar is not None:
+            bar.close()
+    save_model(model, out)
+    summary = dict(model.train_summary or {})
+    summary.pop("history", None)
+    print(json.dumps({"model": str(out), "genes": len(model.config.genes), **summary},
+                     indent=1, default=str))
+    return 0
+
+
+def _load(spec: str, device):
+    from .pipeline import load_model
+
+    return load_model(spec, map_location=device or "cpu")
+
+
+def _predict(args, adata):
+    from .pipeline import predict_spots
+
+    model = _load(args.model, args.device)
+    bar = _bar(adata.n_obs, "sample spots")
+    bar.unit = "spot"
+
+    def tick(done, total):
+        bar.update(done - bar.n)
+
+    try:
+        pred = predict_spots(model, adata, n_samples=args.samples,
+                             reveal_steps=args.reveal_steps, seed=args.seed,
+                             augment=args.augment, device=args.device, progress=tick)
+    finally:
+        bar.close()
+    return pred
+
+
+def cmd_predict(args) -> int:
+    from .demo_job import plot_prediction
+
+    out = Path(args.out)
+    if out.suffix != ".h5ad":
+        raise ValueError(f"--out {out}: the prediction is written as .h5ad")
+    if out.exists() and not args.overwrite:
+        raise ValueError(f"{out} exists; pass --overwrite to replace it")
+    adata = _read(args.data, args.section)
+    pred = _predict(args, adata)
+    tmp = out.with_name(f".{out.name}.tmp")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    pred.write_h5ad(tmp)
+    tmp.replace(out)  # never leave a half-written file where the user's was
+    written = {"h5ad": str(out), "spots": pred.n_obs, "genes": pred.n_vars,
+               "genes_missing_in_data": pred.uns["hinge"]["genes_missing_in_data"]}
+    if not args.no_png:
+        png = args.png or out.with_suffix(".png")
+        written["png"] = str(plot_prediction(pred, png))
+    print(json.dumps(written, indent=1))
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .pipeline import evaluate
+
+    adata = _read(args.data, args.section)
+    if args.pred is not None:
+        import anndata as ad
+
+        if not Path(args.pred).is_file():
+            raise FileNotFoundError(f"--pred {args.pred}: file not found")
+        pred = ad.read_h5ad(args.pred)
+        if "measured" not in pred.layers or "measured" not in pred.var:
+            raise ValueError(f"--pred {args.pred}: not a file written by 'napari-hinge predict'")
+        if pred.n_obs != adata.n_obs:
+            raise ValueError(f"--pred {args.pred} has {pred.n_obs} spots, the data {adata.n_obs}")
+    else:
+        pred = _predict(args, adata)
+    scores = evaluate(pred, adata)
+    per_gene = scores.pop("pcc_per_gene")
+    print(f"{'metric':14s} value")
+    for k in ("pcc_mean", "pcc_top10", "pcc_top50", "mse", "mae", "coexpression"):
+        print(f"{k:14s} {scores[k]:.4f}")
+    print(f"{'genes scored':14s} {scores['genes_scored']} (missing in data: "
+          f"{', '.join(scores['genes_missing_in_data']) or 'none'}); spots {scores['n_spots']}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(scores | {"pcc_per_gene": per_gene}, indent=1,
+                                        default=str))
+    return 0
