@@ -6,6 +6,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+# Files that are only ever slides (the spatial reader's "*" pattern also sees them).
+SLIDE_ONLY_SUFFIXES = (".svs", ".ndpi", ".tif", ".tiff", ".btf", ".jpg", ".jpeg", ".png")
+
 
 def _single_path(path) -> Path | None:
     if isinstance(path, (list, tuple)):
@@ -32,11 +35,13 @@ def read_slide(path):
 
 
 def get_spatial_reader(path):
-    from napari_hinge.io.spatial import detect_spatial_format
-
     p = _single_path(path)
     if p is None or not p.exists():
         return None
+    if p.is_file() and p.name.lower().endswith(SLIDE_ONLY_SUFFIXES):
+        return None  # answer before importing anndata: slides are the other reader's
+    from napari_hinge.io.spatial import detect_spatial_format
+
     try:
         fmt = detect_spatial_format(p)
     except OSError:

@@ -225,7 +225,7 @@ def select_panel(datasets: Sequence, n_genes: int, vocab: dict[str, int], *,
     """
     from napari_hinge.expression import select_gene_panel
 
-    adatas = [d for d in datasets]
+    adatas = list(datasets)
     targets = [transform_values(a)[0] for a in adatas]
     full = select_gene_panel(adatas, n_genes, min_frac=min_frac, targets=targets)
     skipped = [g for g in full if g not in vocab]
@@ -350,7 +350,7 @@ def fit_hinge_arrays(features, targets, genes: Sequence[str], *, encoder: str = 
         if standardize:
             set_feature_norm(model, *feature_stats(features))
     if milestones is None:
-        milestones = tuple(sorted({max(1, round(epochs * 20 / 40)), max(1, round(epochs * 35 / 40))}))
+        milestones = tuple(sorted({max(1, round(epochs * f)) for f in (20 / 40, 35 / 40)}))
     gen = train_hinge(model, normalize_features(model, features), np.asarray(targets, np.float32),
                       val_fraction=val_fraction, epochs=epochs, batch_size=batch_size, lr=lr,
                       milestones=tuple(milestones), warmup_epochs=warmup_epochs, seed=seed,
@@ -432,7 +432,8 @@ def fit_hinge(datasets: Sequence, *, genes: Sequence[str] | None = None, n_genes
     feats, targets = [], []
     enc = resolve_encoder(encoder, encoder_weights)
     for a in adatas:
-        tick = None if progress is None else (lambda d, t, n=_name(a): progress(n, d, t))
+        name = _name(a)
+        tick = None if progress is None else (lambda d, t, n=name: progress(n, d, t))
         f, y, _ = prepare_dataset(a, encoder=enc, genes=genes, augment=augment, min_umi=min_umi,
                                   progress=tick,
                                   value_transform=bb.config.value_transform
