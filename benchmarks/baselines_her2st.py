@@ -184,7 +184,7 @@ def main(argv=None) -> dict:
     print(f"\nher2st expression baselines, {len(folds)} fold(s), {a.genes} genes, "
           f"encoder {encoder.name}, patches {HER2ST_PATCH_PX} px")
     print(f"gene panel: {folds[0].hvg_rule}")
-    print_table(rows)
+    print_table(rows, reference=REFERENCE_PCC if a.genes == 50 else {})
     out = {
         "benchmark": "baselines_her2st",
         "encoder": encoder.name,

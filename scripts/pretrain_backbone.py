@@ -236,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         "patient_c_ratio": c_mse / c_base, "train_seconds": round(train_s),
         "torch": torch.__version__, "history": summary["history"],
     }
+    with torch.no_grad():
+        model.gene_mean[1:] = gene_mean
     model.config.extra = {"pretraining": {k: v for k, v in record.items() if k != "history"}}
     model.save(args.out)
     (args.out / "training_log.json").write_text(json.dumps(record, indent=1))

