@@ -62,7 +62,8 @@ def log1p_cp10k(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def choose_vocab(train: dict[str, pd.DataFrame], immune: pd.DataFrame, n_max: int,
-                 min_spot_frac: float, min_cell_frac: float) -> list[str]:
+                 min_spot_frac: float, min_cell_frac: float,
+                 keep_clone_genes: bool = False) -> list[str]:
     """Genes detected in >= min_spot_frac of the training spots (pooled) or in >= min_cell_frac
     of the immune cells, ranked by spot detection, capped at n_max."""
     det = {}
@@ -74,7 +75,8 @@ def choose_vocab(train: dict[str, pd.DataFrame], immune: pd.DataFrame, n_max: in
     cell_frac = (immune > 0).mean(axis=0)
     keep = set(spot_frac.index[spot_frac >= min_spot_frac]) | set(
         cell_frac.index[cell_frac >= min_cell_frac])
-    keep = {g for g in keep if not CLONE_NAME.match(g)}
+    if not keep_clone_genes:
+        keep = {g for g in keep if not CLONE_NAME.match(g)}
     score = pd.Series({g: max(spot_frac.get(g, 0.0), cell_frac.get(g, 0.0)) for g in keep})
     return sorted(score.sort_values(ascending=False).index[:n_max].tolist())
 
@@ -172,6 +174,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--genes", type=int, default=256, help="genes per cell per step")
     p.add_argument("--vocab-size", type=int, default=4000)
+    p.add_argument("--min-spot-frac", type=float, default=0.05,
+                   help="vocabulary: minimum detection over the training spots")
+    p.add_argument("--keep-clone-genes", action="store_true",
+                   help="keep clone-named loci such as AP000769.1 in the vocabulary")
     p.add_argument("--d-model", type=int, default=128)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
@@ -187,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     train_secs = {k: v for k, v in tables.items() if not k.startswith(HELD_OUT_PATIENT)}
     test_secs = {k: v for k, v in tables.items() if k.startswith(HELD_OUT_PATIENT)}
     immune = read_immune(args.data / "scrna_small" / "human_immune_559_cells.h5ad")
-    genes = choose_vocab(train_secs, immune, args.vocab_size, 0.05, 0.10)
+    genes = choose_vocab(train_secs, immune, args.vocab_size, args.min_spot_frac, 0.10,
+                         args.keep_clone_genes)
     vocab = {PAD: 0} | {g: i + 1 for i, g in enumerate(genes)}
 
     rng = np.random.default_rng(args.seed)
@@ -227,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
                                                                   else argv)
     record = {
         "command": command, "seed": args.seed, "steps": args.steps, "batch": args.batch,
-        "genes_per_cell": args.genes, "mask_ratio": [0.15, 0.40], "lr": args.lr,
+        "genes_per_cell": args.genes, "min_spot_frac": args.min_spot_frac,
+        "keep_clone_genes": args.keep_clone_genes, "mask_ratio": [0.15, 0.40], "lr": args.lr,
         "train_sections": sorted(train_secs), "held_out_sections": sorted(test_secs),
         "extra_data": "scrna_small/human_immune_559_cells.h5ad",
         "n_train_cells": len(train), "n_val_cells": len(val), "n_patient_c_spots": len(heldout),
@@ -274,9 +282,12 @@ Command (from the repository root, data in `../shared/data`):
   out for validation. The mouse file in `scrna_small` is not used (mouse chromosome-1 genes only).
 - **Held out entirely: her2st patient C ({', '.join(r['held_out_sections'])})**, because the HINGE
   benchmark tests on patient C images.
-- Vocabulary: genes detected in >= 5 % of the training spots (pooled) or >= 10 % of the immune
-  cells, clone-named loci (RP11-..., AC/AL/AP000000.1, CTD-...) dropped, ranked by detection,
-  capped at 4,000.
+- `gene_mean` buffer in the weights: each vocabulary gene's mean value over the training cells
+  where it was measured (the baseline below).
+- Vocabulary: genes detected in >= {r.get('min_spot_frac', 0.05):.0%} of the training spots
+  (pooled) or >= 10 % of the immune cells, clone-named loci (RP11-..., AC/AL/AP000000.1,
+  CTD-...) {'kept' if r.get('keep_clone_genes') else 'dropped'}, ranked by detection, capped at
+  {n_genes} genes.
 
 ## Validation (masked MSE vs predicting each gene's training mean, same hidden entries)
 

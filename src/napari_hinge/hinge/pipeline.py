@@ -237,6 +237,21 @@ def select_panel(datasets: Sequence, n_genes: int, vocab: dict[str, int], *,
     return panel, skipped
 
 
+def restrict_to_vocab(sections: Sequence, vocab) -> tuple[list, list[str]]:
+    """her2st protocol sections (:class:`napari_hinge.expression.Section`) limited to the genes
+    a backbone knows, so that the panel rule picks only genes HINGE can model and every method
+    is scored on the same panel. Targets keep their all-gene normalisation. Returns the
+    sections and the genes dropped (those of the sections' tables missing from ``vocab``)."""
+    from dataclasses import replace
+
+    out, dropped = [], set()
+    for s in sections:
+        keep = np.asarray(s.adata.var_names.isin(list(vocab)))
+        dropped |= set(s.adata.var_names[~keep])
+        out.append(replace(s, adata=s.adata[:, keep].copy(), targets=s.targets[:, keep]))
+    return out, sorted(dropped)
+
+
 def build_model(genes: Sequence[str], feature_dim: int, *, backbone=DEFAULT_BACKBONE,
                 encoder: str | None = DEFAULT_ENCODER, ada_rank: int | None = 32,
                 seed: int = 42, backbone_ref: str | None = None, **config) -> HingeModel:

