@@ -23,7 +23,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from napari_hinge.encoders import get_encoder
@@ -36,9 +35,9 @@ from napari_hinge.hinge.pipeline import (
     run_training,
     save_model,
 )
-from napari_hinge.scfm import load_backbone
 from napari_hinge.hinge.sampler import sample
 from napari_hinge.metrics import expression_scores
+from napari_hinge.scfm import load_backbone
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("NAPARI_HINGE_SHARED", REPO.parent / "shared")) / "data" / \
@@ -138,7 +137,8 @@ def main(argv=None) -> int:
         ridge[name] = expression_scores(m.predict(fold.X_test), fold.Y_test)["pcc_mean"]
 
     log = {"command": cmd, "seed": a.seed, "train_sections": train_secs,
-           "test_sections": test_secs, "genes": fold.genes, "hvg_rule": fold.hvg_rule + " (among the backbone's genes)",
+           "test_sections": test_secs, "genes": fold.genes,
+           "hvg_rule": f"{fold.hvg_rule} (among the backbone's genes)",
            "panel_genes_not_in_vocab": not_in_vocab,
            "patch_px": HER2ST_PATCH_PX, "encoder": enc.name, "backbone": "builtin (shipped)",
            "settings": {k: str(v) for k, v in vars(a).items()}, "train_seconds": train_s,
@@ -152,6 +152,9 @@ def main(argv=None) -> int:
                      f"{e['coexpression']:.3f} |" for e in evals)
     hist = "\n".join(f"| {h['epoch']} | {h['train_loss']:.4f} | "
                      f"{h.get('val_loss', float('nan')):.4f} | {h['lr']:.1e} |" for h in history)
+    sample_row = (f"| shipped sample C3 (half res, user path) | {a.samples} | 10 | "
+                  f"{sample_eval['pcc_mean']:.3f} | {sample_eval['pcc_top10']:.3f} | "
+                  f"{sample_eval['coexpression']:.3f} |")
     size = sum(f.stat().st_size for f in a.out.iterdir() if f.is_file())
     (a.out / "TRAINING.md").write_text(f"""# Shipped HINGE weights: how they were made
 
@@ -184,7 +187,7 @@ Command (repository root, data in `../shared/data`):
 | test data | S | reveal steps | mean PCC | top-10 | co-expression |
 |---|---|---|---|---|---|
 {rows}
-| shipped sample C3 (half res, user path) | {a.samples} | 10 | {sample_eval['pcc_mean']:.3f} | {sample_eval['pcc_top10']:.3f} | {sample_eval['coexpression']:.3f} |
+{sample_row}
 
 Same split, same features: HEST ridge {ridge['hest_ridge']:.3f}, tuned ridge
 {ridge['tuned_ridge']:.3f} (mean PCC on {', '.join(test_secs)}).

@@ -73,6 +73,7 @@ def domains_iter(
     trainer = train_stmgac(pre.x, adjacency, p, n_domains=n_domains, epochs=epochs, seed=seed,
                            stop=stop, device=dev)
     summary: dict = {}
+    final_loss = None
     while True:
         try:
             ev = next(trainer)
@@ -84,6 +85,7 @@ def domains_iter(
             return None
         if ev.kind == "done":  # ours comes after clustering
             summary = {k: v for k, v in ev.metrics.items() if k != "model"}
+            final_loss = ev.loss
             continue
         yield ev
 
@@ -126,7 +128,7 @@ def domains_iter(
     counts = np.bincount(labels, minlength=n_domains)
     yield TrainEvent(
         "done", summary.get("epochs", 1) - 1, summary.get("epochs", 1), summary.get("epochs", 1),
-        summary.get("recon"), metrics={**summary, "domain_sizes": counts.tolist(),
+        final_loss, metrics={**summary, "domain_sizes": counts.tolist(),
                                        "result": target},
     )
     return target

@@ -20,6 +20,12 @@ from napari_hinge.training import StopToken, TrainEvent
 Job = Callable[[StopToken], Generator[TrainEvent, None, Any]]
 
 
+def _drive(job: Job, stop: StopToken):
+    """A generator *function* around ``job``: napari picks a GeneratorWorker (with
+    ``yielded``) only for those, and ``job`` is often a lambda returning a generator."""
+    return (yield from job(stop))
+
+
 class LossPlot(QWidget):
     """Training loss per step and validation loss per epoch, redrawn at most per epoch."""
 
@@ -111,7 +117,7 @@ class JobPanel(QWidget):
         self.status.setText(f"{description}…")
         if self.plot is not None:
             self.plot.clear()
-        worker = create_worker(job, self.stop, _start_thread=False)
+        worker = create_worker(_drive, job, self.stop, _start_thread=False)
         worker.yielded.connect(self._on_event)
         worker.returned.connect(self._on_returned)
         worker.errored.connect(self._on_error)
