@@ -27,13 +27,20 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from baselines_her2st import DEFAULT_DATA, REPO, load_folds, run_folds
+from baselines_her2st import DEFAULT_DATA, REPO, _parse_spec, _progress, run_folds
 from napari_hinge.baselines import default_baselines
 from napari_hinge.encoders import get_encoder
-from napari_hinge.expression import HER2ST_PATCH_PX, HER2ST_PATIENT_C, TARGET_RULE
+from napari_hinge.expression import (
+    HER2ST_PATCH_PX,
+    HER2ST_PATIENT_C,
+    TARGET_RULE,
+    load_her2st_sections,
+    make_fold,
+)
 from napari_hinge.hinge.pipeline import (
     fit_hinge_arrays,
     normalize_features,
+    restrict_to_vocab,
     run_training,
 )
 from napari_hinge.hinge.sampler import sample
@@ -75,6 +82,33 @@ def hinge_fold(fold, *, backbone: str, args) -> dict:
                   frozen_params=summary.get("frozen_params"),
                   final_train_loss=last.loss if last is not None else None)
     return scores
+
+
+def load_folds(*, encoder, n_genes, data, sections, train, test, augment, vocab):
+    """LOSO folds (or one --train/--test fold) whose panel rule runs over the genes the
+    backbone knows (``vocab``), so every method is scored on the same genes. Returns the folds
+    and, per fold, the genes the rule over all genes would have added."""
+    kw = {"encoder": encoder, "side_px": HER2ST_PATCH_PX, "augment": augment,
+          "progress": _progress}
+    if (train is None) != (test is None):
+        raise SystemExit("--train and --test go together")
+    if train is not None:
+        (tr_path, tr_secs), (te_path, te_secs) = _parse_spec(train), _parse_spec(test)
+        splits = [(load_her2st_sections(tr_path, tr_secs, **kw),
+                   load_her2st_sections(te_path, te_secs, **kw))]
+    else:
+        secs = load_her2st_sections(data, list(sections), **kw)
+        splits = [([s for s in secs if s is not t], [t]) for t in secs]
+    folds, skipped = [], []
+    for tr, te in splits:
+        full = make_fold(tr, te, n_genes=n_genes).genes
+        tr_v, _ = restrict_to_vocab(tr, vocab)
+        te_v, _ = restrict_to_vocab(te, vocab)
+        fold = make_fold(tr_v, te_v, n_genes=n_genes)
+        fold.hvg_rule += " (among the genes of the backbone's vocabulary)"
+        folds.append(fold)
+        skipped.append([g for g in full if g not in vocab])
+    return folds, skipped
 
 
 def _mean(rows: list[dict]) -> dict:
@@ -134,11 +168,15 @@ def main(argv=None) -> dict:
     encoder = get_encoder(a.encoder)
     t0 = time.perf_counter()
     augment = any(m in HINGE_METHODS for m in methods) and not a.no_augment
-    folds = load_folds(encoder=encoder, n_genes=a.genes, data=a.data,
-                       sections=a.sections.split(","), train=a.train, test=a.test,
-                       augment=augment)
+    from napari_hinge.scfm import load_backbone
+
+    vocab = load_backbone("builtin").vocab
+    folds, skipped = load_folds(encoder=encoder, n_genes=a.genes, data=a.data,
+                                sections=a.sections.split(","), train=a.train, test=a.test,
+                                augment=augment, vocab=vocab)
     if a.folds:
         keep = set(a.folds.split(","))
+        skipped = [s for f, s in zip(folds, skipped, strict=True) if set(f.test) & keep]
         folds = [f for f in folds if set(f.test) & keep]
     t_feat = time.perf_counter() - t0
 
@@ -166,6 +204,9 @@ def main(argv=None) -> dict:
     print(f"\nher2st expression from H&E: {len(folds)} fold(s), {a.genes} genes, encoder "
           f"{encoder.name}, patches {HER2ST_PATCH_PX} px, seed {a.seed}")
     print(f"gene panel: {folds[0].hvg_rule}")
+    for f, sk in zip(folds, skipped, strict=True):
+        print(f"  fold {','.join(f.test)}: the rule over all genes would also pick "
+              f"{', '.join(sk) or 'nothing else'} (not in the backbone's vocabulary)")
     print(f"HINGE: epochs {a.epochs}, batch {a.batch_size}, lr {a.lr}, ada_rank "
           f"{a.ada_rank or 'full'}, S {a.samples}, reveal steps {a.reveal_steps or 'T=50'}, "
           f"augment {augment}, standardised features {not a.raw_features}")
@@ -196,7 +237,8 @@ def main(argv=None) -> dict:
         "patch_px": HER2ST_PATCH_PX,
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
         "seed": a.seed,
-        "folds": [{"test": f.test, "train": f.train, "genes": f.genes} for f in folds],
+        "folds": [{"test": f.test, "train": f.train, "genes": f.genes,
+                   "rule_genes_not_in_vocab": sk} for f, sk in zip(folds, skipped, strict=True)],
         "feature_seconds": t_feat,
         "summary": summary,
         "per_fold": results,

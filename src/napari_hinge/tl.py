@@ -34,6 +34,7 @@ def domains_iter(
     covariance_type: str = "tied",
     key_added: str = "domain",
     layer: str | None = None,
+    denoised: bool = True,
     stop: StopToken | None = None,
     device=None,
     copy: bool = False,
@@ -92,7 +93,6 @@ def domains_iter(
     xt = torch.from_numpy(pre.x).to(dev)
     adj = to_torch(gcn_normalize(adjacency), dev)
     latent = model.embed(xt, adj).float().cpu().numpy()
-    denoised = pre.to_expression(model.denoise(xt, adj).float().cpu().numpy())
     labels, info = cluster_latent(latent, n_domains, method=method, coords=coords, refine=refine,
                                   refine_k=p.refine_k, covariance_type=covariance_type)
 
@@ -100,10 +100,14 @@ def domains_iter(
     cats = [str(i) for i in range(n_domains)]
     target.obs[key_added] = pd.Categorical([str(v) for v in labels], categories=cats)
     target.obsm[DOMAIN_LATENT_KEY] = latent
-    full = np.full((target.n_obs, target.n_vars), np.nan, dtype=np.float32)
-    full[:, pre.hvg_index] = denoised
-    target.layers[DOMAIN_DENOISED_LAYER] = full
-    target.var[f"{DOMAIN_DENOISED_LAYER}_gene"] = np.isin(np.arange(target.n_vars), pre.hvg_index)
+    if denoised:
+        # A dense (spots x all genes) float32 layer: NaN outside the model's genes.
+        full = np.full((target.n_obs, target.n_vars), np.nan, dtype=np.float32)
+        full[:, pre.hvg_index] = pre.to_expression(model.denoise(xt, adj).float().cpu().numpy())
+        target.layers[DOMAIN_DENOISED_LAYER] = full
+        target.var[f"{DOMAIN_DENOISED_LAYER}_gene"] = np.isin(
+            np.arange(target.n_vars), pre.hvg_index
+        )
     unit = f"counts per {pre.target_sum:g}"
     if pre.log1p:
         unit = f"log1p({unit})"
@@ -112,13 +116,13 @@ def domains_iter(
         "params": {
             "n_domains": n_domains, "preset": p.name, "epochs": int(summary.get("epochs", 0)),
             "seed": int(seed), "refine": bool(refine), "clustering": method,
-            "covariance_type": covariance_type, "layer": layer,
+            "covariance_type": covariance_type, "layer": layer or "X",
         },
         "preset": p.to_dict(),
         "clustering": info,
         "training": {k: v for k, v in summary.items() if isinstance(v, (int, float))},
         "latent_key": DOMAIN_LATENT_KEY,
-        "denoised_layer": DOMAIN_DENOISED_LAYER,
+        "denoised_layer": DOMAIN_DENOISED_LAYER if denoised else "",
         "denoised_space": (
             f"{unit} of the {pre.genes.size} seurat_v3 HVGs (var['{DOMAIN_DENOISED_LAYER}_gene']),"
             f" decoded from the model's {pre.input} input and mapped back through the "
@@ -128,8 +132,7 @@ def domains_iter(
     counts = np.bincount(labels, minlength=n_domains)
     yield TrainEvent(
         "done", summary.get("epochs", 1) - 1, summary.get("epochs", 1), summary.get("epochs", 1),
-        final_loss, metrics={**summary, "domain_sizes": counts.tolist(),
-                                       "result": target},
+        final_loss, metrics={**summary, "domain_sizes": counts.tolist(), "result": target},
     )
     return target
 
@@ -146,6 +149,7 @@ def domains(
     covariance_type: str = "tied",
     key_added: str = "domain",
     layer: str | None = None,
+    denoised: bool = True,
     stop: StopToken | None = None,
     progress: Callable[[TrainEvent], None] | None = None,
     device=None,
@@ -174,6 +178,11 @@ def domains(
         ``obs[key_added]`` gets the domains (categorical '0'..'K-1'), ``uns[key_added]`` the
         parameters. The latent goes to ``obsm['X_stmgac']``, the denoised expression to
         ``layers['stmgac_denoised']`` (see ``uns[key_added]['denoised_space']``).
+    layer
+        Layer holding the raw counts (default ``X``).
+    denoised
+        Write ``layers['stmgac_denoised']`` (dense spots x genes float32; turn off for
+        very large data).
     stop
         A :class:`~napari_hinge.training.StopToken`; when requested, nothing is written and
         None is returned.
@@ -190,7 +199,7 @@ def domains(
     for ev in domains_iter(
         adata, n_domains=n_domains, preset=preset, epochs=epochs, seed=seed, refine=refine,
         method=method, covariance_type=covariance_type, key_added=key_added, layer=layer,
-        stop=stop, device=device, copy=copy,
+        denoised=denoised, stop=stop, device=device, copy=copy,
     ):
         if progress is not None:
             progress(ev)

@@ -140,7 +140,7 @@ def cluster_latent(
 
     Returns (labels 0..K-1, info dict with what was done).
     """
-    info: dict = {"method": method, "refine": bool(refine)}
+    info: dict = {"method": method, "refine": bool(refine), "seed": int(seed)}
     if method == "gmm":
         labels = gmm_labels(latent, n_clusters, covariance_type=covariance_type, seed=seed)
         info["covariance_type"] = covariance_type
