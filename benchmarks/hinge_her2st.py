@@ -68,7 +68,8 @@ def hinge_fold(fold, *, backbone: str, args) -> dict:
     )
     model, last = run_training(gen)
     t1 = time.perf_counter()
-    res = sample(model, normalize_features(model, fold.X_test), n_samples=args.samples,
+    X_te = fold.X_test_aug if (args.tta and fold.X_test_aug is not None) else fold.X_test
+    res = sample(model, normalize_features(model, X_te), n_samples=args.samples,
                  reveal_steps=args.reveal_steps, seed=args.seed, batch_size=args.sample_batch,
                  device=args.device)
     t2 = time.perf_counter()
@@ -105,6 +106,8 @@ def load_folds(*, encoder, n_genes, data, sections, train, test, augment, vocab)
         tr_v, _ = restrict_to_vocab(tr, vocab)
         te_v, _ = restrict_to_vocab(te, vocab)
         fold = make_fold(tr_v, te_v, n_genes=n_genes)
+        fold.X_test_aug = (np.concatenate([t.features for t in te_v], axis=1)
+                           if all(t.features.ndim == 3 for t in te_v) else None)
         fold.hvg_rule += " (among the genes of the backbone's vocabulary)"
         folds.append(fold)
         skipped.append([g for g in full if g not in vocab])
@@ -151,6 +154,8 @@ def main(argv=None) -> dict:
     p.add_argument("--raw-features", action="store_true", help="no feature standardisation")
     p.add_argument("--no-augment", action="store_true", help="train on the identity view only")
     p.add_argument("--samples", type=int, default=8, help="S samples per spot")
+    p.add_argument("--tta", action="store_true",
+                   help="HINGE sample s of a test spot uses its dihedral view s % 8")
     p.add_argument("--reveal-steps", type=int, default=None, help="sampler steps (default T)")
     p.add_argument("--sample-batch", type=int, default=512)
     p.add_argument("--seed", type=int, default=42)
@@ -209,7 +214,8 @@ def main(argv=None) -> dict:
               f"{', '.join(sk) or 'nothing else'} (not in the backbone's vocabulary)")
     print(f"HINGE: epochs {a.epochs}, batch {a.batch_size}, lr {a.lr}, ada_rank "
           f"{a.ada_rank or 'full'}, S {a.samples}, reveal steps {a.reveal_steps or 'T=50'}, "
-          f"augment {augment}, standardised features {not a.raw_features}")
+          f"augment {augment}, test-time views {a.tta}, standardised features "
+          f"{not a.raw_features}")
     for m in methods:
         if m in results:
             print_method(m, results[m], per_fold)

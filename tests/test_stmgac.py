@@ -405,7 +405,7 @@ def test_cli_domains(shared_data, tmp_path):
     counts = shared_data / "her2st_subset" / "counts" / "A1.tsv.gz"
     out, tif = tmp_path / "a1.h5ad", tmp_path / "a1.tif"
     args = parser.parse_args(["domains", str(counts), "--k", "4", "--out", str(out),
-                              "--preset", "dlpfc", "--epochs", "5", "--labels-tif", str(tif),
+                              "--preset", "legacy_st", "--epochs", "5", "--labels-tif", str(tif),
                               "--scale", "0.05"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

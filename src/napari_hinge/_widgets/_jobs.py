@@ -77,6 +77,8 @@ class JobPanel(QWidget):
     succeeded = Signal(object)
     #: emitted with the exception when the job fails
     failed = Signal(object)
+    #: emitted when the job has ended, whichever way (done, cancelled or failed)
+    ended = Signal()
 
     def __init__(self, *, plot: bool = False) -> None:
         super().__init__()
@@ -165,3 +167,4 @@ class JobPanel(QWidget):
     def _on_finished(self) -> None:
         self.worker = None
         self.cancel_button.setEnabled(False)
+        self.ended.emit()

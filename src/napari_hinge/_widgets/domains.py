@@ -122,7 +122,7 @@ class DomainsWidget(QWidget):
         self.preset_box.currentTextChanged.connect(self._on_preset)
         self.run_button.clicked.connect(self.run)
         self.jobs.succeeded.connect(self._on_result)
-        self.jobs.failed.connect(lambda _: self.run_button.setEnabled(True))
+        self.jobs.ended.connect(lambda: self.run_button.setEnabled(True))
         self.legend.currentItemChanged.connect(self._on_legend)
         self.show_all_button.clicked.connect(self._show_all)
         self.save_h5ad_button.clicked.connect(lambda: self._ask_and_save("h5ad"))
@@ -169,7 +169,6 @@ class DomainsWidget(QWidget):
                              description=f"STMGAC on {spots.name}")
 
     def _on_result(self, result) -> None:
-        self.run_button.setEnabled(True)
         if result is None:
             return
         adata, labels, table, scale = result

@@ -1,0 +1,400 @@
+"""HINGE dock widgets: paint predicted expression over a slide, and train a model.
+
+Both run the core's generators (:func:`~napari_hinge.hinge.slide_predict.predict_slide_iter`,
+:func:`~napari_hinge.hinge.pipeline.fit_hinge`) in a worker through :class:`JobPanel`; layers
+are added only when a run has finished, so Cancel never leaves a half-made layer.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from qtpy.QtCore import Signal
+from qtpy.QtWidgets import (
+    QAbstractItemView,
+    QCheckBox,
+    QComboBox,
+    QDoubleSpinBox,
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QListWidget,
+    QPushButton,
+    QSpinBox,
+    QTabWidget,
+    QVBoxLayout,
+    QWidget,
+)
+
+from napari_hinge._layers import UNITS, gene_values, robust_limits
+from napari_hinge._widgets._jobs import JobPanel
+from napari_hinge._widgets.slide_spots import spot_layers
+
+if TYPE_CHECKING:
+    import napari
+
+SHIPPED = "shipped"
+
+
+def slide_layers(viewer) -> list:
+    """Image layers of slides opened by this plugin (they know their file)."""
+    return [layer for layer in viewer.layers
+            if layer._type_string == "image" and layer.metadata.get("slide_path")]
+
+
+def spot_pitch_um(adata) -> float | None:
+    """Median nearest-neighbour distance between spots, in µm."""
+    from scipy.spatial import cKDTree
+
+    meta = adata.uns.get("napari_hinge", {})
+    mpp = meta.get("microns_per_pixel")
+    xy = np.asarray(adata.obsm["spatial"], dtype=float)
+    if not mpp or len(xy) < 2:
+        return None
+    distance, _ = cKDTree(xy).query(xy, k=2)
+    return float(np.median(distance[:, 1]) * mpp)
+
+
+def compare_with_spots(prediction, spots_layer) -> dict[str, float]:
+    """Predicted map values at the measured spots (nearest tile) against the measurements:
+    ``pred_<gene>`` columns in the spots' features and the per-gene Pearson r."""
+    from napari_hinge.metrics import gene_pearson
+
+    adata = spots_layer.metadata["adata"]
+    grid = prediction.grid
+    xy = np.asarray(adata.obsm["spatial"], dtype=float)
+    cols = np.rint((xy[:, 0] - grid.origin_xy[0]) / grid.stride_px).astype(int)
+    rows = np.rint((xy[:, 1] - grid.origin_xy[1]) / grid.stride_px).astype(int)
+    inside = (rows >= 0) & (rows < grid.shape[0]) & (cols >= 0) & (cols < grid.shape[1])
+    raster = prediction.raster("mean")
+    features = spots_layer.features.copy()
+    scores = {}
+    for i, gene in enumerate(prediction.genes):
+        predicted = np.full(adata.n_obs, np.nan, np.float32)
+        predicted[inside] = raster[i, rows[inside], cols[inside]]
+        features[f"pred_{gene}"] = predicted
+        if gene in adata.var_names:
+            ok = np.isfinite(predicted)
+            measured = gene_values(adata, gene)
+            if ok.sum() > 2:
+                scores[gene] = float(gene_pearson(predicted[ok, None], measured[ok, None])[0])
+    spots_layer.features = features
+    return scores
+
+
+class GenePicker(QWidget):
+    """Searchable multi-select over a gene list, plus 'top N' when nothing is selected."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.search = QLineEdit(placeholderText="search genes…")
+        self.list = QListWidget()
+        self.list.setSelectionMode(QAbstractItemView.SelectionMode.MultiSelection)
+        self.top_n = QSpinBox(minimum=1, maximum=5000, value=6)
+        row = QHBoxLayout()
+        row.addWidget(QLabel("or the first"))
+        row.addWidget(self.top_n)
+        row.addWidget(QLabel("genes"))
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.addWidget(self.search)
+        layout.addWidget(self.list)
+        layout.addLayout(row)
+        self.search.textChanged.connect(self._filter)
+        self.genes: list[str] = []
+
+    def set_genes(self, genes) -> None:
+        self.genes = list(genes)
+        self.list.clear()
+        self.list.addItems(self.genes)
+
+    def _filter(self, text: str) -> None:
+        query = text.strip().upper()
+        for i in range(self.list.count()):
+            item = self.list.item(i)
+            item.setHidden(bool(query) and query not in item.text().upper())
+
+    def chosen(self) -> list[str]:
+        picked = [item.text() for item in self.list.selectedItems()]
+        return picked or self.genes[: self.top_n.value()]
+
+
+class PredictWidget(QWidget):
+    """Choose a model, genes, stride and samples; paint one map per gene over the slide."""
+
+    #: emitted with the list of layers added by a finished run
+    layers_added = Signal(list)
+
+    def __init__(self, napari_viewer: napari.Viewer) -> None:
+        super().__init__()
+        self.viewer = napari_viewer
+        self.model = None
+        self.model_path: str = SHIPPED
+        self.model_label = QLabel("")
+        self.model_label.setWordWrap(True)
+        self.choose_model = QPushButton("Model folder…")
+        self.use_shipped = QPushButton("Shipped model")
+        self.slide_box = QComboBox()
+        self.genes = GenePicker()
+        self.stride_box = QDoubleSpinBox(decimals=1, minimum=5.0, maximum=5000.0, value=112.0)
+        self.stride_box.setSuffix(" µm")
+        self.samples_box = QSpinBox(minimum=1, maximum=64, value=4)
+        self.steps_box = QSpinBox(minimum=1, maximum=50, value=50)
+        self.run_button = QPushButton("Predict")
+        self.jobs = JobPanel()
+        self.scores = QLabel("")
+        self.scores.setWordWrap(True)
+
+        models = QHBoxLayout()
+        models.addWidget(self.use_shipped)
+        models.addWidget(self.choose_model)
+        form = QFormLayout()
+        form.addRow("Slide", self.slide_box)
+        form.addRow("Stride", self.stride_box)
+        form.addRow("Samples", self.samples_box)
+        form.addRow("Reveal steps", self.steps_box)
+        layout = QVBoxLayout(self)
+        layout.addLayout(models)
+        layout.addWidget(self.model_label)
+        layout.addLayout(form)
+        layout.addWidget(self.genes)
+        layout.addWidget(self.run_button)
+        layout.addWidget(self.jobs)
+        layout.addWidget(self.scores)
+
+        self.use_shipped.clicked.connect(lambda: self.set_model(SHIPPED))
+        self.choose_model.clicked.connect(self._ask_model)
+        self.run_button.clicked.connect(self.run)
+        self.jobs.succeeded.connect(self._on_result)
+        self.jobs.ended.connect(lambda: self.run_button.setEnabled(True))
+        self.slide_box.currentTextChanged.connect(self._on_slide)
+        self.viewer.layers.events.inserted.connect(self._refresh_layers)
+        self.viewer.layers.events.removed.connect(self._refresh_layers)
+        self._refresh_layers()
+
+    # -- model ------------------------------------------------------------------------------
+    def set_model(self, path_or_model) -> None:
+        """Use a model: 'shipped', a saved folder, or a HingeModel object (e.g. just trained)."""
+        from napari_hinge.hinge.pipeline import load_model
+
+        if isinstance(path_or_model, (str, Path)):
+            self.model = load_model(path_or_model)
+            self.model_path = str(path_or_model)
+        else:
+            self.model, self.model_path = path_or_model, "trained in this session"
+        cfg = self.model.config
+        self.model_label.setText(f"{self.model_path}: {len(cfg.genes)} genes, encoder "
+                                 f"{cfg.encoder}, backbone {cfg.backbone_ref or 'saved'}")
+        self.genes.set_genes(cfg.genes)
+
+    def _ask_model(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "HINGE model folder")
+        if folder:
+            self.set_model(folder)
+
+    # -- layers -----------------------------------------------------------------------------
+    def _refresh_layers(self, event=None) -> None:
+        current = self.slide_box.currentText()
+        names = [layer.name for layer in slide_layers(self.viewer)]
+        self.slide_box.blockSignals(True)
+        self.slide_box.clear()
+        self.slide_box.addItems(names)
+        if current in names:
+            self.slide_box.setCurrentText(current)
+        self.slide_box.blockSignals(False)
+        self._on_slide(self.slide_box.currentText())
+
+    def spots_for(self, slide_layer):
+        path = slide_layer.metadata.get("slide_path")
+        for layer in spot_layers(self.viewer):
+            if layer.metadata.get("slide_path") == path:
+                return layer
+        return None
+
+    def _on_slide(self, name: str) -> None:
+        """Default stride: the measured spots' pitch when the slide has spots."""
+        if name not in self.viewer.layers:
+            return
+        spots = self.spots_for(self.viewer.layers[name])
+        pitch = spot_pitch_um(spots.metadata["adata"]) if spots is not None else None
+        if pitch:
+            self.stride_box.setValue(pitch)
+
+    # -- run --------------------------------------------------------------------------------
+    def run(self):
+        from napari_hinge.hinge.slide_predict import predict_slide_iter
+        from napari_hinge.io.slides import open_slide
+
+        if self.model is None:
+            self.set_model(self.model_path)
+        name = self.slide_box.currentText()
+        if name not in self.viewer.layers:
+            raise RuntimeError("no slide: open a slide first")
+        layer = self.viewer.layers[name]
+        slide = open_slide(layer.metadata["slide_path"],
+                           mpp=layer.metadata.get("microns_per_pixel"))
+        model, genes = self.model, self.genes.chosen()
+        options = {"stride_um": self.stride_box.value(), "genes": genes,
+                   "n_samples": self.samples_box.value(),
+                   "reveal_steps": self.steps_box.value()}
+        self._slide_layer = layer
+        self.run_button.setEnabled(False)
+        return self.jobs.run(lambda stop: predict_slide_iter(model, slide, stop=stop, **options),
+                             description=f"predicting {len(genes)} genes on {name}")
+
+    def _on_result(self, prediction) -> None:
+        if prediction is None:
+            return
+        place = prediction.placement
+        slide = self._slide_layer.name
+        added = []
+        for i, gene in enumerate(prediction.genes):
+            for which, cmap, visible in (("mean", "magma", i == 0), ("std", "viridis", False)):
+                raster = prediction.raster(which, [gene])[0]
+                name = f"{gene} {'predicted' if which == 'mean' else 'uncertainty'} ({slide})"
+                if name in self.viewer.layers:
+                    self.viewer.layers.remove(name)
+                layer = self.viewer.add_image(
+                    raster, name=name, colormap=cmap, contrast_limits=robust_limits(raster),
+                    opacity=0.7, blending="translucent", visible=visible, units=UNITS,
+                    metadata={"hinge": prediction.params, "gene": gene, "kind": which},
+                    **place)
+                layer.colorbar.visible = visible
+                added.append(layer)
+        spots = self.spots_for(self._slide_layer)
+        if spots is not None:
+            scores = compare_with_spots(prediction, spots)
+            if scores:
+                text = ", ".join(f"{g} {r:.2f}" for g, r in scores.items())
+                self.scores.setText(f"Pearson r at the {spots.metadata['adata'].n_obs} measured "
+                                    f"spots: {text} (mean {np.mean(list(scores.values())):.2f})")
+        self.last_prediction = prediction
+        self.layers_added.emit(added)
+
+
+class TrainWidget(QWidget):
+    """Train HINGE on the spots layers in the viewer (or folders), with a live loss curve."""
+
+    #: emitted with the trained model when the user clicks "Use this model"
+    model_ready = Signal(object)
+
+    def __init__(self, napari_viewer: napari.Viewer) -> None:
+        super().__init__()
+        self.viewer = napari_viewer
+        self.datasets = QListWidget()
+        self.datasets.setSelectionMode(QAbstractItemView.SelectionMode.MultiSelection)
+        self.add_folder = QPushButton("Add folder…")
+        self.n_genes = QSpinBox(minimum=2, maximum=2000, value=50)
+        self.epochs = QSpinBox(minimum=1, maximum=1000, value=40)
+        self.encoder = QComboBox()
+        self.backbone = QComboBox()
+        self.backbone.addItems(["builtin", "random"])
+        self.augment = QCheckBox("8 flips/rotations")
+        self.augment.setChecked(True)
+        # A fresh folder per widget: a new run never overwrites an earlier run's checkpoints.
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        self.checkpoints = QLineEdit(str(Path.home() / "napari-hinge-runs" / f"hinge-{stamp}"))
+        self.resume = QCheckBox("resume from the checkpoint folder")
+        self.start = QPushButton("Start training")
+        self.use_button = QPushButton("Use this model")
+        self.use_button.setEnabled(False)
+        self.jobs = JobPanel(plot=True)
+        from napari_hinge.encoders import list_encoders
+
+        self.encoder.addItems([name for name in list_encoders()
+                               if name not in ("uni", "conch")])  # those need user weights
+
+        form = QFormLayout()
+        form.addRow("Genes (top N)", self.n_genes)
+        form.addRow("Epochs", self.epochs)
+        form.addRow("Encoder", self.encoder)
+        form.addRow("Backbone", self.backbone)
+        form.addRow("Augment", self.augment)
+        form.addRow("Checkpoints", self.checkpoints)
+        layout = QVBoxLayout(self)
+        layout.addWidget(QLabel("Training data (spots layers with a slide; select several):"))
+        layout.addWidget(self.datasets)
+        layout.addWidget(self.add_folder)
+        layout.addLayout(form)
+        layout.addWidget(self.resume)
+        layout.addWidget(self.start)
+        layout.addWidget(self.jobs)
+        layout.addWidget(self.use_button)
+
+        self.folders: list[str] = []
+        self.model = None
+        self.add_folder.clicked.connect(self._ask_folder)
+        self.start.clicked.connect(self.run)
+        self.use_button.clicked.connect(lambda: self.model_ready.emit(self.model))
+        self.jobs.succeeded.connect(self._on_result)
+        self.jobs.ended.connect(lambda: self.start.setEnabled(True))
+        self.viewer.layers.events.inserted.connect(self._refresh)
+        self.viewer.layers.events.removed.connect(self._refresh)
+        self._refresh()
+
+    def _refresh(self, event=None) -> None:
+        selected = {item.text() for item in self.datasets.selectedItems()}
+        self.datasets.clear()
+        names = [layer.name for layer in spot_layers(self.viewer)
+                 if layer.metadata.get("slide_path")] + self.folders
+        self.datasets.addItems(names)
+        for i in range(self.datasets.count()):
+            item = self.datasets.item(i)
+            item.setSelected(item.text() in selected)
+
+    def _ask_folder(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "Spatial data folder")
+        if folder:
+            self.folders.append(folder)
+            self._refresh()
+
+    def chosen_datasets(self) -> list:
+        out = []
+        for item in self.datasets.selectedItems():
+            name = item.text()
+            out.append(self.viewer.layers[name].metadata["adata"]
+                       if name in self.viewer.layers else name)
+        return out
+
+    def run(self):
+        from napari_hinge.hinge.pipeline import fit_hinge
+
+        datasets = self.chosen_datasets()
+        if not datasets:
+            raise RuntimeError("select at least one dataset to train on")
+        options = {"n_genes": self.n_genes.value(), "epochs": self.epochs.value(),
+                   "encoder": self.encoder.currentText(), "backbone": self.backbone.currentText(),
+                   "augment": self.augment.isChecked(),
+                   "checkpoint_dir": self.checkpoints.text() or None,
+                   "resume": self.resume.isChecked()}
+        self.start.setEnabled(False)
+        self.use_button.setEnabled(False)
+        return self.jobs.run(lambda stop: fit_hinge(datasets, stop=stop, **options),
+                             description=f"training HINGE on {len(datasets)} dataset(s)")
+
+    def _on_result(self, model) -> None:
+        if model is None:
+            return
+        self.model = model
+        self.use_button.setEnabled(True)
+
+
+class HingeWidget(QTabWidget):
+    """Predict and Train in one dock: a model trained here can be used at once."""
+
+    def __init__(self, napari_viewer: napari.Viewer) -> None:
+        super().__init__()
+        self.predict = PredictWidget(napari_viewer)
+        self.train = TrainWidget(napari_viewer)
+        self.addTab(self.predict, "Predict")
+        self.addTab(self.train, "Train")
+        self.train.model_ready.connect(self._use_model)
+
+    def _use_model(self, model) -> None:
+        self.predict.set_model(model)
+        self.setCurrentWidget(self.predict)

@@ -1,0 +1,120 @@
+"""HINGE widgets on the shipped sample with a tiny untrained model: layers of the right
+shape and scale over the H&E, a clean cancel, and two epochs of training from the GUI."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from napari_hinge._widgets.hinge import HingeWidget
+
+PLUGIN = "napari-hinge"
+GENES = ["ERBB2", "GRB7", "KRT19", "CD74", "COL1A1", "EPCAM"]
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    from napari_hinge.hinge.pipeline import build_model, save_model
+
+    model = build_model(GENES, 1280, encoder="efficientnet-lite0", ada_rank=4)
+    return save_model(model, tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture
+def sample_viewer(make_napari_viewer):
+    viewer = make_napari_viewer(show=True)
+    viewer.open_sample(PLUGIN, "her2st_C3")
+    return viewer
+
+
+def test_predict_adds_gene_layers_over_the_slide(sample_viewer, qtbot, tiny_model_dir,
+                                                 tmp_path):
+    viewer = sample_viewer
+    widget = HingeWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    predict = widget.predict
+    predict.set_model(tiny_model_dir)
+    assert predict.stride_box.value() == pytest.approx(200, rel=0.1)  # the ST spot pitch
+    predict.stride_box.setValue(400)
+    predict.genes.list.item(0).setSelected(True)  # ERBB2
+    predict.genes.list.item(1).setSelected(True)  # GRB7
+    predict.steps_box.setValue(5)
+    with qtbot.waitSignal(predict.layers_added, timeout=600_000) as added:
+        predict.run()
+    layers = added.args[0]
+    assert [layer.name.split(" (")[0] for layer in layers] == [
+        "ERBB2 predicted", "ERBB2 uncertainty", "GRB7 predicted", "GRB7 uncertainty"]
+    slide = viewer.layers["her2st C3 H&E"]
+    grid = predict.last_prediction.grid
+    for layer in layers:
+        assert layer.data.shape == grid.shape
+        assert layer.scale[0] == pytest.approx(400, rel=0.01)  # µm per map pixel
+        # The map lies within the slide's extent (both in µm).
+        top, left = layer.translate
+        assert 0 <= top and 0 <= left
+        assert top + layer.data.shape[0] * layer.scale[0] <= slide.extent.world[1][0] + 400
+    spots = viewer.layers["her2st C3 spots"]
+    assert "pred_ERBB2" in spots.features and "Pearson r" in predict.scores.text()
+
+    from qtpy.QtWidgets import QApplication
+    from PIL import Image
+
+    viewer.reset_view()
+    QApplication.processEvents()
+    shot = viewer.screenshot(canvas_only=True, flash=False)[..., :3].astype(int)
+    out = Path(os.environ.get("NAPARI_HINGE_SCREENSHOTS", tmp_path))
+    out.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(shot.astype(np.uint8)).save(out / "hinge_map_over_he.png")
+    r, g, b = shot[..., 0], shot[..., 1], shot[..., 2]
+    he = (r > g + 15) & (b > g + 5)  # stain visible through the map
+    assert he.mean() > 0.02 and shot.mean() > 20
+
+
+def test_cancel_leaves_no_layer_and_a_live_gui(sample_viewer, qtbot, tiny_model_dir):
+    viewer = sample_viewer
+    widget = HingeWidget(viewer)
+    predict = widget.predict
+    predict.set_model(tiny_model_dir)
+    predict.stride_box.setValue(60)  # many tiles: still running when we cancel
+    before = [layer.name for layer in viewer.layers]
+    worker = predict.run()
+    qtbot.waitUntil(lambda: predict.jobs.last_event is not None, timeout=300_000)
+    ticks = []
+    from qtpy.QtCore import QTimer
+
+    timer = QTimer()
+    timer.timeout.connect(lambda: ticks.append(1))
+    timer.start(10)
+    with qtbot.waitSignal(worker.finished, timeout=300_000):
+        predict.jobs.cancel_button.click()
+    timer.stop()
+    assert ticks, "the event loop did not run while the worker was busy"
+    assert [layer.name for layer in viewer.layers] == before
+    assert "cancelled" in predict.jobs.status.text()
+    assert predict.run_button.isEnabled()
+
+
+def test_train_widget_two_epochs(sample_viewer, qtbot, tmp_path):
+    viewer = sample_viewer
+    widget = HingeWidget(viewer)
+    train = widget.train
+    train.datasets.item(0).setSelected(True)
+    train.n_genes.setValue(8)
+    train.epochs.setValue(2)
+    train.augment.setChecked(False)
+    train.checkpoints.setText(str(tmp_path / "run"))
+    events = []
+    worker = train.run()
+    worker.yielded.connect(events.append)
+    with qtbot.waitSignal(train.jobs.succeeded, timeout=600_000):
+        pass
+    kinds = {e.kind for e in events}
+    assert {"step", "epoch", "done"} <= kinds
+    assert max(e.epoch for e in events) >= 1
+    assert train.use_button.isEnabled() and (tmp_path / "run" / "last.pt").is_file()
+    train.use_button.click()
+    assert widget.predict.model is train.model and widget.currentWidget() is widget.predict
+    assert len(widget.predict.genes.genes) == 8
