@@ -58,6 +58,10 @@ def test_predict_adds_gene_layers_over_the_slide(sample_viewer, qtbot, tiny_mode
         assert top + layer.data.shape[0] * layer.scale[0] <= slide.extent.world[1][0] + 400
     spots = viewer.layers["her2st C3 spots"]
     assert "pred_ERBB2" in spots.features and "Pearson r" in predict.scores.text()
+    maps, uncertainty = predict.save(tmp_path / "maps.ome.tif")
+    assert maps.is_file() and uncertainty.name == "maps_uncertainty.ome.tif"
+    [tiles] = predict.save(tmp_path / "tiles.h5ad")
+    assert tiles.is_file()
 
     from qtpy.QtWidgets import QApplication
     from PIL import Image

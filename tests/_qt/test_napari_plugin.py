@@ -179,3 +179,25 @@ def test_open_legacy_st_folder_and_section(make_napari_viewer, shared_data):
     viewer.layers.clear()
     [points] = viewer.open(shared_data / "her2st_subset" / "counts" / "A1.tsv.gz", plugin=PLUGIN)
     assert type(points).__name__ == "Points" and len(points.data) == points.metadata["adata"].n_obs
+
+
+def test_writers_keep_scale_and_predictions(make_napari_viewer, tmp_path):
+    import anndata
+    import tifffile
+
+    viewer = make_napari_viewer()
+    _, points = viewer.open_sample(PLUGIN, "her2st_C3")
+    features = points.features.copy()
+    features["pred_ERBB2"] = np.arange(len(features), dtype=float)
+    points.features = features
+    [written] = points.save(str(tmp_path / "spots.h5ad"), plugin=PLUGIN)
+    back = anndata.read_h5ad(written)
+    assert back.n_obs == len(points.data)
+    assert np.array_equal(back.obs["pred_ERBB2"].to_numpy(), features["pred_ERBB2"].to_numpy())
+
+    raster = np.random.default_rng(0).random((12, 9)).astype(np.float32)
+    layer = viewer.add_image(raster, scale=(200.0, 200.0), translate=(100.0, 50.0), name="map")
+    [written] = layer.save(str(tmp_path / "map.ome.tif"), plugin=PLUGIN)
+    with tifffile.TiffFile(written) as tif:
+        assert tif.is_ome and np.array_equal(tif.asarray(), raster)
+        assert 'PhysicalSizeX="200.0"' in tif.ome_metadata

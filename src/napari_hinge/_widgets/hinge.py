@@ -149,6 +149,9 @@ class PredictWidget(QWidget):
         self.jobs = JobPanel()
         self.scores = QLabel("")
         self.scores.setWordWrap(True)
+        self.save_button = QPushButton("Save maps…")
+        self.save_button.setEnabled(False)
+        self.last_prediction = None
 
         models = QHBoxLayout()
         models.addWidget(self.use_shipped)
@@ -166,7 +169,9 @@ class PredictWidget(QWidget):
         layout.addWidget(self.run_button)
         layout.addWidget(self.jobs)
         layout.addWidget(self.scores)
+        layout.addWidget(self.save_button)
 
+        self.save_button.clicked.connect(self._ask_save)
         self.use_shipped.clicked.connect(lambda: self.set_model(SHIPPED))
         self.choose_model.clicked.connect(self._ask_model)
         self.run_button.clicked.connect(self.run)
@@ -274,7 +279,33 @@ class PredictWidget(QWidget):
                 self.scores.setText(f"Pearson r at the {spots.metadata['adata'].n_obs} measured "
                                     f"spots: {text} (mean {np.mean(list(scores.values())):.2f})")
         self.last_prediction = prediction
+        self.save_button.setEnabled(True)
         self.layers_added.emit(added)
+
+    def save(self, path: str | Path) -> list[Path]:
+        """``*.ome.tif``: the maps (and ``*_uncertainty.ome.tif``) in µm; ``*.h5ad``: per tile."""
+        from napari_hinge.hinge.slide_predict import write_ome_tiff
+        from napari_hinge.training import atomic_write
+
+        if self.last_prediction is None:
+            raise RuntimeError("nothing to save: run Predict first")
+        path = Path(path)
+        if path.suffix == ".h5ad":
+            adata = self.last_prediction.to_adata()
+            return [atomic_write(path, lambda tmp: adata.write_h5ad(tmp))]
+        if not path.name.endswith((".ome.tif", ".ome.tiff")):
+            raise ValueError(f"{path}: save maps as .ome.tif or tiles as .h5ad")
+        stem = path.name.split(".ome.")[0]
+        return [write_ome_tiff(self.last_prediction, path),
+                write_ome_tiff(self.last_prediction,
+                               path.with_name(f"{stem}_uncertainty.ome.tif"), which="std")]
+
+    def _ask_save(self) -> None:
+        path, _ = QFileDialog.getSaveFileName(self, "Save predicted maps", "hinge_maps.ome.tif",
+                                              "OME-TIFF (*.ome.tif);;AnnData per tile (*.h5ad)")
+        if path:
+            written = self.save(path)
+            self.scores.setText(f"saved {', '.join(str(p) for p in written)}")
 
 
 class TrainWidget(QWidget):
