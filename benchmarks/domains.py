@@ -32,7 +32,8 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from napari_hinge.stmgac.cluster import ari, gmm_labels, nmi, refine_labels
+from napari_hinge.metrics import ari, nmi
+from napari_hinge.stmgac.cluster import gmm_labels, refine_labels
 from napari_hinge.stmgac.graph import gcn_normalize, knn_adjacency, to_torch
 from napari_hinge.stmgac.preprocess import counts_matrix, preprocess, seurat_v3_hvg
 from napari_hinge.stmgac.presets import get_preset

@@ -14,7 +14,8 @@ import scipy.sparse as sp
 import torch
 
 from napari_hinge import tl
-from napari_hinge.stmgac.cluster import ari, gmm_labels, leiden_labels, refine_labels
+from napari_hinge.metrics import ari
+from napari_hinge.stmgac.cluster import gmm_labels, leiden_labels, refine_labels
 from napari_hinge.stmgac.graph import gcn_normalize, knn_adjacency, spatial_graph, to_torch
 from napari_hinge.stmgac.labels import domain_table, domains_to_labels
 from napari_hinge.stmgac.losses import latent_mse, positive_pairs, sce_loss

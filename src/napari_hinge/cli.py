@@ -14,6 +14,7 @@ import sys
 COMMAND_MODULES = [
     "napari_hinge.demo",
     "napari_hinge.io.spatial",
+    "napari_hinge.stmgac.cli",
 ]
 
 

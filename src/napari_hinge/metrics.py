@@ -99,3 +99,17 @@ def expression_scores(pred, true, *, genes=None, top=(10, 50)) -> dict:
     else:
         out["pcc_per_gene"] = [float(v) for v in r]
     return out
+
+
+def ari(truth, pred) -> float:
+    """Adjusted Rand index of two labelings (scikit-learn)."""
+    from sklearn.metrics import adjusted_rand_score
+
+    return float(adjusted_rand_score(np.asarray(truth), np.asarray(pred)))
+
+
+def nmi(truth, pred) -> float:
+    """Normalised mutual information of two labelings (scikit-learn, arithmetic mean)."""
+    from sklearn.metrics import normalized_mutual_info_score
+
+    return float(normalized_mutual_info_score(np.asarray(truth), np.asarray(pred)))

@@ -54,7 +54,7 @@ def test_predict_adds_gene_layers_over_the_slide(sample_viewer, qtbot, tiny_mode
         assert layer.scale[0] == pytest.approx(400, rel=0.01)  # µm per map pixel
         # The map lies within the slide's extent (both in µm).
         top, left = layer.translate
-        assert 0 <= top and 0 <= left
+        assert top >= 0 and left >= 0
         assert top + layer.data.shape[0] * layer.scale[0] <= slide.extent.world[1][0] + 400
     spots = viewer.layers["her2st C3 spots"]
     assert "pred_ERBB2" in spots.features and "Pearson r" in predict.scores.text()
@@ -63,8 +63,8 @@ def test_predict_adds_gene_layers_over_the_slide(sample_viewer, qtbot, tiny_mode
     [tiles] = predict.save(tmp_path / "tiles.h5ad")
     assert tiles.is_file()
 
-    from qtpy.QtWidgets import QApplication
     from PIL import Image
+    from qtpy.QtWidgets import QApplication
 
     viewer.reset_view()
     QApplication.processEvents()

@@ -10,7 +10,6 @@ clustering, scikit-learn from k-means), so labels can differ slightly.
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 from sklearn.mixture import GaussianMixture
 
 from .graph import knn_indices
@@ -114,15 +113,6 @@ def refine_labels(coords: np.ndarray, labels, n_neighbors: int = 30) -> np.ndarr
     np.add.at(score, (np.repeat(np.arange(n), k), nb.ravel()), np.tile(weights, n))
     return uniq[score.argmax(axis=1)]
 
-
-def ari(truth, pred) -> float:
-    """Adjusted Rand index (scikit-learn)."""
-    return float(adjusted_rand_score(np.asarray(truth), np.asarray(pred)))
-
-
-def nmi(truth, pred) -> float:
-    """Normalised mutual information (scikit-learn, arithmetic mean)."""
-    return float(normalized_mutual_info_score(np.asarray(truth), np.asarray(pred)))
 
 
 def cluster_latent(
