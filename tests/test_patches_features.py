@@ -92,7 +92,8 @@ def test_dihedral_group():
         dihedral(x, 8)
 
 
-def test_encode_spots_caches_to_disk(c2, tif, effnet, monkeypatch):
+def test_encode_spots_caches_to_disk(c2, tif, effnet, monkeypatch, tmp_path):
+    monkeypatch.setenv("NAPARI_HINGE_CACHE", str(tmp_path))  # a cache of its own to count
     xy = c2.obsm["spatial"][:5]
     seen = []
     feats = encode_spots(tif, xy, encoder=effnet, side_px=160, batch_size=4,
