@@ -86,6 +86,8 @@ def main(argv=None) -> dict:
     p.add_argument("--spots", type=int, default=64, help="spots in the speed measurement")
     p.add_argument("--batch-sizes", default="128,512", help="rows per forward")
     p.add_argument("--reveal-steps", default="50,25,10,5")
+    p.add_argument("--pcc-spots", type=int, default=0,
+                   help="spots of the held-out section in the reveal-steps sweep (0 = all)")
     p.add_argument("--section", default="C3", help="held-out her2st section for the PCC cost")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
@@ -102,6 +104,8 @@ def main(argv=None) -> dict:
     model.to(a.device)
     X, Y = held_out(model, a.section)
     Xs = X[: a.spots]
+    if a.pcc_spots:
+        X, Y = X[: a.pcc_spots], Y[: a.pcc_spots]
 
     speed = []
     for bs in [int(b) for b in a.batch_sizes.split(",")]:

@@ -15,6 +15,7 @@ COMMAND_MODULES = [
     "napari_hinge.demo",
     "napari_hinge.io.spatial",
     "napari_hinge.stmgac.cli",
+    "napari_hinge.hinge.cli",
 ]
 
 

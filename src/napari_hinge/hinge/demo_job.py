@@ -117,7 +117,7 @@ def plot_prediction(pred, path, *, genes: list[str] | None = None, n_genes: int 
     return path
 
 
-def run_hinge_demo(out_dir, *, n_samples: int = 8, reveal_steps: int | None = None,
+def run_hinge_demo(out_dir, *, n_samples: int = 8, reveal_steps: int | None = 10,
                    seed: int = 0, model=None) -> dict:
     """Predict the shipped sample with the shipped weights; write h5ad, PNG and summary.
 
@@ -126,7 +126,9 @@ def run_hinge_demo(out_dir, *, n_samples: int = 8, reveal_steps: int | None = No
     out_dir
         Output folder (created).
     n_samples, reveal_steps, seed
-        Sampler settings (S samples per spot, reveal steps, seed).
+        Sampler settings (S samples per spot, reverse steps, seed). 10 reveal steps instead of
+        T = 50: 5x faster, and on the held-out section C3 the mean PCC was 0.361 with 10 steps
+        vs 0.359 with 50 (``weights/hinge/TRAINING.md``); ``None`` runs all T steps.
     model
         A model or model folder instead of the shipped weights.
 
