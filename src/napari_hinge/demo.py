@@ -1,9 +1,11 @@
 """The main job on the shipped sample: ``make demo`` / ``napari-hinge demo``.
 
-With a display it opens napari with the her2st C3 sample (H&E under its spots,
-coloured by ERBB2) and the "Slide & spots" widget. Headless (``--headless``, run under
-Xvfb by ``make demo``) it renders the same scene, writes screenshots, the sample as
-``.h5ad`` and a ``summary.json`` into ``--out``.
+1. HINGE predicts the 50-gene panel on the shipped her2st section C3 (held out from the
+   shipped weights) and writes ``hinge_C3.h5ad``, ``hinge_C3.png`` and the scores.
+2. With a display it opens napari with the sample (H&E under its spots, coloured by ERBB2),
+   the "Slide & spots" widget and the HINGE dock with the shipped model. Headless
+   (``--headless``, run under Xvfb by ``make demo``) it renders the same scene plus a
+   predicted map over the H&E, writes the screenshots and a ``summary.json`` into ``--out``.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+
+SAMPLE_LAYER = "her2st C3"
 
 
 def register(subparsers) -> None:
@@ -33,29 +37,56 @@ def _screenshot(viewer, path: Path) -> dict:
             "mean_rgb": [round(float(v), 1) for v in rgb.reshape(-1, 3).mean(0)]}
 
 
+def _predicted_map(viewer, hinge, out: Path) -> dict:
+    """Run the Predict tab (worker thread, as a user would) for one gene at spot stride and
+    screenshot its map over the H&E."""
+    from qtpy.QtWidgets import QApplication
+
+    done = []
+    hinge.predict.layers_added.connect(done.append)
+    gene = hinge.predict.model.config.genes[0]
+    hinge.predict.genes.list.item(0).setSelected(True)
+    hinge.predict.steps_box.setValue(10)
+    hinge.predict.run()
+    while hinge.predict.jobs.running:  # the worker runs; keep the GUI thread serving it
+        QApplication.processEvents()
+        time.sleep(0.02)
+    QApplication.processEvents()
+    if not done:
+        raise RuntimeError(f"prediction failed: {hinge.predict.jobs.status.text()}")
+    viewer.layers[f"{SAMPLE_LAYER} spots"].visible = False
+    QApplication.processEvents()
+    return _screenshot(viewer, out / f"her2st_C3_{gene}_predicted_map.png")
+
+
 def run_demo(out: Path, *, headless: bool) -> int:
     import napari
     from qtpy.QtWidgets import QApplication
 
     from napari_hinge._layers import slide_layer_data, spatial_layer_data
     from napari_hinge._sample_data import SAMPLE_GENE
+    from napari_hinge._widgets.hinge import HingeWidget
     from napari_hinge._widgets.slide_spots import SlideSpotsWidget
     from napari_hinge.datasets import cmu_slide_path, load_her2st_sample
+    from napari_hinge.hinge.demo_job import run_hinge_demo
     from napari_hinge.io.slides import open_slide
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    hinge_summary = run_hinge_demo(out)
     adata = load_her2st_sample()
-    adata.write_h5ad(out / "her2st_C3_sample.h5ad")
 
     viewer = napari.Viewer(show=True, title="napari-hinge demo")
     viewer.window._qt_window.resize(1600, 1000)
-    for data, kwargs, kind in spatial_layer_data(adata, name="her2st C3"):
+    for data, kwargs, kind in spatial_layer_data(adata, name=SAMPLE_LAYER):
         getattr(viewer, f"add_{kind}")(data, **kwargs)
     widget = SlideSpotsWidget(viewer)
     viewer.window.add_dock_widget(widget, name="Slide & spots", area="right")
     widget.select_gene(SAMPLE_GENE)
+    hinge = HingeWidget(viewer)
+    viewer.window.add_dock_widget(hinge, name="HINGE", area="right")
+    hinge.predict.set_model("shipped")
     viewer.reset_view()
     QApplication.processEvents()
 
@@ -67,6 +98,7 @@ def run_demo(out: Path, *, headless: bool) -> int:
         "spot_diameter_px": adata.uns["napari_hinge"].get("spot_diameter_px"),
         "layers": [f"{type(layer).__name__} {layer.name!r}" for layer in viewer.layers],
         "colored_by": SAMPLE_GENE,
+        "hinge": hinge_summary,
         "seconds_to_scene": round(time.perf_counter() - t0, 2),
     }
     if not headless:
@@ -74,6 +106,7 @@ def run_demo(out: Path, *, headless: bool) -> int:
         return 0
 
     summary["screenshots"] = [_screenshot(viewer, out / f"her2st_C3_{SAMPLE_GENE}.png")]
+    summary["screenshots"].append(_predicted_map(viewer, hinge, out))
     viewer.layers.clear()
     data, kwargs, _ = slide_layer_data(open_slide(cmu_slide_path()))
     viewer.add_image(data, **kwargs)
