@@ -28,7 +28,7 @@ from qtpy.QtWidgets import (
 
 from napari_hinge._layers import UNITS
 from napari_hinge._widgets._jobs import JobPanel
-from napari_hinge._widgets.slide_spots import spot_layers
+from napari_hinge._widgets.slide_spots import refill_combo, spot_layers
 
 if TYPE_CHECKING:
     import napari
@@ -135,12 +135,7 @@ class DomainsWidget(QWidget):
         self._refresh_layers()
 
     def _refresh_layers(self, event=None) -> None:
-        current = self.layer_box.currentText()
-        names = [layer.name for layer in spot_layers(self.viewer)]
-        self.layer_box.clear()
-        self.layer_box.addItems(names)
-        if current in names:
-            self.layer_box.setCurrentText(current)
+        refill_combo(self.layer_box, [layer.name for layer in spot_layers(self.viewer)])
 
     def _on_preset(self, name: str) -> None:
         preset = self._get_preset(name)

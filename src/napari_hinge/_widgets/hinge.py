@@ -33,7 +33,7 @@ from qtpy.QtWidgets import (
 
 from napari_hinge._layers import UNITS, gene_values, robust_limits
 from napari_hinge._widgets._jobs import JobPanel
-from napari_hinge._widgets.slide_spots import spot_layers
+from napari_hinge._widgets.slide_spots import refill_combo, spot_layers
 
 if TYPE_CHECKING:
     import napari
@@ -204,14 +204,7 @@ class PredictWidget(QWidget):
 
     # -- layers -----------------------------------------------------------------------------
     def _refresh_layers(self, event=None) -> None:
-        current = self.slide_box.currentText()
-        names = [layer.name for layer in slide_layers(self.viewer)]
-        self.slide_box.blockSignals(True)
-        self.slide_box.clear()
-        self.slide_box.addItems(names)
-        if current in names:
-            self.slide_box.setCurrentText(current)
-        self.slide_box.blockSignals(False)
+        refill_combo(self.slide_box, [layer.name for layer in slide_layers(self.viewer)])
         self._on_slide(self.slide_box.currentText())
 
     def spots_for(self, slide_layer):

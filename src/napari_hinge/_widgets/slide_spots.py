@@ -39,6 +39,18 @@ def spot_layers(viewer) -> list:
     ]
 
 
+def refill_combo(box, names: list[str]) -> None:
+    """Replace a combo box's items, keeping the current choice when it still exists, without
+    firing change signals for the intermediate states."""
+    current = box.currentText()
+    box.blockSignals(True)
+    box.clear()
+    box.addItems(names)
+    if current in names:
+        box.setCurrentText(current)
+    box.blockSignals(False)
+
+
 def color_spots_by_gene(layer, gene: str, *, transform: str = GENE_TRANSFORMS[0],
                         colormap: str = "magma") -> tuple[float, float]:
     """Colour a spots layer by one gene with a continuous colormap and show its colorbar."""
@@ -107,14 +119,7 @@ class SlideSpotsWidget(QWidget):
         return self.viewer.layers[name] if name in self.viewer.layers else None  # noqa: SIM401
 
     def _refresh_layers(self, event=None) -> None:
-        current = self.layer_box.currentText()
-        names = [layer.name for layer in spot_layers(self.viewer)]
-        self.layer_box.blockSignals(True)
-        self.layer_box.clear()
-        self.layer_box.addItems(names)
-        if current in names:
-            self.layer_box.setCurrentText(current)
-        self.layer_box.blockSignals(False)
+        refill_combo(self.layer_box, [layer.name for layer in spot_layers(self.viewer)])
         self._on_layer()
 
     def _on_layer(self, index: int | None = None) -> None:

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from napari_hinge._convention import META_KEY, SPATIAL_KEY
+from napari_hinge._convention import META_KEY, SPATIAL_KEY, library_size
 from napari_hinge.training import StopToken, TrainEvent
 
 from .model import HingeConfig, HingeModel
@@ -81,15 +81,6 @@ def _check_spatial(adata) -> dict:
     if not Path(slide).is_file():
         raise FileNotFoundError(f"{_name(adata)}: slide not found: {slide}")
     return meta
-
-
-def library_size(adata) -> np.ndarray:
-    """UMI total per spot over *all* genes: ``obs['total_counts_all_genes']`` when the table is a
-    gene subset (the shipped sample), else the row sums of ``X``."""
-    if "total_counts_all_genes" in adata.obs:
-        return adata.obs["total_counts_all_genes"].to_numpy(np.float64)
-    X = adata.X
-    return np.asarray(X.sum(axis=1), dtype=np.float64).ravel()
 
 
 def transform_values(adata, genes: Sequence[str] | None = None, *,

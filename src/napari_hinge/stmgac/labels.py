@@ -12,7 +12,7 @@ import pandas as pd
 import scipy.sparse as sp
 from scipy.spatial import cKDTree
 
-from .._convention import META_KEY, SPATIAL_KEY
+from .._convention import META_KEY, SPATIAL_KEY, library_size
 
 
 def _label_codes(adata, key: str) -> tuple[np.ndarray, pd.Index]:
@@ -146,7 +146,7 @@ def domain_table(adata, key: str = "domain", *, n_markers: int = 5, layer: str |
     codes, cats = _label_codes(adata, key)
     x = adata.layers[layer] if layer is not None else adata.X
     x = sp.csr_matrix(x, dtype=np.float64)
-    lib = np.asarray(x.sum(axis=1)).ravel()
+    lib = library_size(adata) if layer is None else np.asarray(x.sum(axis=1)).ravel()
     norm = sp.diags(np.divide(1e4, lib, out=np.zeros_like(lib), where=lib > 0)) @ x
     norm = norm.tocsr()
     norm.data = np.log1p(norm.data)
