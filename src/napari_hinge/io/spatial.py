@@ -33,6 +33,7 @@ from anndata import AnnData
 from napari_hinge._convention import (
     LEGACY_ST_PITCH_UM,
     LEGACY_ST_SPOT_UM,
+    LIBRARY_SIZE_KEY,
     META_KEY,
     SPATIAL_KEY,
     VISIUM_PITCH_UM,
@@ -879,7 +880,7 @@ def read_legacy_st(
     if "total_counts" in matched:
         # written by scripts/make_sample_data.py: library size over all genes of the source,
         # for normalising a gene subset exactly as the full table would be
-        obs["total_counts_all_genes"] = matched["total_counts"].to_numpy(np.float64)
+        obs[LIBRARY_SIZE_KEY] = matched["total_counts"].to_numpy(np.float64)
     adata = AnnData(X=X, obs=obs, var=var)
     adata.obsm[SPATIAL_KEY] = matched[["pixel_x", "pixel_y"]].to_numpy(np.float64)
 
