@@ -83,6 +83,19 @@ def register(subparsers) -> None:
     p.add_argument("--json", type=Path, default=None, help="write the scores here")
     p.set_defaults(func=cmd_evaluate)
 
+    p = subparsers.add_parser(
+        "predict-slide", help="paint predicted expression maps over a whole slide",
+        description="Tissue mask, tile grid, HINGE samples per tile: writes OUT (a folder) with "
+                    "maps.ome.tif (genes x H x W, µm), uncertainty.ome.tif and tiles.h5ad.")
+    p.add_argument("slide", type=Path, help="slide file (.svs, .ndpi, .tif, .ome.tif, .jpg, .png)")
+    _sampler_args(p)
+    p.add_argument("--genes", help="comma-separated genes or a file (default: all the model's)")
+    p.add_argument("--stride", type=float, default=None,
+                   help="µm between tile centres (default: 112, about one spot)")
+    p.add_argument("--mpp", type=float, default=None, help="µm per pixel when the file lacks it")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.set_defaults(func=cmd_predict_slide, samples=4)
+
 
 def _read(data: str, section: str | None):
     from .pipeline import read_dataset
@@ -242,4 +255,42 @@ def cmd_evaluate(args) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(scores | {"pcc_per_gene": per_gene}, indent=1,
                                         default=str))
+    return 0
+
+
+def cmd_predict_slide(args) -> int:
+    from .slide_predict import predict_slide_iter, write_ome_tiff
+
+    if not args.slide.is_file():
+        raise FileNotFoundError(f"{args.slide} does not exist")
+    model = _load(args.model, args.device)
+    gen = predict_slide_iter(model, args.slide, stride_um=args.stride, genes=_genes(args.genes),
+                             n_samples=args.samples, reveal_steps=args.reveal_steps,
+                             seed=args.seed, mpp=args.mpp)
+    bar = None
+    try:
+        while True:
+            try:
+                event = next(gen)
+            except StopIteration as done:
+                prediction = done.value
+                break
+            if bar is None:
+                bar = _bar(event.total_steps, "tiles")
+                bar.unit = "batch"
+            bar.update(event.step - bar.n)
+    finally:
+        if bar is not None:
+            bar.close()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_ome_tiff(prediction, out / "maps.ome.tif")
+    write_ome_tiff(prediction, out / "uncertainty.ome.tif", which="std")
+    tiles = prediction.to_adata()
+    tmp = out / ".tiles.h5ad.tmp"
+    tiles.write_h5ad(tmp)
+    tmp.replace(out / "tiles.h5ad")
+    print(json.dumps({"out": str(out), "tiles": len(prediction.grid),
+                      "raster": list(prediction.grid.shape), "genes": len(prediction.genes),
+                      **prediction.params}, indent=1, default=str))
     return 0
