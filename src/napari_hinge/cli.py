@@ -16,6 +16,7 @@ COMMAND_MODULES = [
     "napari_hinge.io.spatial",
     "napari_hinge.stmgac.cli",
     "napari_hinge.hinge.cli",
+    "napari_hinge.c2l.cli",
 ]
 
 

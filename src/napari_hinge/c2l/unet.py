@@ -2,12 +2,13 @@
 
 Readable top to bottom (nanoGPT style). Design choices, all for a CPU budget of minutes:
 
-- a 2x2 space-to-depth stem (``pixel_unshuffle``): the network works at 32x32 with 12 input
-  channels and returns to 64x64 with ``pixel_shuffle``; this cuts the cost of the full-resolution
-  level by 4x (the trick of "simple diffusion") while keeping every pixel;
+- a space-to-depth stem (``pixel_unshuffle``, 4x4 by default): the network works at 16x16 with
+  48 input channels and returns to 64x64 with ``pixel_shuffle``; this cuts the cost of the
+  full-resolution levels ~16x (the trick of "simple diffusion") while keeping every pixel
+  (measured here: 2x2 stem ~9 s per batch-32 step on the shared CPU, 4x4 stem ~2.5 s);
 - one residual block per level down and up, GroupNorm + SiLU, sinusoidal time embedding added
   after the first convolution of each block;
-- self-attention only at the coarsest level (8x8 = 64 tokens, cheap);
+- self-attention only at the coarse levels (8x8 and 4x4 tokens, cheap);
 - every residual block accepts an optional per-channel modulation ``(scale, shift)`` applied
   after its second normalisation as ``h * (1 + scale) + shift``: the hook the local
   (gene-conditioned) model uses for FiLM; without it the block is the plain central network.
@@ -32,9 +33,9 @@ class UNetConfig:
 
     image_size: int = 64
     in_channels: int = 3
-    stem: int = 2  # space-to-depth factor
+    stem: int = 4  # space-to-depth factor: the UNet runs at 16x16 for 64 px patches
     channels: tuple[int, ...] = (64, 96, 128)
-    attention_levels: tuple[int, ...] = (2,)  # indices into channels
+    attention_levels: tuple[int, ...] = (1, 2)  # indices into channels (8x8 and 4x4)
     time_dim: int = 128
     groups: int = 16
     dropout: float = 0.0

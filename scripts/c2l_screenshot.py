@@ -1,0 +1,107 @@
+"""Screenshot of a C2L-ST fill on the shipped sample (docs/images/c2l_fill.png).
+
+Opens the shipped her2st C3 sample in napari, docks the "Fill sparse regions (C2L-ST)" widget,
+draws a rectangular region over tissue, fills it from the widget (neighbour expression,
+classifier-free guidance) and saves a screenshot of the viewer, plus a side-by-side picture of
+the real H&E and the synthetic mosaic of the same region (``--compare``)::
+
+    xvfb-run -a -s "-screen 0 1920x1080x24" python scripts/c2l_screenshot.py \
+        --local bench_out/c2l_local_fewshot --out docs/images/c2l_fill.png
+
+``--local`` is a local model folder (``napari-hinge c2l-adapt`` or ``benchmarks/c2l.py
+--save-local``); without it a local model is adapted on the sample's spots first
+(``--adapt-steps``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[1])
+    p.add_argument("--local", type=Path, default=None)
+    p.add_argument("--adapt-steps", type=int, default=200)
+    p.add_argument("--out", type=Path, default=Path("docs/images/c2l_fill.png"))
+    p.add_argument("--compare", type=Path, default=None,
+                   help="also write real-vs-synthetic of the region here")
+    p.add_argument("--tiles", default="6x4", help="region size in tiles (cols x rows)")
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--guidance", type=float, default=2.0)
+    args = p.parse_args(argv)
+
+    import napari
+    from qtpy.QtCore import QEventLoop
+
+    from napari_hinge._widgets.c2l import C2LWidget
+
+    viewer = napari.Viewer(show=True)
+    viewer.window._qt_window.resize(1600, 1000)
+    viewer.open_sample("napari-hinge", "her2st_C3")
+    slide = viewer.layers["her2st C3 H&E"]
+    spots = viewer.layers["her2st C3 spots"]
+    widget = C2LWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="Fill sparse regions (C2L-ST)", area="right")
+    if args.local is not None:
+        widget.set_local(args.local)
+    widget.adapt_steps.setValue(args.adapt_steps)
+    widget.steps.setValue(args.steps)
+    widget.guidance.setValue(args.guidance)
+
+    mpp = slide.metadata["microns_per_pixel"]
+    xy = np.asarray(spots.metadata["adata"].obsm["spatial"], float) * mpp  # µm
+    cols, rows = (int(v) for v in args.tiles.split("x"))
+    w, h = cols * 112.0 - 1, rows * 112.0 - 1
+    centre = np.median(xy, axis=0)
+    x0, y0 = centre[0] - w / 2, centre[1] - h / 2
+    rect = np.array([[y0, x0], [y0, x0 + w], [y0 + h, x0 + w], [y0 + h, x0]])
+    viewer.add_shapes([rect], shape_type="polygon", name="region", face_color="transparent",
+                      edge_color="yellow", edge_width=6, units=("µm", "µm"))
+    widget.region_box.setCurrentText("region")
+    spots.opacity = 0.35
+
+    loop = QEventLoop()
+    widget.jobs.ended.connect(loop.quit)
+    widget.run()
+    loop.exec()
+    if widget.last_layer is None:
+        print(f"fill failed: {widget.jobs.status.text()}", file=sys.stderr)
+        return 1
+    spots.visible = False
+    viewer.layers.selection.active = viewer.layers["region"]
+    viewer.camera.center = (centre[1], centre[0])
+    viewer.camera.zoom = min(800 / (w * 3.0), 800 / (h * 3.0))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    viewer.screenshot(str(args.out), canvas_only=False, flash=False)
+    print(f"wrote {args.out}")
+    if args.compare is not None:
+        from PIL import Image
+
+        from napari_hinge.io.slides import open_slide
+
+        result = widget.last_result
+        s = open_slide(slide.metadata["slide_path"], mpp=mpp)
+        lay = result.layout
+        side = lay.side_px
+        X0 = int(round(lay.origin_xy[0] - side / 2))
+        Y0 = int(round(lay.origin_xy[1] - side / 2))
+        r, c = lay.shape
+        real = np.asarray(s.read_region(X0, Y0, int(round(c * side)), int(round(r * side))))
+        real = np.asarray(Image.fromarray(real[..., :3]).resize(
+            (result.mosaic.shape[1], result.mosaic.shape[0]), Image.LANCZOS))
+        syn = result.mosaic[..., :3].copy()
+        syn[result.mosaic[..., 3] == 0] = 255
+        gap = np.full((real.shape[0], 8, 3), 255, np.uint8)
+        Image.fromarray(np.concatenate([real, gap, syn], axis=1)).resize(
+            (2 * (2 * real.shape[1] + 8), 2 * real.shape[0]), Image.NEAREST).save(args.compare)
+        print(f"wrote {args.compare}")
+    viewer.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

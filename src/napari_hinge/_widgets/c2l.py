@@ -1,0 +1,296 @@
+""""Fill sparse regions (C2L-ST)" dock widget.
+
+Pick a slide and its spots, a region (a Shapes layer polygon, or "propose sparse tissue": tissue
+farther than N spot spacings from any measured spot), the expression source (neighbouring spots
+or the shipped HINGE model), guidance and DDIM steps. The job (adapting a local model on the
+spots when none is loaded, then generating) runs in a worker through :class:`JobPanel`; the
+result is a NEW RGBA Image layer over the region (the slide is never modified) whose metadata
+holds the per-tile conditioning expression table. "Use as training pairs" encodes the synthetic
+tiles and emits :attr:`C2LWidget.training_pairs` with ``(features, expression, genes)`` for
+:func:`napari_hinge.hinge.pipeline.fit_hinge_arrays`; the pairs also stay in the layer's
+metadata (``metadata['c2l_pairs']``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from qtpy.QtCore import Signal
+from qtpy.QtWidgets import (
+    QComboBox,
+    QDoubleSpinBox,
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QPushButton,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+
+from napari_hinge._layers import UNITS
+from napari_hinge._widgets._jobs import JobPanel
+from napari_hinge._widgets.slide_spots import refill_combo, spot_layers
+
+if TYPE_CHECKING:
+    import napari
+
+PROPOSE = "propose sparse tissue"
+SOURCES = {"neighbouring spots": "neighbours", "HINGE (shipped model)": "hinge"}
+
+
+def slide_layers(viewer) -> list:
+    return [layer for layer in viewer.layers
+            if layer._type_string == "image" and layer.metadata.get("slide_path")]
+
+
+def shapes_polygon_xy(layer, mpp: float | None) -> np.ndarray:
+    """The first shape of a Shapes layer as (x, y) level-0 pixels of a slide of ``mpp``."""
+    if not len(layer.data):
+        raise ValueError(f"Shapes layer {layer.name!r} is empty: draw a region first")
+    verts = np.asarray(layer.data[0], dtype=float)[:, -2:]
+    world = np.array([layer.data_to_world(v) for v in verts])[:, -2:]
+    return world[:, ::-1] / (mpp or 1.0)
+
+
+def fill_job(stop, *, local, local_factory, slide, adata, region, options):
+    """Adapt a local model first when ``local`` is None, then fill; returns
+    ``(local_model, FillResult)`` or None when stopped."""
+    from napari_hinge.c2l.fill import fill_region_iter
+
+    if local is None:
+        local = yield from local_factory(stop)
+        if local is None or stop.requested:
+            return None
+    result = yield from fill_region_iter(local, slide, adata, region=region, stop=stop, **options)
+    if result is None:
+        return None
+    return local, result
+
+
+def adapt_job(stop, adata, *, central="shipped", n_genes: int = 50, steps: int = 300,
+              batch_size: int = 16, seed: int = 0):
+    """Adapt a local model on all spots of ``adata``; a generator returning the model."""
+    from napari_hinge.c2l.data import paired_spots
+    from napari_hinge.c2l.local import build_local
+    from napari_hinge.c2l.train import train_local
+
+    patches, expr, genes, _ = paired_spots(adata, n_genes=n_genes)
+    local = build_local(central, genes, seed=seed)
+    model = yield from train_local(local, patches, expr, steps=steps, batch_size=batch_size,
+                                   seed=seed, stop=stop, eval_every=max(10, steps // 10))
+    return None if stop.requested else model
+
+
+class C2LWidget(QWidget):
+    """Fill sparse regions of a slide with gene-conditioned synthetic H&E."""
+
+    #: emitted with the new mosaic layer when a fill finished
+    layer_added = Signal(object)
+    #: emitted with ``(features, expression, genes)`` by "Use as training pairs"
+    training_pairs = Signal(object)
+
+    def __init__(self, napari_viewer: napari.Viewer) -> None:
+        super().__init__()
+        self.viewer = napari_viewer
+        self.local = None
+        self.local_label = QLabel("no local model: one is adapted on the spots when you fill")
+        self.local_label.setWordWrap(True)
+        self.load_local = QPushButton("Local model folder…")
+        self.adapt_steps = QSpinBox(minimum=1, maximum=100_000, value=300)
+        self.n_genes = QSpinBox(minimum=2, maximum=2000, value=50)
+        self.slide_box = QComboBox()
+        self.spots_box = QComboBox()
+        self.region_box = QComboBox()
+        self.spacings = QDoubleSpinBox(decimals=2, minimum=0.05, maximum=100.0, value=0.6)
+        self.spacings.setToolTip("propose tissue tiles farther than this many spot spacings "
+                                 "from every measured spot")
+        self.source_box = QComboBox()
+        self.source_box.addItems(list(SOURCES))
+        self.guidance = QDoubleSpinBox(decimals=1, minimum=0.0, maximum=20.0, value=2.0)
+        self.steps = QSpinBox(minimum=1, maximum=1000, value=25)
+        self.seed = QSpinBox(minimum=0, maximum=2**31 - 1, value=0)
+        self.run_button = QPushButton("Fill region")
+        self.pairs_button = QPushButton("Use as training pairs")
+        self.pairs_button.setEnabled(False)
+        self.jobs = JobPanel()
+        self.info = QLabel("")
+        self.info.setWordWrap(True)
+
+        row = QHBoxLayout()
+        row.addWidget(self.load_local)
+        form = QFormLayout()
+        form.addRow("Adapt steps", self.adapt_steps)
+        form.addRow("Genes (top N)", self.n_genes)
+        form.addRow("Slide", self.slide_box)
+        form.addRow("Spots", self.spots_box)
+        form.addRow("Region", self.region_box)
+        form.addRow("Spot spacings", self.spacings)
+        form.addRow("Expression", self.source_box)
+        form.addRow("Guidance", self.guidance)
+        form.addRow("DDIM steps", self.steps)
+        form.addRow("Seed", self.seed)
+        layout = QVBoxLayout(self)
+        layout.addLayout(row)
+        layout.addWidget(self.local_label)
+        layout.addLayout(form)
+        layout.addWidget(self.run_button)
+        layout.addWidget(self.jobs)
+        layout.addWidget(self.pairs_button)
+        layout.addWidget(self.info)
+
+        self.last_result = None
+        self.last_layer = None
+        self.load_local.clicked.connect(self._ask_local)
+        self.run_button.clicked.connect(self.run)
+        self.pairs_button.clicked.connect(self.use_as_training_pairs)
+        self.jobs.succeeded.connect(self._on_result)
+        self.jobs.ended.connect(self._on_ended)
+        self.slide_box.currentTextChanged.connect(self._match_spots)
+        self.viewer.layers.events.inserted.connect(self._refresh)
+        self.viewer.layers.events.removed.connect(self._refresh)
+        self._refresh()
+
+    def _on_ended(self) -> None:
+        self.run_button.setEnabled(True)
+        self.pairs_button.setEnabled(self.last_result is not None)
+
+    # -- model ----------------------------------------------------------------------------------
+    def set_local(self, path_or_model) -> None:
+        """Use a local model: a folder written by ``c2l-adapt`` or a LocalModel object."""
+        from napari_hinge.c2l.local import LocalModel
+
+        if isinstance(path_or_model, (str, Path)):
+            self.local = LocalModel.load(path_or_model)
+            where = str(path_or_model)
+        else:
+            self.local, where = path_or_model, "adapted in this session"
+        self.local_label.setText(f"local model ({where}): {len(self.local.genes)} genes")
+
+    def _ask_local(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "C2L local model folder")
+        if folder:
+            self.set_local(folder)
+
+    # -- layers ---------------------------------------------------------------------------------
+    def _refresh(self, event=None) -> None:
+        for box, names in (
+            (self.slide_box, [lyr.name for lyr in slide_layers(self.viewer)]),
+            (self.spots_box, [lyr.name for lyr in spot_layers(self.viewer)]),
+            (self.region_box, [PROPOSE] + [lyr.name for lyr in self.viewer.layers
+                                           if lyr._type_string == "shapes"]),
+        ):
+            refill_combo(box, names)
+        self._match_spots(self.slide_box.currentText())
+
+    def _match_spots(self, name: str) -> None:
+        if name not in self.viewer.layers:
+            return
+        path = self.viewer.layers[name].metadata.get("slide_path")
+        for layer in spot_layers(self.viewer):
+            if layer.metadata.get("slide_path") == path:
+                self.spots_box.setCurrentText(layer.name)
+                return
+
+    # -- run ------------------------------------------------------------------------------------
+    def run(self):
+        from napari_hinge.io.slides import open_slide
+
+        name, spots_name = self.slide_box.currentText(), self.spots_box.currentText()
+        if name not in self.viewer.layers:
+            raise RuntimeError("no slide: open a slide first")
+        if spots_name not in self.viewer.layers:
+            raise RuntimeError("no spots layer for this slide")
+        slide_layer = self.viewer.layers[name]
+        adata = self.viewer.layers[spots_name].metadata["adata"]
+        mpp = slide_layer.metadata.get("microns_per_pixel")
+        slide = open_slide(slide_layer.metadata["slide_path"], mpp=mpp)
+        region = None
+        if self.region_box.currentText() != PROPOSE:
+            region = shapes_polygon_xy(self.viewer.layers[self.region_box.currentText()], mpp)
+        options = {"n_spacings": self.spacings.value(),
+                   "source": SOURCES[self.source_box.currentText()],
+                   "guidance": self.guidance.value(), "steps": self.steps.value(),
+                   "seed": self.seed.value()}
+        steps, n_genes, seed = self.adapt_steps.value(), self.n_genes.value(), self.seed.value()
+
+        def factory(stop):
+            return adapt_job(stop, adata, n_genes=n_genes, steps=steps, seed=seed)
+
+        self._slide_layer = slide_layer
+        self.run_button.setEnabled(False)
+        self.pairs_button.setEnabled(False)
+        what = "adapting and filling" if self.local is None else "filling"
+        return self.jobs.run(lambda stop: fill_job(stop, local=self.local, local_factory=factory,
+                                                   slide=slide, adata=adata, region=region,
+                                                   options=options),
+                             description=f"{what} on {name}")
+
+    def _on_result(self, value) -> None:
+        if value is None:
+            return
+        if isinstance(value, tuple) and value[0] == "pairs":
+            self._on_pairs(value[1])
+            return
+        local, result = value
+        if self.local is None:
+            self.set_local(local)
+        slide = self._slide_layer
+        name = f"C2L synthetic ({slide.name})"
+        n = 1
+        while name in self.viewer.layers:  # never replace an earlier fill
+            n += 1
+            name = f"C2L synthetic {n} ({slide.name})"
+        place = result.placement()
+        units = {"units": UNITS} if result.microns_per_pixel else {}
+        layer = self.viewer.add_image(
+            result.mosaic, name=name, rgb=True, contrast_limits=(0, 255), **place, **units,
+            # no 'slide_path' key: other widgets list layers with one as slides
+            metadata={"c2l": result.params, "c2l_tiles": result.table(),
+                      "c2l_genes": list(result.genes),
+                      "source_slide": slide.metadata.get("slide_path")})
+        self.last_result, self.last_layer = result, layer
+        self.pairs_button.setEnabled(True)
+        self.info.setText(f"{len(result.layout)} synthetic tiles of "
+                          f"{result.params['patch_um']:.0f} µm, conditioned on "
+                          f"{result.params['source']} expression of {len(result.genes)} genes")
+        self.layer_added.emit(layer)
+
+    def use_as_training_pairs(self):
+        """Encode the last fill's tiles in a worker; then emit :attr:`training_pairs` with
+        ``(features, expression, genes)`` and store them in the layer's metadata."""
+        if self.last_result is None:
+            raise RuntimeError("fill a region first")
+        result = self.last_result
+        self.pairs_button.setEnabled(False)
+        self.run_button.setEnabled(False)
+        return self.jobs.run(lambda stop: pairs_job(stop, result),
+                             description=f"encoding {len(result.layout)} synthetic tiles")
+
+    def _on_pairs(self, pairs) -> None:
+        if self.last_layer is not None:
+            self.last_layer.metadata["c2l_pairs"] = pairs
+        self.pairs_button.setEnabled(True)
+        self.info.setText(f"{len(pairs[0])} synthetic training pairs ready "
+                          f"({pairs[0].shape[1]} features, {len(pairs[2])} genes)")
+        self.training_pairs.emit(pairs)
+
+
+def pairs_job(stop, result, *, encoder="efficientnet-lite0", chunk: int = 8):
+    """Encode a fill's tiles chunk by chunk (progress, cancel); returns ``('pairs', pairs)``."""
+    from napari_hinge.hinge.pipeline import resolve_encoder
+    from napari_hinge.training import TrainEvent
+
+    enc = resolve_encoder(encoder)
+    n = len(result.patches)
+    feats = np.empty((n, enc.dim), np.float32)
+    for start in range(0, n, chunk):
+        if stop.requested:
+            yield TrainEvent("stopped", 0, start, n)
+            return None
+        feats[start:start + chunk] = enc.encode(result.patches[start:start + chunk])
+        yield TrainEvent("step", 0, min(n, start + chunk), n)
+    return "pairs", (feats, result.expression, list(result.genes))

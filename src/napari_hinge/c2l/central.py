@@ -1,0 +1,178 @@
+"""The central model: an unconditional diffusion model of H&E patches.
+
+A :class:`CentralModel` is a :class:`~napari_hinge.c2l.unet.UNet` plus its noise schedule and
+the physical scale of its patches (``patch_um`` of tissue resampled to ``image_size`` px), so
+that every caller cuts patches the way the model saw them. It learns morphology from unpaired
+patches of many slides; the local model (:mod:`napari_hinge.c2l.local`) freezes it and adds
+gene-conditioned modulation.
+
+Folder layout written by :meth:`CentralModel.save`: ``config.json`` and ``model.safetensors``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .schedule import NoiseSchedule, ddim_sample, to_uint8
+from .unet import UNet, UNetConfig
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+SHIPPED = "shipped"
+
+
+@dataclass
+class CentralConfig:
+    """Everything needed to rebuild a central model."""
+
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    timesteps: int = 1000
+    #: tissue side of one patch in µm (resampled to ``unet.image_size`` pixels)
+    patch_um: float = 112.0
+    prediction: str = "v"
+    kind: str = "c2l-central"
+
+    @property
+    def image_size(self) -> int:
+        return self.unet.image_size
+
+    @property
+    def microns_per_pixel(self) -> float:
+        """Pixel size of the patches the model generates."""
+        return self.patch_um / self.unet.image_size
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> CentralConfig:
+        data = dict(data)
+        unet = UNetConfig(**data.pop("unet", {}))
+        known = {k: data[k] for k in ("timesteps", "patch_um", "prediction", "kind") if k in data}
+        return cls(unet=unet, **known)
+
+
+class CentralModel(nn.Module):
+    """Unconditional patch diffusion model: ``model(x, t, cond=None) -> v``."""
+
+    def __init__(self, config: CentralConfig | None = None):
+        super().__init__()
+        self.config = config or CentralConfig()
+        if self.config.prediction != "v":
+            raise ValueError(f"only v-prediction is implemented, got {self.config.prediction!r}")
+        self.unet = UNet(self.config.unet)
+        self.schedule = NoiseSchedule(self.config.timesteps)
+
+    def forward(self, x, t, cond=None, modulations=None):
+        return self.unet(x, t, modulations)
+
+    @torch.no_grad()
+    def sample(self, n: int, *, steps: int = 25, seed: int = 0, batch_size: int = 32,
+               device=None, progress=None):
+        """``n`` unconditional patches as ``(n, S, S, 3)`` uint8."""
+        import numpy as np
+
+        was = self.training
+        self.eval()
+        device = device or next(self.parameters()).device
+        out = []
+        g = torch.Generator().manual_seed(int(seed))
+        done = 0
+        for start in range(0, n, batch_size):
+            b = min(batch_size, n - start)
+            shape = (b, 3, self.config.image_size, self.config.image_size)
+            x = ddim_sample(self, self.schedule, shape, steps=steps, generator=g,
+                            device=device)
+            out.append(to_uint8(x))
+            done += b
+            if progress is not None:
+                progress(done, n)
+        self.train(was)
+        return np.concatenate(out) if out else np.zeros((0, self.config.image_size,
+                                                        self.config.image_size, 3), np.uint8)
+
+    # -- persistence ---------------------------------------------------------------------------
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write ``config.json`` + ``model.safetensors`` (atomically) into ``directory``."""
+        return save_module(self, self.config.to_dict(), directory)
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike = SHIPPED, *,
+             map_location: str | torch.device = "cpu") -> CentralModel:
+        """Load a folder written by :meth:`save`, or ``'shipped'`` for the packaged weights."""
+        directory = shipped_central_dir() if str(directory) == SHIPPED else Path(directory)
+        config = read_config(directory, expect_kind="c2l-central")
+        model = cls(CentralConfig.from_dict(config))
+        load_weights(model, directory, map_location=map_location)
+        return model.eval()
+
+
+def shipped_central_dir() -> Path:
+    """Folder of the shipped central weights."""
+    return Path(__file__).resolve().parents[1] / "weights" / "c2l_central"
+
+
+# ---------------------------------------------------------------------------------------------
+# shared persistence helpers (the local model uses them too)
+
+
+def save_module(module: nn.Module, config: dict, directory: str | os.PathLike,
+                extra: dict[str, torch.Tensor] | None = None) -> Path:
+    from safetensors.torch import save_file
+
+    from napari_hinge.training import atomic_write
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    if extra:
+        state.update({k: v.detach().cpu().contiguous() for k, v in extra.items()})
+    atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(state, str(tmp)))
+    text = json.dumps(config, indent=2)
+    atomic_write(directory / CONFIG_FILE, lambda tmp: Path(tmp).write_text(text))
+    return directory
+
+
+def read_config(directory: Path, *, expect_kind: str) -> dict:
+    cfg_file = directory / CONFIG_FILE
+    if not directory.is_dir():
+        raise FileNotFoundError(f"C2L model folder not found: {directory}")
+    if not cfg_file.is_file() or not (directory / WEIGHTS_FILE).is_file():
+        raise FileNotFoundError(f"{directory}: not a C2L model folder (needs {CONFIG_FILE} and "
+                                f"{WEIGHTS_FILE})")
+    try:
+        config = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{cfg_file}: invalid JSON ({exc})") from exc
+    kind = config.get("kind")
+    if kind != expect_kind:
+        raise ValueError(f"{cfg_file}: a {kind!r} model, expected {expect_kind!r}")
+    return config
+
+
+def load_weights(module: nn.Module, directory: Path, *, map_location="cpu",
+                 strict: bool = True) -> dict[str, torch.Tensor]:
+    """Load ``model.safetensors`` into ``module``; returns the tensors not in the module."""
+    from safetensors.torch import load_file
+
+    path = directory / WEIGHTS_FILE
+    try:
+        state = load_file(str(path), device=str(map_location))
+    except Exception as exc:
+        raise ValueError(f"{path}: unreadable weights ({exc})") from exc
+    own = set(module.state_dict())
+    extra = {k: v for k, v in state.items() if k not in own}
+    missing = own - set(state)
+    if strict and missing:
+        raise ValueError(f"{path}: missing {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
+    try:
+        module.load_state_dict({k: v for k, v in state.items() if k in own}, strict=strict)
+    except RuntimeError as exc:
+        raise ValueError(f"{path}: weights do not fit the configured network ({exc})") from exc
+    return extra

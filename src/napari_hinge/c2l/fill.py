@@ -1,0 +1,364 @@
+"""Fill sparse regions of a slide with synthetic H&E tiles, and hand them out as training pairs.
+
+1. **Where**: a polygon in level-0 pixels (:func:`tiles_in_polygon`), or tissue tiles farther
+   than ``n_spacings`` spot spacings from any measured spot (:func:`propose_sparse_tiles`).
+   Tiles sit edge to edge on a grid whose step is the model's patch (112 µm of tissue).
+2. **What expression**: per tile, from the measured neighbours (inverse-distance weighted k
+   nearest spots, :func:`expression_from_neighbours`) or from a HINGE model applied to the real
+   H&E under the tile (:func:`expression_from_hinge`).
+3. **Generate**: DDIM with classifier-free guidance from a :class:`~napari_hinge.c2l.local.
+   LocalModel`, then assemble an RGBA mosaic (alpha 0 outside the tiles) with the ``scale`` /
+   ``translate`` that lays it exactly over the region in napari. The slide is never modified.
+4. :func:`as_training_pairs` turns a :class:`FillResult` into ``(features, expression, genes)``
+   for :func:`napari_hinge.hinge.pipeline.fit_hinge_arrays` (or patches, for any other model).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from napari_hinge._convention import META_KEY, SPATIAL_KEY
+from napari_hinge.training import StopToken, TrainEvent
+
+from .local import LocalModel
+
+
+@dataclass
+class TileLayout:
+    """Tile centres on an edge-to-edge grid: centre of (row r, col c) is
+    ``origin_xy + (c, r) * side_px`` in level-0 pixels."""
+
+    centers_xy: np.ndarray
+    rows: np.ndarray
+    cols: np.ndarray
+    origin_xy: tuple[float, float]
+    side_px: float
+
+    def __len__(self) -> int:
+        return len(self.centers_xy)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return int(self.rows.max()) + 1, int(self.cols.max()) + 1
+
+    def compact(self) -> TileLayout:
+        """Drop empty leading rows/columns (the mosaic starts at the first tile)."""
+        r0, c0 = int(self.rows.min()), int(self.cols.min())
+        origin = (self.origin_xy[0] + c0 * self.side_px, self.origin_xy[1] + r0 * self.side_px)
+        return TileLayout(self.centers_xy, self.rows - r0, self.cols - c0, origin, self.side_px)
+
+
+@dataclass
+class FillResult:
+    """Synthetic tiles over a region and how to place them."""
+
+    mosaic: np.ndarray  # (R*S, C*S, 4) uint8 RGBA, alpha 0 where no tile
+    layout: TileLayout
+    patches: np.ndarray  # (n, S, S, 3) uint8
+    expression: np.ndarray  # (n, G) float32: the conditioning expression of each tile
+    genes: list[str]
+    microns_per_pixel: float | None
+    params: dict = field(default_factory=dict)
+
+    @property
+    def tile_size(self) -> int:
+        return int(self.patches.shape[1])
+
+    def placement(self) -> dict:
+        """``scale`` / ``translate`` (row, col) putting :attr:`mosaic` over its region in napari,
+        in µm when the slide's pixel size is known (as the slide layer), else level-0 pixels.
+
+        Mosaic pixel ``j`` of the tile starting at level-0 ``x0`` covers ``[x0 + j d,
+        x0 + (j+1) d)`` with ``d = side / S``; napari centres pixel ``i`` of the slide at
+        ``i`` (it covers ``[i - 1/2, i + 1/2)``), hence the half-pixel terms.
+        """
+        unit = self.microns_per_pixel or 1.0
+        d = self.layout.side_px / self.tile_size
+        x0 = self.layout.origin_xy[0] - self.layout.side_px / 2
+        y0 = self.layout.origin_xy[1] - self.layout.side_px / 2
+        return {"scale": (d * unit, d * unit),
+                "translate": ((y0 + d / 2 - 0.5) * unit, (x0 + d / 2 - 0.5) * unit)}
+
+    def table(self):
+        """Per-tile table: row, col, x, y (level-0 px) and the conditioning expression."""
+        import pandas as pd
+
+        df = pd.DataFrame({"row": self.layout.rows, "col": self.layout.cols,
+                           "x": self.layout.centers_xy[:, 0], "y": self.layout.centers_xy[:, 1]})
+        expr = pd.DataFrame(self.expression, columns=self.genes)
+        return pd.concat([df, expr], axis=1)
+
+    def tile_index_raster(self) -> np.ndarray:
+        """``(R, C)`` int array: index of the tile at each grid cell, -1 where none."""
+        out = np.full(self.layout.shape, -1, np.int64)
+        out[self.layout.rows, self.layout.cols] = np.arange(len(self.layout))
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# where
+
+
+def spot_spacing_px(adata) -> float:
+    """Median nearest-neighbour distance between measured spots (level-0 px)."""
+    from scipy.spatial import cKDTree
+
+    xy = np.asarray(adata.obsm[SPATIAL_KEY], dtype=float)
+    if len(xy) < 2:
+        raise ValueError("at least 2 measured spots are needed to know their spacing")
+    d, _ = cKDTree(xy).query(xy, k=2)
+    return float(np.median(d[:, 1]))
+
+
+def tile_side_px(model_or_um, microns_per_pixel: float | None) -> float:
+    """Level-0 side of one generated tile (the model's ``patch_um`` of tissue)."""
+    patch_um = model_or_um if isinstance(model_or_um, (int, float)) else \
+        model_or_um.central.config.patch_um
+    if not microns_per_pixel:
+        raise ValueError("the slide's pixel size (µm/px) is unknown; C2L tiles have a physical "
+                         "size: set it on the slide first")
+    return float(patch_um) / float(microns_per_pixel)
+
+
+def propose_sparse_tiles(slide, adata, *, side_px: float, n_spacings: float = 0.6,
+                         min_tissue: float = 0.5, tissue=None) -> TileLayout:
+    """Tissue tiles whose centre is farther than ``n_spacings`` spot spacings from every
+    measured spot.
+
+    Raises ValueError when no tissue tile is that far (nothing to fill).
+    """
+    from scipy.spatial import cKDTree
+
+    from napari_hinge.tissue import tile_grid, tissue_mask
+
+    tissue = tissue if tissue is not None else tissue_mask(slide)
+    grid = tile_grid(tissue, slide.shape, stride_px=side_px, min_tissue=min_tissue)
+    spacing = spot_spacing_px(adata)
+    d, _ = cKDTree(np.asarray(adata.obsm[SPATIAL_KEY], float)).query(grid.centers_xy)
+    far = d > n_spacings * spacing
+    if not far.any():
+        raise ValueError(f"no tissue tile is farther than {n_spacings} spot spacings "
+                         f"({n_spacings * spacing:.0f} px) from a measured spot")
+    return TileLayout(grid.centers_xy[far], grid.rows[far], grid.cols[far], grid.origin_xy,
+                      float(side_px)).compact()
+
+
+def tiles_in_polygon(polygon_xy, *, side_px: float, slide=None, min_tissue: float = 0.0,
+                     tissue=None) -> TileLayout:
+    """Tiles (edge to edge from the polygon's top-left corner) whose centre is inside the
+    polygon ``(V, 2)`` (x, y level-0 px); with ``min_tissue > 0`` also on tissue."""
+    from matplotlib.path import Path as MplPath
+
+    poly = np.asarray(polygon_xy, dtype=float)
+    if poly.ndim != 2 or poly.shape[1] != 2 or len(poly) < 3:
+        raise ValueError(f"a region polygon needs >= 3 (x, y) vertices, got shape {poly.shape}")
+    x0, y0 = poly.min(0)
+    x1, y1 = poly.max(0)
+    n_cols = max(1, int(np.ceil((x1 - x0) / side_px)))
+    n_rows = max(1, int(np.ceil((y1 - y0) / side_px)))
+    rows, cols = (a.ravel() for a in np.mgrid[0:n_rows, 0:n_cols])
+    origin = (x0 + side_px / 2, y0 + side_px / 2)
+    centres = np.stack([origin[0] + cols * side_px, origin[1] + rows * side_px], axis=1)
+    keep = MplPath(poly).contains_points(centres)
+    if min_tissue > 0:
+        from scipy import ndimage
+
+        from napari_hinge.tissue import tissue_mask
+
+        tissue = tissue if tissue is not None else tissue_mask(slide)
+        size = max(1, int(round(side_px / tissue.downsample)))
+        cover = ndimage.uniform_filter(tissue.mask.astype(np.float32), size=size,
+                                       mode="constant")
+        my = np.clip((centres[:, 1] / tissue.downsample).astype(int), 0, cover.shape[0] - 1)
+        mx = np.clip((centres[:, 0] / tissue.downsample).astype(int), 0, cover.shape[1] - 1)
+        keep &= cover[my, mx] >= min_tissue
+    if not keep.any():
+        raise ValueError("the region holds no tile centre"
+                         + (" on tissue" if min_tissue > 0 else "")
+                         + f" (tile side {side_px:.0f} px); draw a larger region")
+    return TileLayout(centres[keep], rows[keep], cols[keep], origin, float(side_px)).compact()
+
+
+# ---------------------------------------------------------------------------------------------
+# what expression
+
+
+def expression_from_neighbours(adata, genes: Sequence[str], xy, *, k: int = 6,
+                               power: float = 1.0) -> np.ndarray:
+    """Inverse-distance weighted mean of the ``k`` nearest measured spots' expression
+    (``log1p`` CP10k over ``genes``) at positions ``xy`` ``(n, 2)``."""
+    from scipy.spatial import cKDTree
+
+    from napari_hinge.hinge.pipeline import transform_values
+
+    values, missing = transform_values(adata, list(genes))
+    if missing:
+        raise KeyError(f"{len(missing)} genes of the local model are not measured in the data: "
+                       f"{', '.join(missing[:20])}")
+    spots = np.asarray(adata.obsm[SPATIAL_KEY], dtype=float)
+    k = int(min(k, len(spots)))
+    if k < 1:
+        raise ValueError("no measured spots to take expression from")
+    d, idx = cKDTree(spots).query(np.asarray(xy, float), k=k)
+    d, idx = d.reshape(len(xy), k), idx.reshape(len(xy), k)
+    w = 1.0 / np.maximum(d, 1e-6) ** power
+    w /= w.sum(1, keepdims=True)
+    return np.einsum("nk,nkg->ng", w, values[idx]).astype(np.float32)
+
+
+def expression_from_hinge(model, slide_path, xy, genes: Sequence[str], *, side_px: int,
+                          n_samples: int = 4, seed: int = 0, progress=None) -> np.ndarray:
+    """Mean of HINGE samples at positions ``xy`` (from the real H&E under each tile), over the
+    local model's ``genes`` (KeyError naming those the HINGE model does not predict)."""
+    from napari_hinge.encoders import get_encoder
+    from napari_hinge.features import encode_spots
+    from napari_hinge.hinge.pipeline import normalize_features
+    from napari_hinge.hinge.sampler import sample
+
+    hgenes = list(model.config.genes)
+    missing = [g for g in genes if g not in hgenes]
+    if missing:
+        raise KeyError(f"the HINGE model does not predict {len(missing)} genes of the local "
+                       f"model: {', '.join(missing[:20])}; use neighbour expression or adapt "
+                       "the local model on the HINGE genes")
+    vt = getattr(model.config, "value_transform", "log1p_cp10k")
+    if vt not in (None, "log1p_cp10k"):
+        raise ValueError(f"the HINGE model predicts {vt!r} values; the local model is "
+                         "conditioned on log1p_cp10k")
+    if not model.config.encoder:
+        raise ValueError("the HINGE model records no encoder")
+    feats = encode_spots(slide_path, np.asarray(xy, float), encoder=get_encoder(
+        model.config.encoder), side_px=int(side_px), progress=progress)
+    res = sample(model, normalize_features(model, feats), n_samples=n_samples, seed=seed)
+    mean = res.mean.numpy()
+    return mean[:, [hgenes.index(g) for g in genes]].astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# generate
+
+
+def assemble_mosaic(patches: np.ndarray, layout: TileLayout) -> np.ndarray:
+    """RGBA mosaic ``(R*S, C*S, 4)``: each tile at its grid cell, alpha 0 elsewhere."""
+    s = patches.shape[1]
+    r, c = layout.shape
+    mosaic = np.zeros((r * s, c * s, 4), np.uint8)
+    for p, row, col in zip(patches, layout.rows, layout.cols, strict=True):
+        mosaic[row * s:(row + 1) * s, col * s:(col + 1) * s, :3] = p
+        mosaic[row * s:(row + 1) * s, col * s:(col + 1) * s, 3] = 255
+    return mosaic
+
+
+def fill_region_iter(local: LocalModel, slide, adata, *, region=None, n_spacings: float = 0.6,
+                     source="neighbours", hinge_model=None, k: int = 6,
+                     guidance: float = 2.0, steps: int = 25, seed: int = 0,
+                     max_tiles: int | None = 2000, batch_size: int = 32,
+                     stop: StopToken | None = None, device=None
+                     ) -> Generator[TrainEvent, None, FillResult | None]:
+    """Generate synthetic tiles over a region; a generator of TrainEvents ('step' per
+    denoising step of a batch, 'stopped' or 'done') whose value is a :class:`FillResult`
+    (``None`` when stopped: nothing half-made is returned).
+
+    Parameters
+    ----------
+    local
+        The adapted :class:`LocalModel`.
+    slide
+        The slide (``read_region``, ``shape``, ``levels``) the spots sit on.
+    adata
+        Measured spots (convention of ``napari_hinge._convention``); their pixel size sets
+        the tile size, their positions the sparse-region proposal and neighbour expression.
+    region
+        ``(V, 2)`` polygon (x, y) in level-0 px, or ``None`` to propose tissue farther than
+        ``n_spacings`` spot spacings from any spot.
+    source
+        ``'neighbours'`` (IDW over ``k`` nearest spots) or ``'hinge'`` (``hinge_model``, or the
+        shipped HINGE model when ``None``).
+    guidance, steps, seed
+        Classifier-free guidance scale, DDIM steps, random seed.
+    max_tiles
+        Refuse regions with more tiles (ValueError) instead of running for hours.
+    """
+    stop = stop or StopToken()
+    meta = adata.uns.get(META_KEY, {})
+    mpp = meta.get("microns_per_pixel") or getattr(slide, "microns_per_pixel", None)
+    side = tile_side_px(local, mpp)
+    if region is None:
+        layout = propose_sparse_tiles(slide, adata, side_px=side, n_spacings=n_spacings)
+    else:
+        layout = tiles_in_polygon(region, side_px=side)
+    if max_tiles is not None and len(layout) > max_tiles:
+        raise ValueError(f"the region holds {len(layout)} tiles (> max_tiles={max_tiles}); "
+                         "draw a smaller region")
+    genes = local.genes
+    if source == "neighbours":
+        expression = expression_from_neighbours(adata, genes, layout.centers_xy, k=k)
+    elif source == "hinge":
+        if hinge_model is None:
+            from napari_hinge.hinge.pipeline import load_model
+
+            hinge_model = load_model("shipped")
+        slide_path = meta.get("slide_path") or getattr(slide, "path", None)
+        from napari_hinge.patches import patch_side_px
+
+        expression = expression_from_hinge(hinge_model, slide_path, layout.centers_xy, genes,
+                                           side_px=patch_side_px(adata), seed=seed)
+    else:
+        raise ValueError(f"unknown expression source {source!r}; use 'neighbours' or 'hinge'")
+    gen = local.sample_iter(expression, guidance=guidance, steps=steps, seed=seed,
+                            batch_size=batch_size, device=device)
+    total = len(layout) * steps
+    while True:
+        if stop.requested:
+            gen.close()
+            yield TrainEvent("stopped", 0, 0, total)
+            return None
+        try:
+            done, total = next(gen)
+        except StopIteration as fin:
+            patches = fin.value
+            break
+        yield TrainEvent("step", 0, done, total)
+    params = {"source": source, "guidance": float(guidance), "steps": int(steps),
+              "seed": int(seed), "n_tiles": len(layout), "tile_side_px": side,
+              "n_spacings": None if region is not None else float(n_spacings),
+              "region": "polygon" if region is not None else "proposed sparse tissue",
+              "k": int(k), "genes": genes, "patch_um": local.central.config.patch_um}
+    result = FillResult(assemble_mosaic(patches, layout), layout, patches, expression, genes,
+                        mpp, params)
+    yield TrainEvent("done", 0, total, total, metrics={"n_tiles": len(layout)})
+    return result
+
+
+def fill_region(local: LocalModel, slide, adata, **kwargs) -> FillResult:
+    """:func:`fill_region_iter` run to the end."""
+    from .train import run_to_end
+
+    result, _ = run_to_end(fill_region_iter(local, slide, adata, **kwargs))
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# training pairs
+
+
+def as_training_pairs(result: FillResult, *, encoder="efficientnet-lite0", features: bool = True,
+                      batch_size: int = 8, progress=None
+                      ) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Synthetic pairs for an expression predictor.
+
+    Returns ``(X, expression, genes)``: ``X`` = encoder features ``(n, F)`` (``features=True``;
+    ready for :func:`napari_hinge.hinge.pipeline.fit_hinge_arrays` next to real spots encoded
+    the same way) or the uint8 patches ``(n, S, S, 3)``; ``expression`` ``(n, G)`` is the
+    conditioning expression (``log1p`` CP10k) over ``genes``.
+    """
+    if not features:
+        return result.patches, result.expression, list(result.genes)
+    from napari_hinge.hinge.pipeline import resolve_encoder
+
+    enc = resolve_encoder(encoder)
+    feats = enc.encode(result.patches, batch_size=batch_size, progress=progress)
+    return np.asarray(feats, np.float32), result.expression, list(result.genes)

@@ -1,0 +1,292 @@
+"""C2L-ST training as generators of :class:`~napari_hinge.training.TrainEvent`.
+
+- :func:`train_central`: unconditional v-prediction on unpaired patches (all weights).
+- :func:`train_local`: the same loss with condition dropout on paired ``(patch, expression)``
+  spots; only the adapter (gene encoder + FiLM heads) is optimised, the central model is frozen.
+
+Both draw random batches with a random dihedral flip/rotation per batch (H&E has no preferred
+orientation), keep an exponential moving average (EMA) of the trained weights (what a diffusion
+model should sample with), yield 'step' after every optimiser step and 'epoch' every
+``eval_every`` steps with a validation loss on a fixed held-out set (fixed noise and
+timesteps, so the curve is comparable across steps), check ``stop.requested`` between steps,
+and write atomic checkpoints (``checkpoint_dir/last.pt``) that resume exactly. The generator's
+return value is the model with the EMA weights loaded.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Generator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from napari_hinge.training import (
+    StopToken,
+    TrainEvent,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    seed_everything,
+    set_rng_state,
+)
+
+from .central import CentralModel
+from .data import dihedral_torch
+from .local import LocalModel
+from .schedule import from_uint8
+
+CHECKPOINT = "last.pt"
+
+
+class EMA:
+    """Exponential moving average of a set of parameters (warm-up: ``min(decay, (1+n)/(10+n))``)."""
+
+    def __init__(self, params: dict[str, torch.Tensor], decay: float):
+        self.decay = float(decay)
+        self.shadow = {k: v.detach().clone() for k, v in params.items()}
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self, params: dict[str, torch.Tensor]) -> None:
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for k, v in params.items():
+            self.shadow[k].lerp_(v.detach(), 1 - d)
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "updates": self.updates, "shadow": self.shadow}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.decay, self.updates = state["decay"], state["updates"]
+        self.shadow = {k: v.clone() for k, v in state["shadow"].items()}
+
+
+def _split(n: int, val_count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    order = np.random.default_rng(seed).permutation(n)
+    val_count = min(val_count, max(0, n - 1))
+    return np.sort(order[val_count:]), np.sort(order[:val_count])
+
+
+def _loop(*, model, trainable: dict[str, torch.nn.Parameter], loss_fn: Callable, n_train: int,
+          val_loss_fn: Callable | None, steps: int, batch_size: int, lr: float,
+          weight_decay: float, ema_decay: float, seed: int, eval_every: int,
+          checkpoint_dir, resume: bool, stop: StopToken | None, device,
+          extra_state: dict) -> Generator[TrainEvent, None, None]:
+    stop = stop or StopToken()
+    seed_everything(seed)
+    opt = torch.optim.AdamW(list(trainable.values()), lr=lr, weight_decay=weight_decay)
+    ema = EMA(trainable, ema_decay)
+    start = 0
+    ckpt = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir is not None else None
+    history: list[dict] = []
+    if resume:
+        if ckpt is None or not ckpt.is_file():
+            raise FileNotFoundError(f"resume: no checkpoint at {ckpt}")
+        state = load_checkpoint(ckpt)
+        if state.get("kind") != extra_state.get("kind"):
+            raise ValueError(f"{ckpt}: a {state.get('kind')!r} checkpoint, expected "
+                             f"{extra_state.get('kind')!r}")
+        with torch.no_grad():
+            for k, p in trainable.items():
+                p.copy_(state["params"][k])
+        opt.load_state_dict(state["optimizer"])
+        ema.load_state_dict(state["ema"])
+        start, history = int(state["step"]), list(state.get("history", []))
+        set_rng_state(state["rng"])
+    # own generators (batches, flips, noise, timesteps), saved with checkpoints: a resumed run
+    # draws exactly what the uninterrupted run would have drawn
+    g = torch.Generator()
+    g.manual_seed(seed * 7919)
+    rng = np.random.default_rng(seed * 31)
+    if resume and "generator" in state:
+        g.set_state(state["generator"])
+        rng.bit_generator.state = state["numpy_generator"]
+    elif resume:  # a checkpoint without generator states: continue on fresh streams
+        g.manual_seed(seed * 7919 + start)
+        rng = np.random.default_rng(seed * 31 + start)
+
+    def save(step: int) -> None:
+        if ckpt is None:
+            return
+        save_checkpoint(ckpt, {"params": {k: v.detach().cpu() for k, v in trainable.items()},
+                               "optimizer": opt.state_dict(), "ema": ema.state_dict(),
+                               "step": step, "rng": rng_state(), "history": history,
+                               "generator": g.get_state(),
+                               "numpy_generator": rng.bit_generator.state,
+                               **extra_state})
+
+    losses: list[float] = []
+    t0 = time.perf_counter()
+    epoch = start // max(1, eval_every)
+    step = start
+    for step in range(start, steps):
+        if stop.requested:
+            save(step)
+            yield TrainEvent("stopped", epoch, step, steps, losses[-1] if losses else None)
+            _load_ema(trainable, ema)
+            return
+        idx = rng.choice(n_train, size=min(batch_size, n_train), replace=n_train < batch_size)
+        k = int(rng.integers(8))
+        model.train()
+        loss = loss_fn(idx, k, g)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(trainable.values()), 1.0)
+        opt.step()
+        ema.update(trainable)
+        losses.append(loss.item())
+        yield TrainEvent("step", epoch, step + 1, steps, losses[-1])
+        if (step + 1) % eval_every == 0 or step + 1 == steps:
+            val = None
+            if val_loss_fn is not None:
+                backup = {kk: v.detach().clone() for kk, v in trainable.items()}
+                _load_ema(trainable, ema)
+                val = val_loss_fn()
+                with torch.no_grad():
+                    for kk, p in trainable.items():
+                        p.copy_(backup[kk])
+            recent = float(np.mean(losses[-eval_every:]))
+            history.append({"step": step + 1, "loss": recent, "val_loss": val,
+                            "seconds": time.perf_counter() - t0})
+            save(step + 1)
+            yield TrainEvent("epoch", epoch, step + 1, steps, recent, val,
+                             metrics={"seconds": time.perf_counter() - t0})
+            epoch += 1
+    _load_ema(trainable, ema)
+    last = history[-1] if history else {}
+    yield TrainEvent("done", epoch, steps, steps, last.get("loss"), last.get("val_loss"),
+                     metrics={"history": history, "steps": steps, "seed": seed,
+                              "batch_size": batch_size, "lr": lr, "ema_decay": ema_decay,
+                              "seconds": time.perf_counter() - t0})
+
+
+@torch.no_grad()
+def _load_ema(trainable: dict[str, torch.nn.Parameter], ema: EMA) -> None:
+    for k, p in trainable.items():
+        p.copy_(ema.shadow[k])
+
+
+def _fixed_val(schedule, x0: torch.Tensor, seed: int):
+    g = torch.Generator().manual_seed(seed + 12345)
+    t = torch.linspace(0, schedule.T - 1, len(x0)).round().long()
+    noise = torch.randn(x0.shape, generator=g)
+    return t, noise
+
+
+def train_central(model: CentralModel, patches: np.ndarray, *, steps: int = 2000,
+                  batch_size: int = 32, lr: float = 2e-4, weight_decay: float = 0.0,
+                  ema_decay: float = 0.995, val_count: int = 64, eval_every: int = 100,
+                  seed: int = 0, checkpoint_dir=None, resume: bool = False,
+                  stop: StopToken | None = None, device=None
+                  ) -> Generator[TrainEvent, None, CentralModel]:
+    """Pre-train a central model on unpaired uint8 patches ``(N, S, S, 3)``.
+
+    Returns (as the generator's value) the model with the EMA weights.
+    """
+    patches = np.asarray(patches)
+    size = model.config.image_size
+    if patches.ndim != 4 or patches.shape[1:] != (size, size, 3) or patches.dtype != np.uint8:
+        raise ValueError(f"patches must be uint8 (N, {size}, {size}, 3), got {patches.shape} "
+                         f"{patches.dtype}")
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    model.to(device)
+    train_idx, val_idx = _split(len(patches), val_count, seed)
+    data = from_uint8(patches[train_idx])
+    val_x = from_uint8(patches[val_idx]).to(device) if len(val_idx) else None
+    schedule = model.schedule
+
+    def loss_fn(idx, k, g):
+        x0 = dihedral_torch(data[idx], k).to(device)
+        return schedule.training_loss(model, x0, None, g)
+
+    def val_loss_fn():
+        model.eval()
+        t, noise = _fixed_val(schedule, val_x, seed)
+        with torch.no_grad():
+            xt = schedule.add_noise(val_x, noise.to(device), t.to(device))
+            v = model(xt, t.to(device))
+            return float(((v - schedule.v_target(val_x, noise.to(device), t.to(device))) ** 2)
+                         .mean())
+
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    yield from _loop(model=model, trainable=trainable, loss_fn=loss_fn, n_train=len(data),
+                     val_loss_fn=val_loss_fn if val_x is not None else None, steps=steps,
+                     batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                     ema_decay=ema_decay, seed=seed, eval_every=eval_every,
+                     checkpoint_dir=checkpoint_dir, resume=resume, stop=stop, device=device,
+                     extra_state={"kind": "c2l-central", "config": model.config.to_dict()})
+    return model.eval()
+
+
+def train_local(model: LocalModel, patches: np.ndarray, expression: np.ndarray, *,
+                steps: int = 600, batch_size: int = 32, lr: float = 1e-3,
+                weight_decay: float = 0.0, ema_decay: float = 0.99, val_count: int = 16,
+                eval_every: int = 50, seed: int = 0, checkpoint_dir=None, resume: bool = False,
+                stop: StopToken | None = None, device=None
+                ) -> Generator[TrainEvent, None, LocalModel]:
+    """Adapt a local model on paired spots (``patches`` uint8, ``expression`` ``(N, G)``
+    over ``model.genes``). Sets the expression standardisation from the training spots on a
+    fresh run. Returns the model with the EMA adapter weights.
+    """
+    patches = np.asarray(patches)
+    expression = np.asarray(expression, dtype=np.float32)
+    size = model.central.config.image_size
+    if patches.ndim != 4 or patches.shape[1:] != (size, size, 3) or patches.dtype != np.uint8:
+        raise ValueError(f"patches must be uint8 (N, {size}, {size}, 3), got {patches.shape}")
+    if expression.shape != (len(patches), len(model.genes)):
+        raise ValueError(f"expression must be ({len(patches)}, {len(model.genes)}) over the "
+                         f"model's genes, got {expression.shape}")
+    if len(patches) < 2:
+        raise ValueError("local adaptation needs at least 2 paired spots")
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    model.to(device)
+    train_idx, val_idx = _split(len(patches), val_count, seed)
+    if not resume:
+        model.set_expression_stats(expression[train_idx])
+    elif checkpoint_dir is not None and (Path(checkpoint_dir) / CHECKPOINT).is_file():
+        state = load_checkpoint(Path(checkpoint_dir) / CHECKPOINT)
+        if "expr_mean" in state:
+            model.expr_mean.copy_(state["expr_mean"])
+            model.expr_std.copy_(state["expr_std"])
+    data, cond = from_uint8(patches[train_idx]), torch.as_tensor(expression[train_idx])
+    val_x = from_uint8(patches[val_idx]).to(device) if len(val_idx) else None
+    val_c = torch.as_tensor(expression[val_idx]).to(device)
+    schedule = model.schedule
+
+    def loss_fn(idx, k, g):
+        model.central.eval()  # frozen: no dropout in the central network
+        x0 = dihedral_torch(data[idx], k).to(device)
+        return model.training_loss(x0, cond[idx].to(device), g)
+
+    def val_loss_fn():
+        model.eval()
+        t, noise = _fixed_val(schedule, val_x, seed)
+        t, noise = t.to(device), noise.to(device)
+        with torch.no_grad():
+            v = model(schedule.add_noise(val_x, noise, t), t, val_c)
+            return float(((v - schedule.v_target(val_x, noise, t)) ** 2).mean())
+
+    trainable = {n: p for n, p in model.named_parameters() if not n.startswith("central.")}
+    yield from _loop(model=model, trainable=trainable, loss_fn=loss_fn, n_train=len(data),
+                     val_loss_fn=val_loss_fn if val_x is not None else None, steps=steps,
+                     batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                     ema_decay=ema_decay, seed=seed, eval_every=eval_every,
+                     checkpoint_dir=checkpoint_dir, resume=resume, stop=stop, device=device,
+                     extra_state={"kind": "c2l-local", "config": model.config.to_dict(),
+                                  "expr_mean": model.expr_mean.cpu(),
+                                  "expr_std": model.expr_std.cpu()})
+    return model.eval()
+
+
+def run_to_end(gen, on_event: Callable[[TrainEvent], None] | None = None):
+    """Drain a training generator; returns ``(result, last_event)``."""
+    last = None
+    while True:
+        try:
+            last = next(gen)
+        except StopIteration as done:
+            return done.value, last
+        if on_event is not None:
+            on_event(last)

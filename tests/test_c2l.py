@@ -1,0 +1,400 @@
+"""C2L-ST: schedule and sampler, central/local models, training, region filling, CLI.
+
+Tiny networks on real patches of the shipped her2st C3 sample (64 px = 112 µm of tissue).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from napari_hinge.c2l.central import CentralConfig, CentralModel
+from napari_hinge.c2l.data import paired_spots, slide_patches
+from napari_hinge.c2l.fill import (
+    FillResult,
+    as_training_pairs,
+    expression_from_neighbours,
+    fill_region,
+    fill_region_iter,
+    propose_sparse_tiles,
+    spot_spacing_px,
+    tiles_in_polygon,
+)
+from napari_hinge.c2l.local import LocalModel, build_local
+from napari_hinge.c2l.schedule import NoiseSchedule, ddim_sample, from_uint8, to_uint8
+from napari_hinge.c2l.train import run_to_end, train_central, train_local
+from napari_hinge.c2l.unet import UNetConfig
+from napari_hinge.training import StopToken
+
+GENES = ["ERBB2", "GRB7", "CD74", "MGP", "KRT19", "SCGB2A2"]
+
+
+def tiny_central(seed: int = 0) -> CentralModel:
+    torch.manual_seed(seed)
+    cfg = CentralConfig(unet=UNetConfig(stem=4, channels=(16, 32), attention_levels=(1,),
+                                        time_dim=32, groups=8), timesteps=100)
+    return CentralModel(cfg)
+
+
+@pytest.fixture(scope="module")
+def sample():
+    from napari_hinge.datasets import load_her2st_sample
+
+    return load_her2st_sample()
+
+
+@pytest.fixture(scope="module")
+def slide(sample):
+    from napari_hinge.io.slides import open_slide
+
+    meta = sample.uns["napari_hinge"]
+    return open_slide(meta["slide_path"], mpp=meta["microns_per_pixel"])
+
+
+@pytest.fixture(scope="module")
+def pairs(sample, slide):
+    genes = [g for g in GENES if g in sample.var_names]
+    assert len(genes) >= 4
+    return paired_spots(sample, genes, slide=slide)
+
+
+@pytest.fixture(scope="module")
+def trained_local(pairs):
+    patches, expr, genes, _ = pairs
+    local = build_local(tiny_central(), genes, hidden=32, seed=0)
+    model, last = run_to_end(train_local(local, patches, expr, steps=6, batch_size=8,
+                                         eval_every=3, val_count=8))
+    assert last.kind == "done"
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# schedule and sampler
+
+
+def test_schedule_is_monotone_and_v_inverts():
+    s = NoiseSchedule(1000)
+    ab = s.alpha_bar
+    assert ab[0] > 0.999 and ab[-1] < 1e-3 and torch.all(ab[1:] < ab[:-1])
+    x0, noise = torch.rand(4, 3, 8, 8) * 2 - 1, torch.randn(4, 3, 8, 8)
+    t = torch.tensor([0, 10, 500, 999])
+    xt, v = s.add_noise(x0, noise, t), s.v_target(x0, noise, t)
+    a, sg = s.coefficients(t)
+    torch.testing.assert_close(a * xt - sg * v, x0, atol=1e-5, rtol=0)
+
+
+def test_ddim_with_an_oracle_recovers_the_target_image():
+    """A network that predicts the exact v for a known x0 must lead DDIM to that x0, at any
+    number of steps and with guidance (both branches agree)."""
+    s = NoiseSchedule(200)
+    target = torch.rand(2, 3, 8, 8) * 1.6 - 0.8
+
+    def oracle(x, t, cond):
+        a, sg = s.coefficients(t)
+        eps = (x - a * target) / sg
+        return a * eps - sg * target
+
+    for steps in (1, 5, 50):
+        out = ddim_sample(oracle, s, target.shape, cond=torch.zeros(2, 1), guidance=3.0,
+                          steps=steps, generator=torch.Generator().manual_seed(0))
+        torch.testing.assert_close(out, target, atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="DDIM steps"):
+        ddim_sample(oracle, s, target.shape, steps=0)
+
+
+def test_uint8_round_trip_and_bad_input():
+    img = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(to_uint8(from_uint8(img)), img)
+    with pytest.raises(ValueError, match="uint8"):
+        from_uint8(img.astype(np.float32))
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+
+
+def test_slide_patches_are_tissue_at_the_physical_scale(slide):
+    patches, centres = slide_patches(slide, max_patches=12, seed=0)
+    assert patches.shape == (12, 64, 64, 3) and patches.dtype == np.uint8
+    assert len(centres) == 12
+    # tissue, not glass: H&E patches are clearly darker than white background on average
+    assert patches.mean() < 225
+    assert patches.std(axis=(1, 2, 3)).min() > 5
+
+
+def test_paired_spots_on_the_sample(sample, pairs):
+    patches, expr, genes, keep = pairs
+    assert patches.shape == (len(keep), 64, 64, 3)
+    assert expr.shape == (len(keep), len(genes))
+    from napari_hinge.hinge.pipeline import transform_values
+
+    full, _ = transform_values(sample, genes)
+    np.testing.assert_allclose(expr, full[keep])
+    with pytest.raises(KeyError, match="NOT_A_GENE"):
+        paired_spots(sample, ["ERBB2", "NOT_A_GENE"])
+
+
+# ---------------------------------------------------------------------------------------------
+# models
+
+
+def test_central_save_load_round_trip(tmp_path):
+    m = tiny_central()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    m.save(tmp_path / "c")
+    m2 = CentralModel.load(tmp_path / "c")
+    for (k, a), (k2, b) in zip(m.state_dict().items(), m2.state_dict().items(), strict=True):
+        assert k == k2 and torch.equal(a, b)
+    x, t = torch.randn(2, 3, 64, 64), torch.tensor([3, 50])
+    with torch.no_grad():
+        assert torch.equal(m.eval()(x, t), m2(x, t))
+    with pytest.raises(FileNotFoundError, match="not found"):
+        CentralModel.load(tmp_path / "missing")
+    cfg = json.loads((tmp_path / "c" / "config.json").read_text())
+    cfg["kind"] = "something-else"
+    (tmp_path / "c" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="expected 'c2l-central'"):
+        CentralModel.load(tmp_path / "c")
+
+
+def test_shipped_central_loads_and_samples():
+    m = CentralModel.load("shipped")
+    out = m.sample(2, steps=3, seed=0)
+    assert out.shape == (2, 64, 64, 3) and out.dtype == np.uint8
+
+
+def test_local_starts_as_the_central_model_and_trains_only_the_adapter(pairs):
+    patches, expr, genes, _ = pairs
+    central = tiny_central()
+    with torch.no_grad():  # a non-trivial "pre-trained" central model
+        central.unet.out.weight.normal_(0, 0.05)
+    before = {k: v.clone() for k, v in central.state_dict().items()}
+    local = build_local(central, genes, hidden=32)
+    x, t = from_uint8(patches[:4]), torch.tensor([5, 20, 50, 90])
+    cond = torch.as_tensor(expr[:4])
+    with torch.no_grad():
+        torch.testing.assert_close(local(x, t, cond), central(x, t), atol=0, rtol=0)
+    model, _ = run_to_end(train_local(local, patches, expr, steps=5, batch_size=8,
+                                      eval_every=5, val_count=8, lr=5e-3))
+    for k, v in central.state_dict().items():
+        assert torch.equal(v, before[k]), f"central weight {k} changed"
+    assert any(h.weight.abs().sum() > 0 for h in model.film)
+    with torch.no_grad():
+        a = model(x, t, cond)
+        b = model(x, t, cond.flip(0))
+        u = model(x, t, None)
+    assert (a - b).abs().max() > 1e-6, "the output ignores the expression"
+    assert (a - u).abs().max() > 1e-6
+
+
+def test_local_save_load_round_trip(trained_local, tmp_path):
+    trained_local.save(tmp_path / "local")
+    back = LocalModel.load(tmp_path / "local")
+    assert back.genes == trained_local.genes
+    for (k, a), (k2, b) in zip(trained_local.state_dict().items(), back.state_dict().items(),
+                               strict=True):
+        assert k == k2 and torch.equal(a, b), k
+    e = np.tile(trained_local.expr_mean.numpy(), (2, 1))
+    np.testing.assert_array_equal(trained_local.sample(e, steps=2, seed=3),
+                                  back.sample(e, steps=2, seed=3))
+    with pytest.raises(ValueError, match="expected 'c2l-local'"):
+        LocalModel.load(tmp_path / "local" / "central")
+
+
+def test_local_rejects_wrong_expression_width(trained_local):
+    with pytest.raises(ValueError, match="expression must be"):
+        trained_local.sample(np.zeros((2, 3)), steps=2)
+
+
+# ---------------------------------------------------------------------------------------------
+# training
+
+
+def test_central_training_lowers_the_loss_on_real_patches(slide):
+    patches, _ = slide_patches(slide, max_patches=40, seed=1)
+    model = tiny_central()
+    events = []
+    model, last = run_to_end(train_central(model, patches, steps=40, batch_size=8, lr=3e-3,
+                                           val_count=8, eval_every=20, ema_decay=0.9),
+                             events.append)
+    vals = [e.val_loss for e in events if e.kind == "epoch"]
+    # an untrained (zero-output) network scores E[v^2] ~ 1 on the fixed validation draw
+    assert last.kind == "done" and vals[-1] < 0.6, vals
+    assert [e.step for e in events if e.kind == "step"] == list(range(1, 41))
+
+
+def test_training_resumes_exactly_after_a_stop(slide, tmp_path):
+    patches, _ = slide_patches(slide, max_patches=24, seed=2)
+    kw = {"steps": 6, "batch_size": 4, "lr": 1e-3, "val_count": 4, "eval_every": 3, "seed": 5}
+    ref, _ = run_to_end(train_central(tiny_central(), patches, **kw))
+
+    stop = StopToken()
+    seen = []
+
+    def on_event(e):
+        seen.append(e.kind)
+        if e.kind == "step" and e.step == 4:
+            stop.request()
+
+    _, last = run_to_end(train_central(tiny_central(), patches, checkpoint_dir=tmp_path,
+                                       stop=stop, **kw), on_event)
+    assert last.kind == "stopped" and (tmp_path / "last.pt").is_file()
+    resumed, last = run_to_end(train_central(tiny_central(seed=9), patches,
+                                             checkpoint_dir=tmp_path, resume=True, **kw))
+    assert last.kind == "done"
+    for (k, a), b in zip(ref.state_dict().items(), resumed.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=k)
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        run_to_end(train_central(tiny_central(), patches, checkpoint_dir=tmp_path / "none",
+                                 resume=True, **kw))
+
+
+def test_train_rejects_bad_patches():
+    with pytest.raises(ValueError, match="uint8"):
+        run_to_end(train_central(tiny_central(), np.zeros((4, 32, 32, 3), np.uint8)))
+
+
+# ---------------------------------------------------------------------------------------------
+# filling
+
+
+def test_neighbour_expression_is_exact_at_a_spot(sample):
+    xy = np.asarray(sample.obsm["spatial"], float)
+    from napari_hinge.hinge.pipeline import transform_values
+
+    vals, _ = transform_values(sample, GENES)
+    got = expression_from_neighbours(sample, GENES, xy[:5] + 1e-9, k=1)
+    np.testing.assert_allclose(got, vals[:5], rtol=1e-5)
+    mid = (xy[0] + xy[1]) / 2
+    two = expression_from_neighbours(sample, GENES, mid[None], k=2)
+    if np.allclose(np.linalg.norm(xy - mid, axis=1)[[0, 1]], np.sort(
+            np.linalg.norm(xy - mid, axis=1))[:2]):
+        np.testing.assert_allclose(two[0], vals[:2].mean(0), rtol=1e-4)
+    with pytest.raises(KeyError, match="NOPE"):
+        expression_from_neighbours(sample, ["NOPE"], xy[:1])
+
+
+def test_proposed_sparse_tiles_are_tissue_far_from_spots(sample, slide):
+    from scipy.spatial import cKDTree
+
+    side = 112.0 / sample.uns["napari_hinge"]["microns_per_pixel"]
+    layout = propose_sparse_tiles(slide, sample, side_px=side, n_spacings=0.6)
+    assert len(layout) > 0
+    d, _ = cKDTree(sample.obsm["spatial"]).query(layout.centers_xy)
+    assert d.min() > 0.6 * spot_spacing_px(sample)
+    assert layout.rows.min() == 0 and layout.cols.min() == 0
+    with pytest.raises(ValueError, match="no tissue tile"):
+        propose_sparse_tiles(slide, sample, side_px=side, n_spacings=1e6)
+
+
+def test_polygon_tiles_and_placement():
+    poly = np.array([[100, 200], [420, 200], [420, 390], [100, 390]], float)
+    layout = tiles_in_polygon(poly, side_px=80.0)
+    # 320 x 190 px: 4 columns; the third row's centres (y = 400) fall outside the polygon
+    assert layout.shape == (2, 4) and len(layout) == 8
+    patches = np.zeros((8, 64, 64, 3), np.uint8)
+    res = FillResult(np.zeros((2 * 64, 4 * 64, 4), np.uint8), layout, patches,
+                     np.zeros((8, 1), np.float32), ["G"], 0.5)
+    place = res.placement()
+    d = 80.0 / 64
+    assert place["scale"] == pytest.approx((d * 0.5, d * 0.5))
+    # the centre of tile (r, c) in the mosaic lands on its level-0 centre, in napari's pixel
+    # convention (slide pixel i centred at world i * mpp)
+    for i in (0, 5, 7):
+        r, c = layout.rows[i], layout.cols[i]
+        world = np.array(place["translate"]) + np.array(place["scale"]) * (
+            np.array([r, c]) * 64 + 31.5)
+        cx, cy = layout.centers_xy[i]
+        np.testing.assert_allclose(world, [(cy - 0.5) * 0.5, (cx - 0.5) * 0.5], atol=1e-9)
+    with pytest.raises(ValueError, match="no tile centre"):
+        tiles_in_polygon(poly, side_px=5000.0)
+    with pytest.raises(ValueError, match=">= 3"):
+        tiles_in_polygon(poly[:2], side_px=10.0)
+
+
+def test_fill_region_end_to_end(trained_local, sample, slide):
+    xy = np.asarray(sample.obsm["spatial"], float)
+    x0, y0 = xy.min(0)
+    side = 112.0 / sample.uns["napari_hinge"]["microns_per_pixel"]
+    poly = np.array([[x0, y0], [x0 + 2 * side, y0], [x0 + 2 * side, y0 + 2 * side],
+                     [x0, y0 + 2 * side]])
+    events = []
+    gen = fill_region_iter(trained_local, slide, sample, region=poly, steps=3, guidance=2.0)
+    res, last = run_to_end(gen, events.append)
+    assert last.kind == "done" and isinstance(res, FillResult)
+    n = len(res.layout)
+    assert n == 4 and res.patches.shape == (4, 64, 64, 3)
+    assert res.mosaic.shape == (128, 128, 4) and (res.mosaic[..., 3] == 255).all()
+    assert res.expression.shape == (4, len(trained_local.genes))
+    table = res.table()
+    assert list(table.columns[:4]) == ["row", "col", "x", "y"]
+    assert list(table.columns[4:]) == trained_local.genes
+    assert events[-2].step == events[-2].total_steps == 4 * 3
+    # deterministic for a seed
+    again = fill_region(trained_local, slide, sample, region=poly, steps=3, guidance=2.0)
+    np.testing.assert_array_equal(again.mosaic, res.mosaic)
+    X, y, genes = as_training_pairs(res, features=False)
+    assert X.shape == (4, 64, 64, 3) and y.shape == (4, len(genes))
+    with pytest.raises(ValueError, match="max_tiles"):
+        fill_region(trained_local, slide, sample, region=poly, steps=1, max_tiles=2)
+    with pytest.raises(ValueError, match="unknown expression source"):
+        fill_region(trained_local, slide, sample, region=poly, steps=1, source="magic")
+
+
+def test_fill_stops_without_a_result(trained_local, sample, slide):
+    stop = StopToken()
+    events = []
+
+    def on_event(e):
+        events.append(e)
+        if e.kind == "step":
+            stop.request()
+
+    res, last = run_to_end(fill_region_iter(trained_local, slide, sample, n_spacings=0.6,
+                                            steps=4, stop=stop), on_event)
+    assert res is None and last.kind == "stopped"
+
+
+def test_training_pairs_features(trained_local, sample, slide):
+    xy = np.asarray(sample.obsm["spatial"], float)
+    x0, y0 = xy.min(0)
+    poly = np.array([[x0, y0], [x0 + 90, y0], [x0 + 90, y0 + 90], [x0, y0 + 90]])
+    res = fill_region(trained_local, slide, sample, region=poly, steps=2)
+    X, y, genes = as_training_pairs(res)
+    assert X.shape == (len(res.layout), 1280) and np.isfinite(X).all()
+    assert genes == trained_local.genes
+
+
+# ---------------------------------------------------------------------------------------------
+# command line
+
+
+def test_cli_adapt_and_synthesize(trained_local, tmp_path, capsys):
+    import argparse
+
+    from napari_hinge.c2l.cli import register
+    from napari_hinge.datasets import her2st_sample_paths
+
+    parser = argparse.ArgumentParser(prog="napari-hinge")
+    register(parser.add_subparsers(dest="command", required=True))
+    model_dir = tmp_path / "local"
+    trained_local.save(model_dir)
+    folder = her2st_sample_paths()["folder"]
+    out = tmp_path / "fill"
+    args = parser.parse_args(["synthesize", f"{folder}:C3", "--model", str(model_dir),
+                              "--out", str(out), "--steps", "2", "--n-spacings", "0.6"])
+    assert args.func(args) == 0
+    assert (out / "mosaic.png").is_file() and (out / "tiles.csv").is_file()
+    meta = json.loads((out / "fill.json").read_text())
+    assert meta["n_tiles"] > 0 and len(meta["placement"]["scale"]) == 2
+    pairs = np.load(out / "pairs.npz")
+    assert pairs["patches"].shape[0] == meta["n_tiles"]
+    args = parser.parse_args(["synthesize", f"{folder}:C3", "--model", str(tmp_path / "nope"),
+                              "--out", str(tmp_path / "x")])
+    with pytest.raises(FileNotFoundError, match="nope"):
+        args.func(args)
