@@ -110,12 +110,12 @@ def main(argv=None) -> int:
     from napari_hinge.c2l.data import paired_spots
     from napari_hinge.c2l.fill import expression_from_neighbours
     from napari_hinge.c2l.local import build_local
-    from napari_hinge.c2l.train import run_to_end, train_local
+    from napari_hinge.c2l.train import train_local
     from napari_hinge.encoders import get_encoder
     from napari_hinge.expression import select_gene_panel
     from napari_hinge.hinge.pipeline import library_size, transform_values
     from napari_hinge.io.spatial import read_her2st
-    from napari_hinge.training import seed_everything
+    from napari_hinge.training import run_to_end, seed_everything
 
     seed_everything(args.seed)
     rng = np.random.default_rng(args.seed)

@@ -37,7 +37,8 @@ from napari_hinge.stmgac.cluster import gmm_labels, refine_labels
 from napari_hinge.stmgac.graph import gcn_normalize, knn_adjacency, to_torch
 from napari_hinge.stmgac.preprocess import counts_matrix, preprocess, seurat_v3_hvg
 from napari_hinge.stmgac.presets import get_preset
-from napari_hinge.stmgac.train import run_to_end, train_stmgac
+from napari_hinge.stmgac.train import train_stmgac
+from napari_hinge.training import run_to_end
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("NAPARI_HINGE_SHARED", REPO.parent / "shared")) / "data"
@@ -149,7 +150,7 @@ def run_dataset(data: dict, seeds, epochs, log) -> list[dict]:
                      "n_found": int(lab.max() + 1), "resolution": res,
                      **evaluate(truth, lab, coords)})
         t = time.perf_counter()
-        model = run_to_end(train_stmgac(pre.x, adj, preset, n_domains=k, epochs=epochs,
+        model, _ = run_to_end(train_stmgac(pre.x, adj, preset, n_domains=k, epochs=epochs,
                                         seed=seed))
         t_train = time.perf_counter() - t
         z = model.embed(torch.from_numpy(pre.x), to_torch(gcn_normalize(adj))).numpy()

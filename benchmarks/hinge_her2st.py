@@ -41,10 +41,10 @@ from napari_hinge.hinge.pipeline import (
     fit_hinge_arrays,
     normalize_features,
     restrict_to_vocab,
-    run_training,
 )
 from napari_hinge.hinge.sampler import sample
 from napari_hinge.metrics import expression_scores
+from napari_hinge.training import run_to_end
 
 BASELINES = ("hest_ridge", "tuned_ridge", "mlp", "knn10")
 HINGE_METHODS = {"hinge": "builtin", "hinge_random_backbone": "random"}
@@ -66,7 +66,7 @@ def hinge_fold(fold, *, backbone: str, args) -> dict:
         warmup_epochs=args.warmup_epochs, val_fraction=args.val_fraction, seed=args.seed,
         val_samples=0, device=args.device,
     )
-    model, last = run_training(gen)
+    model, last = run_to_end(gen)
     t1 = time.perf_counter()
     X_te = fold.X_test_aug if (args.tta and fold.X_test_aug is not None) else fold.X_test
     res = sample(model, normalize_features(model, X_te), n_samples=args.samples,

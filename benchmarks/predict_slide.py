@@ -28,22 +28,16 @@ SLIDE = REPO.parent / "shared" / "data" / "wsi_small" / "her2st_C2_HE_pyramid.ti
 SPOT_PITCH_UM = 200.0
 
 
-def drain(gen):
-    while True:
-        try:
-            next(gen)
-        except StopIteration as done:
-            return done.value
-
-
 def speed(model, stride_um: float, n_samples: int, reveal_steps: int | None) -> dict:
     from napari_hinge.hinge.slide_predict import predict_slide_iter
+    from napari_hinge.training import run_to_end
 
     rows = {}
     for cache in ("cold", "warm"):
         start = time.perf_counter()
-        prediction = drain(predict_slide_iter(model, SLIDE, stride_um=stride_um,
-                                              n_samples=n_samples, reveal_steps=reveal_steps))
+        prediction, _ = run_to_end(predict_slide_iter(model, SLIDE, stride_um=stride_um,
+                                                      n_samples=n_samples,
+                                                      reveal_steps=reveal_steps))
         seconds = time.perf_counter() - start
         rows[cache] = {"tiles": len(prediction.grid), "seconds": round(seconds, 2),
                        "tiles_per_s": round(len(prediction.grid) / seconds, 2)}

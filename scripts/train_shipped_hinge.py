@@ -32,12 +32,12 @@ from napari_hinge.hinge.pipeline import (
     load_model,
     normalize_features,
     restrict_to_vocab,
-    run_training,
     save_model,
 )
 from napari_hinge.hinge.sampler import sample
 from napari_hinge.metrics import expression_scores
 from napari_hinge.scfm import load_backbone
+from napari_hinge.training import run_to_end
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("NAPARI_HINGE_SHARED", REPO.parent / "shared")) / "data" / \
@@ -92,7 +92,7 @@ def main(argv=None) -> int:
                 print(f"epoch {ev.epoch}: loss {ev.loss:.4f} val {ev.val_loss:.4f} "
                       f"({time.perf_counter() - t0:.0f} s)", flush=True)
 
-        model, done = run_training(gen, show)
+        model, done = run_to_end(gen, show)
         train_s = time.perf_counter() - t0
         best = Path(tmp) / "ckpt" / "best"
         chosen = load_model(best if best.is_dir() else Path(tmp) / "ckpt" / "final")

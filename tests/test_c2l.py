@@ -25,9 +25,9 @@ from napari_hinge.c2l.fill import (
 )
 from napari_hinge.c2l.local import LocalModel, build_local
 from napari_hinge.c2l.schedule import NoiseSchedule, ddim_sample, from_uint8, to_uint8
-from napari_hinge.c2l.train import run_to_end, train_central, train_local
+from napari_hinge.c2l.train import train_central, train_local
 from napari_hinge.c2l.unet import UNetConfig
-from napari_hinge.training import StopToken
+from napari_hinge.training import StopToken, run_to_end
 
 GENES = ["ERBB2", "GRB7", "CD74", "MGP", "KRT19", "SCGB2A2"]
 

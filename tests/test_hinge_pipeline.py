@@ -29,7 +29,7 @@ from napari_hinge.hinge.pipeline import (
     shipped_model_dir,
     transform_values,
 )
-from napari_hinge.training import StopToken
+from napari_hinge.training import StopToken, run_to_end
 
 TINY = "test-colour-stats"
 
@@ -79,12 +79,10 @@ def hinge_cli(monkeypatch):
 
 
 def _drain(gen):
+    """Run a generator to its end; its return value and every event it yielded."""
     events = []
-    while True:
-        try:
-            events.append(next(gen))
-        except StopIteration as stop:
-            return stop.value, events
+    value, _ = run_to_end(gen, events.append)
+    return value, events
 
 
 # -- data ---------------------------------------------------------------------------------------

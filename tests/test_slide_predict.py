@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from napari_hinge.hinge.slide_predict import predict_slide_iter, write_ome_tiff
-from napari_hinge.training import StopToken
+from napari_hinge.training import StopToken, run_to_end
 
 GENES = ["ERBB2", "GRB7", "KRT19", "CD74"]
 
@@ -27,12 +27,10 @@ def slide(shared_data):
 
 
 def drain(gen):
+    """Run a generator to its end; its return value and every event it yielded."""
     events = []
-    while True:
-        try:
-            events.append(next(gen))
-        except StopIteration as done:
-            return done.value, events
+    value, _ = run_to_end(gen, events.append)
+    return value, events
 
 
 def test_maps_cover_the_tissue_grid(model, slide, tmp_path):

@@ -22,8 +22,8 @@ from napari_hinge.stmgac.losses import latent_mse, positive_pairs, sce_loss
 from napari_hinge.stmgac.model import STMGAC, STMGACConfig
 from napari_hinge.stmgac.preprocess import preprocess
 from napari_hinge.stmgac.presets import PRESETS, Preset, get_preset, load_preset
-from napari_hinge.stmgac.train import run_to_end, train_stmgac
-from napari_hinge.training import StopToken
+from napari_hinge.stmgac.train import train_stmgac
+from napari_hinge.training import StopToken, run_to_end
 
 torch.set_num_threads(1)
 
@@ -189,7 +189,7 @@ def test_determinism_with_seed(crop_input, fast_preset):
     pre, adj = crop_input
 
     def latent(seed):
-        model = run_to_end(train_stmgac(pre.x, adj, fast_preset, n_domains=5, epochs=12,
+        model, _ = run_to_end(train_stmgac(pre.x, adj, fast_preset, n_domains=5, epochs=12,
                                         seed=seed))
         return model.embed(torch.from_numpy(pre.x), to_torch(gcn_normalize(adj)))
 
@@ -216,7 +216,7 @@ def test_mask_views_rates(crop_input):
 
 def test_save_load_roundtrip(tmp_path, crop_input, fast_preset):
     pre, adj = crop_input
-    model = run_to_end(train_stmgac(pre.x, adj, fast_preset, n_domains=5, epochs=3, seed=0))
+    model, _ = run_to_end(train_stmgac(pre.x, adj, fast_preset, n_domains=5, epochs=3, seed=0))
     model.save(tmp_path / "m")
     again = STMGAC.load(tmp_path / "m")
     for (k1, v1), (k2, v2) in zip(model.state_dict().items(), again.state_dict().items(),

@@ -62,6 +62,19 @@ class StopToken:
         return self._event.is_set()
 
 
+def run_to_end(gen, on_event=None):
+    """Drive a trainer (any TrainEvent generator) to its end, calling ``on_event(event)``
+    for each event; return ``(the generator's return value, the last event)``."""
+    last = None
+    while True:
+        try:
+            last = next(gen)
+        except StopIteration as done:
+            return done.value, last
+        if on_event is not None:
+            on_event(last)
+
+
 def seed_everything(seed: int) -> int:
     """Seed Python, NumPy and torch; return the seed so callers can record it."""
     random.seed(seed)

@@ -21,34 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-
-def _progress(total: int, desc: str):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True)
-
-
-def _drain(gen, desc: str):
-    """Run a TrainEvent generator with a tqdm bar; returns ``(value, last_event)``."""
-    bar = None
-    last = None
-    while True:
-        try:
-            ev = next(gen)
-        except StopIteration as stop:
-            if bar is not None:
-                bar.close()
-            return stop.value, last
-        last = ev
-        if bar is None:
-            bar = _progress(ev.total_steps, desc)
-        bar.n = min(ev.step, ev.total_steps)
-        if ev.loss is not None:
-            post = {"loss": f"{ev.loss:.4f}"}
-            if ev.val_loss is not None:
-                post["val"] = f"{ev.val_loss:.4f}"
-            bar.set_postfix(post, refresh=False)
-        bar.refresh()
+from napari_hinge.cli import run_with_bar
 
 
 def _train_args(p: argparse.ArgumentParser, steps: int, lr: float, ema: float) -> None:
@@ -147,7 +120,7 @@ def cmd_pretrain(args) -> int:
     print(f"corpus: {corpus.summary()}")
     model = CentralModel.load(args.init) if args.init else CentralModel()
     ckpt = args.checkpoints or args.out.with_name(args.out.name + ".checkpoints")
-    model, last = _drain(train_central(model, corpus.patches, steps=args.steps,
+    model, last = run_with_bar(train_central(model, corpus.patches, steps=args.steps,
                                        batch_size=args.batch_size, lr=args.lr,
                                        ema_decay=args.ema, seed=args.seed, checkpoint_dir=ckpt,
                                        resume=args.resume, device=_device(args.device)),
@@ -186,7 +159,7 @@ def cmd_adapt(args) -> int:
     print(f"{len(patches)} paired spots, {len(genes)} genes")
     local = build_local(args.central, genes, seed=args.seed)
     ckpt = args.checkpoints or args.out.with_name(args.out.name + ".checkpoints")
-    local, last = _drain(train_local(local, patches, expr, steps=args.steps,
+    local, last = run_with_bar(train_local(local, patches, expr, steps=args.steps,
                                      batch_size=args.batch_size, lr=args.lr, ema_decay=args.ema,
                                      seed=args.seed, checkpoint_dir=ckpt, resume=args.resume,
                                      device=_device(args.device)), "c2l-adapt")
@@ -240,7 +213,7 @@ def cmd_synthesize(args) -> int:
         from napari_hinge.hinge.pipeline import load_model
 
         hinge = load_model(args.hinge_model)
-    result, last = _drain(fill_region_iter(local, slide, adata, region=region,
+    result, last = run_with_bar(fill_region_iter(local, slide, adata, region=region,
                                            n_spacings=args.n_spacings, source=args.source,
                                            hinge_model=hinge, k=args.k, guidance=args.guidance,
                                            steps=args.steps, seed=args.seed,

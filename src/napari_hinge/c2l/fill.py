@@ -335,7 +335,7 @@ def fill_region_iter(local: LocalModel, slide, adata, *, region=None, n_spacings
 
 def fill_region(local: LocalModel, slide, adata, **kwargs) -> FillResult:
     """:func:`fill_region_iter` run to the end."""
-    from .train import run_to_end
+    from napari_hinge.training import run_to_end
 
     result, _ = run_to_end(fill_region_iter(local, slide, adata, **kwargs))
     return result

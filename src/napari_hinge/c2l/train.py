@@ -279,14 +279,3 @@ def train_local(model: LocalModel, patches: np.ndarray, expression: np.ndarray, 
                                   "expr_std": model.expr_std.cpu()})
     return model.eval()
 
-
-def run_to_end(gen, on_event: Callable[[TrainEvent], None] | None = None):
-    """Drain a training generator; returns ``(result, last_event)``."""
-    last = None
-    while True:
-        try:
-            last = next(gen)
-        except StopIteration as done:
-            return done.value, last
-        if on_event is not None:
-            on_event(last)

@@ -259,6 +259,8 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_predict_slide(args) -> int:
+    from napari_hinge.cli import run_with_bar
+
     from .slide_predict import predict_slide_iter, write_ome_tiff
 
     if not args.slide.is_file():
@@ -267,21 +269,7 @@ def cmd_predict_slide(args) -> int:
     gen = predict_slide_iter(model, args.slide, stride_um=args.stride, genes=_genes(args.genes),
                              n_samples=args.samples, reveal_steps=args.reveal_steps,
                              seed=args.seed, mpp=args.mpp)
-    bar = None
-    try:
-        while True:
-            try:
-                event = next(gen)
-            except StopIteration as done:
-                prediction = done.value
-                break
-            if bar is None:
-                bar = _bar(event.total_steps, "tiles")
-                bar.unit = "batch"
-            bar.update(event.step - bar.n)
-    finally:
-        if bar is not None:
-            bar.close()
+    prediction, _ = run_with_bar(gen, "tiles", unit="batch")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_ome_tiff(prediction, out / "maps.ome.tif")

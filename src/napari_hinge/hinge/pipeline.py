@@ -462,18 +462,6 @@ def fit_hinge(datasets: Sequence, *, genes: Sequence[str] | None = None, n_genes
     return model
 
 
-def run_training(gen: Iterator[TrainEvent], callback: Callable[[TrainEvent], None] | None = None):
-    """Drain a training generator; returns ``(model, last_event)``."""
-    last = None
-    while True:
-        try:
-            last = next(gen)
-        except StopIteration as stop:
-            return stop.value, last
-        if callback is not None:
-            callback(last)
-
-
 # ---------------------------------------------------------------------------------------------
 # prediction and evaluation
 

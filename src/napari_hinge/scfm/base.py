@@ -212,3 +212,21 @@ def transform_counts(counts: torch.Tensor, transform: str = "log1p_cp10k",
     if transform == "log2p1":
         return torch.log2(counts + 1.0)
     raise ValueError(f"unknown value transform {transform!r}; use 'log1p_cp10k' or 'log2p1'")
+
+
+def require_complete_state(expected: dict, state: dict, what: str, *, show=str) -> None:
+    """Raise ``ValueError('<what>: missing N tensors: ...; wrong shapes: ...')`` when ``state``
+    lacks tensors of ``expected`` (a module's state dict) or holds them in other shapes.
+    ``show`` renders a key as the checkpoint file names it."""
+    missing = [show(k) for k in expected if k not in state]
+    wrong = [f"{show(k)} {tuple(state[k].shape)} (expected {tuple(expected[k].shape)})"
+             for k in expected if k in state and state[k].shape != expected[k].shape]
+    if not (missing or wrong):
+        return
+    parts = []
+    if missing:
+        parts.append(f"missing {len(missing)} tensors: {', '.join(missing[:8])}"
+                     + (" ..." if len(missing) > 8 else ""))
+    if wrong:
+        parts.append(f"wrong shapes: {'; '.join(wrong[:8])}")
+    raise ValueError(f"{what}: " + "; ".join(parts))

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .base import BackboneConfig, GeneTokenBackbone, PostNormBlock
+from .base import BackboneConfig, GeneTokenBackbone, PostNormBlock, require_complete_state
 
 GENE_TABLES = ("expand_gene_info.csv", "gene_info.csv")
 NAME_COLUMNS = ("gene_name", "gene", "symbol", "feature_name", "name", "HGNC")
@@ -323,18 +323,8 @@ def load_cellfm(weights: str | Path, gene_table: str | Path | None = None, *,
         elif v.dim() == 2 and v.shape != want[k].shape and v.t().shape == want[k].shape:
             v = v.t()  # a transposed dense weight (in x out)
         state[k] = v.to(want[k].dtype).contiguous()
-    missing = [_ms_name(k) for k in want if k not in state]
-    wrong = [f"{_ms_name(k)} {tuple(state[k].shape)} (expected {tuple(want[k].shape)})"
-             for k in want if k in state and state[k].shape != want[k].shape]
-    if missing or wrong:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} tensors: {', '.join(missing[:8])}"
-                         + (" ..." if len(missing) > 8 else ""))
-        if wrong:
-            parts.append(f"wrong shapes: {'; '.join(wrong[:8])}")
-        raise ValueError(f"{weights} is not a complete CellFM encoder (d_model {d}, "
-                         f"{len(layers)} layers): " + "; ".join(parts))
+    require_complete_state(want, state, f"{weights} is not a complete CellFM encoder "
+                           f"(d_model {d}, {len(layers)} layers)", show=_ms_name)
     model.load_state_dict(state, strict=True)
     model.skipped_keys = skipped
     model.ignored_keys = unused

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .base import BackboneConfig, GeneTokenBackbone, MHABlock
+from .base import BackboneConfig, GeneTokenBackbone, MHABlock, require_complete_state
 
 SPECIALS = ("<pad>", "<cls>", "<eoc>")
 IGNORED_PREFIXES = ("cls_decoder.", "mvc_decoder.", "dsbn.", "bn.", "batch_encoder.",
@@ -220,19 +220,8 @@ def load_scgpt(folder: str | Path, *, dropout: float | None = None) -> ScGPTBack
             state[new] = tensor
         elif not key.endswith("num_batches_tracked"):
             ignored.append(key)
-    missing = [k for k in want if k not in state]
-    wrong = [f"{k} {tuple(state[k].shape)} (expected {tuple(want[k].shape)})"
-             for k in want if k in state and state[k].shape != want[k].shape]
-    if missing or wrong:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} tensors: {', '.join(missing[:8])}"
-                         + (" ..." if len(missing) > 8 else ""))
-        if wrong:
-            parts.append(f"wrong shapes: {'; '.join(wrong[:8])}")
-        raise ValueError(f"{weights_path} does not fit {args_path} "
-                         f"(embsize {config.d_model}, {config.n_layers} layers): "
-                         + "; ".join(parts))
+    require_complete_state(want, state, f"{weights_path} does not fit {args_path} "
+                           f"(embsize {config.d_model}, {config.n_layers} layers)")
     model.load_state_dict(state, strict=True)
     model.ignored_keys = ignored
     config.extra["ignored_keys"] = sorted({k.split(".")[0] for k in ignored})

@@ -154,13 +154,3 @@ def train_stmgac(
     yield TrainEvent("done", epochs - 1, epochs, epochs, loss_value, metrics=summary)
     return model
 
-
-def run_to_end(gen: Generator[TrainEvent, None, object], on_event=None):
-    """Drive a trainer generator, calling ``on_event(event)`` for each; return its value."""
-    while True:
-        try:
-            ev = next(gen)
-        except StopIteration as fin:
-            return fin.value
-        if on_event is not None:
-            on_event(ev)
