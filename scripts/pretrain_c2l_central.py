@@ -1,15 +1,20 @@
 """Pre-train the shipped C2L-ST central model (unconditional 64 px H&E patch diffusion).
 
+Two stages, both resumable from --checkpoints: the autoencoder (64 x 64 x 3 -> 16 x 16 x 4,
+``checkpoints/autoencoder``), then the latent diffusion UNet on its frozen code. ``--pixel``
+trains the earlier pixel-space model instead (one stage).
+
 Corpus (unpaired tissue tiles, 112 um of tissue -> 64 px, half-patch overlap):
 her2st C2, C4, C5, C6 (C3 is left out: it is the shipped sample and the held-out section of the
 benchmarks), CMU-1-Small-Region, and the three DLPFC low-resolution images cut at their own scale
 (64 px = ~0.8 mm there; upsampling 9 px spots would add no morphology).
 
-    python scripts/pretrain_c2l_central.py --data ../shared/data --steps 1500 \
+    python scripts/pretrain_c2l_central.py --data ../shared/data --ae-steps 2000 --steps 4000 \
         --out src/napari_hinge/weights/c2l_central
 
-Writes OUT/config.json, OUT/model.safetensors, OUT/training_log.json, OUT/samples.png and
-OUT/TRAINING.md; checkpoints in --checkpoints (``--resume`` continues them), with a grid of
+Writes OUT/config.json, OUT/model.safetensors (float16), OUT/training_log.json,
+OUT/samples.png, OUT/reconstructions.png (latent: real patches over their autoencoder
+reconstructions) and OUT/TRAINING.md; checkpoints in --checkpoints (``--resume`` continues them), with a grid of
 real corpus patches (real_patches.png) to compare the samples with.
 """
 
@@ -25,11 +30,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from napari_hinge.c2l.autoencoder import AutoencoderConfig, PatchAutoencoder
 from napari_hinge.c2l.central import CentralConfig, CentralModel
 from napari_hinge.c2l.data import CorpusSource, build_corpus, load_corpus, save_corpus
-from napari_hinge.c2l.train import train_central
+from napari_hinge.c2l.schedule import from_uint8, to_uint8
+from napari_hinge.c2l.train import train_autoencoder, train_central
 from napari_hinge.c2l.unet import UNetConfig, count_parameters
-from napari_hinge.training import seed_everything
+from napari_hinge.training import load_checkpoint, save_checkpoint, seed_everything
 
 HER2ST_TRAIN = ("C2", "C4", "C5", "C6")
 
@@ -64,6 +71,21 @@ def grid_png(images: np.ndarray, path: Path, cols: int = 8) -> None:
                                    Image.NEAREST).save(path)
 
 
+def drive(gen, label: str, t0: float):
+    """Run a trainer to its end, printing each evaluation; returns (model, 'done' event)."""
+    done = None
+    while True:
+        try:
+            ev = next(gen)
+        except StopIteration as stop:
+            return stop.value, done
+        if ev.kind == "epoch":
+            print(f"{label} step {ev.step}/{ev.total_steps} loss {ev.loss:.4f} val "
+                  f"{ev.val_loss:.4f} {time.perf_counter() - t0:.0f}s", flush=True)
+        if ev.kind == "done":
+            done = ev
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[1])
     p.add_argument("--data", type=Path, default=Path("../shared/data"))
@@ -81,6 +103,10 @@ def main(argv=None) -> int:
     p.add_argument("--her2st-max", type=int, default=2000)
     p.add_argument("--cmu-max", type=int, default=1000)
     p.add_argument("--dlpfc-max", type=int, default=200)
+    p.add_argument("--ae-steps", type=int, default=2000)
+    p.add_argument("--ae-batch-size", type=int, default=16)
+    p.add_argument("--ae-lr", type=float, default=1e-3)
+    p.add_argument("--pixel", action="store_true", help="pixel-space model (no autoencoder)")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--device", default=None)
     args = p.parse_args(argv)
@@ -103,46 +129,76 @@ def main(argv=None) -> int:
     print("corpus:", corpus.summary(), flush=True)
 
     channels = tuple(int(c) for c in args.channels.split(","))
-    config = CentralConfig(unet=UNetConfig(stem=4, channels=channels, attention_levels=(1, 2)))
-    model = CentralModel(config)
+    ae_config = None if args.pixel else AutoencoderConfig()
+    if ae_config is None:
+        unet = UNetConfig(stem=4, channels=channels, attention_levels=(1, 2))
+    else:
+        c, side, _ = ae_config.latent_shape
+        unet = UNetConfig(image_size=side, in_channels=c, stem=1, channels=channels,
+                          attention_levels=(1, 2))
+    model = CentralModel(CentralConfig(unet=unet, autoencoder=ae_config))
     n_params = count_parameters(model)
-    print(f"central UNet: {n_params / 1e6:.2f} M parameters", flush=True)
+    print(f"central model: {n_params / 1e6:.2f} M parameters", flush=True)
     ckpt = args.checkpoints
-    gen = train_central(model, corpus.patches, steps=args.steps, batch_size=args.batch_size,
-                        lr=args.lr, ema_decay=args.ema, seed=args.seed, eval_every=50,
-                        checkpoint_dir=ckpt, resume=args.resume, device=args.device)
     t0 = time.perf_counter()
-    done = None
-    while True:
-        try:
-            ev = next(gen)
-        except StopIteration as stop:
-            model = stop.value
-            break
-        if ev.kind == "epoch":
-            print(f"step {ev.step}/{ev.total_steps} loss {ev.loss:.4f} val {ev.val_loss:.4f} "
-                  f"{time.perf_counter() - t0:.0f}s", flush=True)
-        if ev.kind == "done":
-            done = ev
-    model.cpu().save(args.out)
+    ae_log = {}
+    if ae_config is not None:
+        ae_final = ckpt / "autoencoder" / "final.pt"
+        if ae_final.is_file():
+            state = load_checkpoint(ae_final)
+            model.autoencoder.load_state_dict(state["weights"])
+            ae_log = state["log"]
+            print(f"autoencoder: loaded {ae_final}", flush=True)
+        else:
+            resume_ae = args.resume and (ckpt / "autoencoder" / "last.pt").is_file()
+            ae, done = drive(train_autoencoder(
+                PatchAutoencoder(ae_config), corpus.patches, steps=args.ae_steps,
+                batch_size=args.ae_batch_size, lr=args.ae_lr, seed=args.seed, eval_every=100,
+                checkpoint_dir=ckpt / "autoencoder", resume=resume_ae, device=args.device),
+                "autoencoder", t0)
+            model.set_autoencoder(ae.cpu())
+            ae_log = {"steps": args.ae_steps, "batch_size": args.ae_batch_size,
+                      "lr": args.ae_lr, "history": done.metrics["history"] if done else [],
+                      "seconds": done.metrics["seconds"] if done else None}
+            save_checkpoint(ae_final, {"weights": model.autoencoder.state_dict(),
+                                       "log": ae_log})
+    resume = args.resume and (ckpt / "last.pt").is_file()
+    model, done = drive(train_central(
+        model, corpus.patches, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+        ema_decay=args.ema, seed=args.seed, eval_every=50, checkpoint_dir=ckpt, resume=resume,
+        device=args.device), "diffusion", t0)
+    # ship float16 and sample from what was written, so the pictures match the shipped file
+    model.cpu().save(args.out, half=True)
+    model = CentralModel.load(args.out)
     samples = model.sample(32, steps=25, seed=1)
     grid_png(samples, args.out / "samples.png")
     real = corpus.patches[np.random.default_rng(1).choice(len(corpus), 32, replace=False)]
     grid_png(real, args.checkpoints / "real_patches.png")
+    if ae_config is not None:
+        recon = to_uint8(model.decode(model.encode(from_uint8(real[:16]))))
+        grid_png(np.concatenate([real[:8], recon[:8], real[8:16], recon[8:16]]),
+                 args.out / "reconstructions.png")
     log = {"command": " ".join(["python", *sys.argv]), "seed": args.seed, "steps": args.steps,
            "batch_size": args.batch_size, "lr": args.lr, "ema_decay": args.ema,
            "parameters": n_params, "corpus": corpus.summary(), "threads": args.threads,
            "machine": platform.processor() or platform.machine(),
-           "torch": torch.__version__, "history": done.metrics["history"] if done else [],
+           "torch": torch.__version__, "autoencoder": ae_log,
+           "history": done.metrics["history"] if done else [],
            "seconds": done.metrics["seconds"] if done else None}
     (args.out / "training_log.json").write_text(json.dumps(log, indent=2))
-    h = log["history"]
+    h, ah = log["history"], ae_log.get("history") or [{}]
+    space = ("pixel space, 4x4 space-to-depth stem" if ae_config is None else
+             f"latent space: an autoencoder 64 x 64 x 3 -> {unet.image_size} x "
+             f"{unet.image_size} x {unet.in_channels} (trained first, then frozen; "
+             f"{args.ae_steps} steps of batch {args.ae_batch_size}, lr {args.ae_lr}; "
+             f"validation L1 + gradient L1 {ah[-1].get('val_loss') or float('nan'):.4f})")
     (args.out / "TRAINING.md").write_text(f"""# C2L-ST central model (shipped weights)
 
-Unconditional pixel-space diffusion model of H&E patches: 112 um of tissue at 64 x 64 px
-(1.75 um/px), v-prediction, cosine schedule (T = 1000), UNet with a 4x4 space-to-depth stem,
-channels {channels}, attention at 8x8 and 4x4, {n_params / 1e6:.2f} M parameters, EMA
-{args.ema}. Sampled with DDIM (25 steps in `samples.png`).
+Unconditional diffusion model of H&E patches, 112 um of tissue at 64 x 64 px (1.75 um/px), in
+{space}. v-prediction, cosine schedule (T = 1000), UNet channels {channels}, attention at the
+two coarse levels, {n_params / 1e6:.2f} M parameters in all, EMA {args.ema}, stored as float16.
+`samples.png`: 32 DDIM samples (25 steps, seed 1){'' if ae_config is None else
+'; `reconstructions.png`: rows of real patches, each followed by its reconstruction'}.
 
 Command (from the repository root):
 
@@ -151,15 +207,15 @@ Command (from the repository root):
 - Data: {json.dumps(corpus.summary())} patches (tissue tiles, half-patch overlap, random
   flips/rotations during training). her2st C3 is left out (shipped sample, held-out benchmark
   section). DLPFC low-resolution images are cut at their own scale (~12.7 um/px).
-- Seed {args.seed}; {args.steps} steps of batch {args.batch_size}; AdamW lr {args.lr};
+- Seed {args.seed}; {args.steps} diffusion steps of batch {args.batch_size}; AdamW lr {args.lr};
   {args.threads} CPU threads (shared machine), {log['seconds'] or 0:.0f} s.
-- Final training loss (mean of the last 50 steps) {h[-1]['loss'] if h else float('nan'):.4f};
-  validation loss (64 held-out patches, fixed noise/timesteps, EMA weights)
-  {h[-1]['val_loss'] if h else float('nan'):.4f}; full curve in `training_log.json`.
+- Final diffusion training loss (mean of the last 50 steps)
+  {h[-1]['loss'] if h else float('nan'):.4f}; validation loss (64 held-out patches, fixed
+  noise/timesteps, EMA weights) {h[-1]['val_loss'] if h else float('nan'):.4f}; full curves
+  in `training_log.json`.
 
-These are weights from a CPU budget of minutes: samples have H&E colours and tissue-like
-texture at low magnification, not crisp nuclei. Re-run the command with more `--steps` on a GPU
-for a better prior; the local model adapts to whatever central weights it is given.
+Re-run the command with more `--steps` (or `--resume` with a larger `--steps`) on a GPU for a
+better prior; the local model adapts to whatever central weights it is given.
 """)
     print(f"wrote {args.out}", flush=True)
     return 0

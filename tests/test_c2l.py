@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from napari_hinge.c2l.autoencoder import AutoencoderConfig, PatchAutoencoder, image_loss
 from napari_hinge.c2l.central import CentralConfig, CentralModel
 from napari_hinge.c2l.data import paired_spots, slide_patches
 from napari_hinge.c2l.fill import (
@@ -25,17 +26,25 @@ from napari_hinge.c2l.fill import (
 )
 from napari_hinge.c2l.local import LocalModel, build_local
 from napari_hinge.c2l.schedule import NoiseSchedule, ddim_sample, from_uint8, to_uint8
-from napari_hinge.c2l.train import train_central, train_local
+from napari_hinge.c2l.train import train_autoencoder, train_central, train_local
 from napari_hinge.c2l.unet import UNetConfig
 from napari_hinge.training import StopToken, run_to_end
 
 GENES = ["ERBB2", "GRB7", "CD74", "MGP", "KRT19", "SCGB2A2"]
 
 
-def tiny_central(seed: int = 0) -> CentralModel:
+TINY_AE = AutoencoderConfig(channels=(8, 16, 32), groups=8)
+
+
+def tiny_central(seed: int = 0, latent: bool = True) -> CentralModel:
+    """A tiny central model; latent (like the shipped one) unless ``latent=False``."""
     torch.manual_seed(seed)
-    cfg = CentralConfig(unet=UNetConfig(stem=4, channels=(16, 32), attention_levels=(1,),
-                                        time_dim=32, groups=8), timesteps=100)
+    unet = dict(channels=(16, 32), attention_levels=(1,), time_dim=32, groups=8)
+    if latent:
+        cfg = CentralConfig(unet=UNetConfig(image_size=16, in_channels=4, stem=1, **unet),
+                            autoencoder=TINY_AE, timesteps=100)
+    else:
+        cfg = CentralConfig(unet=UNetConfig(stem=4, **unet), timesteps=100)
     return CentralModel(cfg)
 
 
@@ -141,8 +150,9 @@ def test_paired_spots_on_the_sample(sample, pairs):
 # models
 
 
-def test_central_save_load_round_trip(tmp_path):
-    m = tiny_central()
+@pytest.mark.parametrize("latent", [True, False])
+def test_central_save_load_round_trip(tmp_path, latent):
+    m = tiny_central(latent=latent)
     with torch.no_grad():
         for p in m.parameters():
             p.add_(torch.randn_like(p) * 0.01)
@@ -150,9 +160,10 @@ def test_central_save_load_round_trip(tmp_path):
     m2 = CentralModel.load(tmp_path / "c")
     for (k, a), (k2, b) in zip(m.state_dict().items(), m2.state_dict().items(), strict=True):
         assert k == k2 and torch.equal(a, b)
-    x, t = torch.randn(2, 3, 64, 64), torch.tensor([3, 50])
+    x, t = torch.randn(2, *m.config.sample_shape), torch.tensor([3, 50])
     with torch.no_grad():
         assert torch.equal(m.eval()(x, t), m2(x, t))
+    np.testing.assert_array_equal(m.sample(2, steps=2, seed=4), m2.sample(2, steps=2, seed=4))
     with pytest.raises(FileNotFoundError, match="not found"):
         CentralModel.load(tmp_path / "missing")
     cfg = json.loads((tmp_path / "c" / "config.json").read_text())
@@ -162,8 +173,61 @@ def test_central_save_load_round_trip(tmp_path):
         CentralModel.load(tmp_path / "c")
 
 
+def test_half_precision_save_halves_the_file_and_reloads_identically(tmp_path):
+    m = tiny_central()
+    m.save(tmp_path / "f32")
+    m.save(tmp_path / "f16", half=True)
+    size = lambda d: (tmp_path / d / "model.safetensors").stat().st_size  # noqa: E731
+    assert size("f16") < 0.6 * size("f32")
+    a, b = CentralModel.load(tmp_path / "f16"), CentralModel.load(tmp_path / "f16")
+    for (k, x), y in zip(a.state_dict().items(), m.state_dict().values(), strict=True):
+        assert x.dtype == y.dtype, k  # back in float32 for computing
+        if x.is_floating_point():
+            assert torch.equal(x, y.half().float()), k
+    np.testing.assert_array_equal(a.sample(2, steps=2, seed=1), b.sample(2, steps=2, seed=1))
+
+
+def test_latent_config_must_fit_the_autoencoder_code():
+    with pytest.raises(ValueError, match="latent UNet needs in_channels 4, image_size 16"):
+        CentralConfig(unet=UNetConfig(stem=4), autoencoder=AutoencoderConfig())
+    cfg = tiny_central().config
+    assert cfg.image_size == 64 and cfg.sample_shape == (4, 16, 16)
+    assert cfg.microns_per_pixel == pytest.approx(112 / 64)
+
+
+def test_autoencoder_learns_real_patches_and_standardises_its_code(slide):
+    patches, _ = slide_patches(slide, max_patches=48, seed=3)
+    x = from_uint8(patches)
+    torch.manual_seed(0)
+    ae = PatchAutoencoder(TINY_AE)
+    with torch.no_grad():
+        untrained = float(image_loss(ae.decoder(ae.encoder(x)), x))
+    events = []
+    ae, last = run_to_end(train_autoencoder(ae, patches, steps=30, batch_size=8, lr=3e-3,
+                                            val_count=8, eval_every=10, ema_decay=0.9),
+                          events.append)
+    vals = [e.val_loss for e in events if e.kind == "epoch"]
+    assert last.kind == "done" and vals[-1] < 0.6 * untrained, (untrained, vals)
+    with torch.no_grad():
+        code = ae.encode(x)
+        back = ae.decode(code)
+    assert code.shape == (48, 4, 16, 16) and back.shape == x.shape
+    assert back.abs().max() <= 1
+    # statistics measured on the training patches: the code is ~standardised per channel
+    np.testing.assert_allclose(code[:40].mean(dim=(0, 2, 3)), 0, atol=0.35)
+    np.testing.assert_allclose(code[:40].std(dim=(0, 2, 3)), 1, atol=0.35)
+    # the central model takes the trained autoencoder over, frozen
+    central = tiny_central()
+    central.set_autoencoder(ae)
+    assert torch.equal(central.encode(x[:2]), code[:2])
+    assert not any(p.requires_grad for p in central.autoencoder.parameters())
+    with pytest.raises(ValueError, match="no autoencoder"):
+        tiny_central(latent=False).set_autoencoder(ae)
+
+
 def test_shipped_central_loads_and_samples():
     m = CentralModel.load("shipped")
+    assert m.autoencoder is not None, "the shipped central model is a latent model"
     out = m.sample(2, steps=3, seed=0)
     assert out.shape == (2, 64, 64, 3) and out.dtype == np.uint8
 
@@ -175,7 +239,7 @@ def test_local_starts_as_the_central_model_and_trains_only_the_adapter(pairs):
         central.unet.out.weight.normal_(0, 0.05)
     before = {k: v.clone() for k, v in central.state_dict().items()}
     local = build_local(central, genes, hidden=32)
-    x, t = from_uint8(patches[:4]), torch.tensor([5, 20, 50, 90])
+    x, t = central.encode(from_uint8(patches[:4])), torch.tensor([5, 20, 50, 90])
     cond = torch.as_tensor(expr[:4])
     with torch.no_grad():
         torch.testing.assert_close(local(x, t, cond), central(x, t), atol=0, rtol=0)
@@ -215,9 +279,10 @@ def test_local_rejects_wrong_expression_width(trained_local):
 # training
 
 
-def test_central_training_lowers_the_loss_on_real_patches(slide):
+@pytest.mark.parametrize("latent", [True, False])
+def test_central_training_lowers_the_loss_on_real_patches(slide, latent):
     patches, _ = slide_patches(slide, max_patches=40, seed=1)
-    model = tiny_central()
+    model = tiny_central(latent=latent)
     events = []
     model, last = run_to_end(train_central(model, patches, steps=40, batch_size=8, lr=3e-3,
                                            val_count=8, eval_every=20, ema_decay=0.9),

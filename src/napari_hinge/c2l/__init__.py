@@ -14,7 +14,7 @@ from __future__ import annotations
 from .central import CentralConfig, CentralModel
 from .fill import FillResult, as_training_pairs, fill_region, fill_region_iter
 from .local import LocalConfig, LocalModel, build_local
-from .train import train_central, train_local
+from .train import train_autoencoder, train_central, train_local
 
 __all__ = [
     "CentralConfig",
@@ -26,6 +26,7 @@ __all__ = [
     "build_local",
     "fill_region",
     "fill_region_iter",
+    "train_autoencoder",
     "train_central",
     "train_local",
 ]

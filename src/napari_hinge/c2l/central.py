@@ -1,8 +1,10 @@
 """The central model: an unconditional diffusion model of H&E patches.
 
-A :class:`CentralModel` is a :class:`~napari_hinge.c2l.unet.UNet` plus its noise schedule and
-the physical scale of its patches (``patch_um`` of tissue resampled to ``image_size`` px), so
-that every caller cuts patches the way the model saw them. It learns morphology from unpaired
+A :class:`CentralModel` is a :class:`~napari_hinge.c2l.unet.UNet` plus its noise schedule, the
+physical scale of its patches (``patch_um`` of tissue resampled to ``image_size`` px, so that
+every caller cuts patches the way the model saw them) and, for a latent model, the frozen
+:class:`~napari_hinge.c2l.autoencoder.PatchAutoencoder` whose code the UNet denoises
+(``encode``/``decode`` are the identity for a pixel-space model). It learns morphology from unpaired
 patches of many slides; the local model (:mod:`napari_hinge.c2l.local`) freezes it and adds
 gene-conditioned modulation.
 
@@ -19,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .autoencoder import AutoencoderConfig, PatchAutoencoder
 from .schedule import NoiseSchedule, ddim_sample, to_uint8
 from .unet import UNet, UNetConfig
 
@@ -36,16 +39,40 @@ class CentralConfig:
     #: tissue side of one patch in µm (resampled to ``unet.image_size`` pixels)
     patch_um: float = 112.0
     prediction: str = "v"
+    #: latent model: the autoencoder whose code the UNet works on (None: pixel space)
+    autoencoder: AutoencoderConfig | None = None
     kind: str = "c2l-central"
+
+    def __post_init__(self) -> None:
+        if self.autoencoder is not None:
+            c, side, _ = self.autoencoder.latent_shape
+            if (self.unet.in_channels, self.unet.image_size // self.unet.stem,
+                    self.unet.stem) != (c, side, 1):
+                raise ValueError(f"a latent UNet needs in_channels {c}, image_size {side} and "
+                                 f"stem 1 for the autoencoder's code, got {self.unet}")
 
     @property
     def image_size(self) -> int:
-        return self.unet.image_size
+        """Side in pixels of the patches the model generates."""
+        ae = self.autoencoder
+        return ae.image_size if ae is not None else self.unet.image_size
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        """Shape of one sample in the space the diffusion runs in."""
+        if self.autoencoder is not None:
+            return self.autoencoder.latent_shape
+        return (self.unet.in_channels, self.unet.image_size, self.unet.image_size)
+
+    @property
+    def x0_clip(self) -> float | None:
+        """Pixel values live in [-1, 1]; a standardised code has no hard range."""
+        return None if self.autoencoder is not None else 1.0
 
     @property
     def microns_per_pixel(self) -> float:
         """Pixel size of the patches the model generates."""
-        return self.patch_um / self.unet.image_size
+        return self.patch_um / self.image_size
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -54,8 +81,9 @@ class CentralConfig:
     def from_dict(cls, data: dict) -> CentralConfig:
         data = dict(data)
         unet = UNetConfig(**data.pop("unet", {}))
+        ae = data.pop("autoencoder", None)
         known = {k: data[k] for k in ("timesteps", "patch_um", "prediction", "kind") if k in data}
-        return cls(unet=unet, **known)
+        return cls(unet=unet, autoencoder=AutoencoderConfig(**ae) if ae else None, **known)
 
 
 class CentralModel(nn.Module):
@@ -68,9 +96,29 @@ class CentralModel(nn.Module):
             raise ValueError(f"only v-prediction is implemented, got {self.config.prediction!r}")
         self.unet = UNet(self.config.unet)
         self.schedule = NoiseSchedule(self.config.timesteps)
+        self.autoencoder = None
+        if self.config.autoencoder is not None:
+            self.autoencoder = PatchAutoencoder(self.config.autoencoder)
+            self.autoencoder.requires_grad_(False)  # trained before the UNet, then frozen
 
     def forward(self, x, t, cond=None, modulations=None):
         return self.unet(x, t, modulations)
+
+    def set_autoencoder(self, autoencoder: PatchAutoencoder) -> None:
+        """Copy a trained autoencoder's weights (and code statistics) into this latent model."""
+        if self.autoencoder is None:
+            raise ValueError("a pixel-space central model has no autoencoder")
+        self.autoencoder.load_state_dict(autoencoder.state_dict())
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] -> what the diffusion denoises (the code, or the images)."""
+        return images if self.autoencoder is None else self.autoencoder.encode(images)
+
+    @torch.no_grad()
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`encode`: images in [-1, 1]."""
+        return x.clamp(-1, 1) if self.autoencoder is None else self.autoencoder.decode(x)
 
     @torch.no_grad()
     def sample(self, n: int, *, steps: int = 25, seed: int = 0, batch_size: int = 32,
@@ -86,10 +134,9 @@ class CentralModel(nn.Module):
         done = 0
         for start in range(0, n, batch_size):
             b = min(batch_size, n - start)
-            shape = (b, 3, self.config.image_size, self.config.image_size)
-            x = ddim_sample(self, self.schedule, shape, steps=steps, generator=g,
-                            device=device)
-            out.append(to_uint8(x))
+            x = ddim_sample(self, self.schedule, (b, *self.config.sample_shape), steps=steps,
+                            generator=g, device=device, clip=self.config.x0_clip)
+            out.append(to_uint8(self.decode(x)))
             done += b
             if progress is not None:
                 progress(done, n)
@@ -98,9 +145,11 @@ class CentralModel(nn.Module):
                                                         self.config.image_size, 3), np.uint8)
 
     # -- persistence ---------------------------------------------------------------------------
-    def save(self, directory: str | os.PathLike) -> Path:
-        """Write ``config.json`` + ``model.safetensors`` (atomically) into ``directory``."""
-        return save_module(self, self.config.to_dict(), directory)
+    def save(self, directory: str | os.PathLike, *, half: bool = False) -> Path:
+        """Write ``config.json`` + ``model.safetensors`` (atomically) into ``directory``;
+        ``half`` stores the floating-point tensors as float16 (half the size; reload the
+        folder to work with exactly what was written)."""
+        return save_module(self, self.config.to_dict(), directory, half=half)
 
     @classmethod
     def load(cls, directory: str | os.PathLike = SHIPPED, *,
@@ -123,7 +172,7 @@ def shipped_central_dir() -> Path:
 
 
 def save_module(module: nn.Module, config: dict, directory: str | os.PathLike,
-                extra: dict[str, torch.Tensor] | None = None) -> Path:
+                extra: dict[str, torch.Tensor] | None = None, half: bool = False) -> Path:
     from safetensors.torch import save_file
 
     from napari_hinge.training import atomic_write
@@ -133,6 +182,8 @@ def save_module(module: nn.Module, config: dict, directory: str | os.PathLike,
     state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
     if extra:
         state.update({k: v.detach().cpu().contiguous() for k, v in extra.items()})
+    if half:
+        state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
     atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(state, str(tmp)))
     text = json.dumps(config, indent=2)
     atomic_write(directory / CONFIG_FILE, lambda tmp: Path(tmp).write_text(text))

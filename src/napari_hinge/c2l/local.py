@@ -139,7 +139,8 @@ class LocalModel(nn.Module):
         was = self.training
         self.eval()
         device = device or self.expr_mean.device
-        size = self.central.config.image_size
+        cfg = self.central.config
+        size = cfg.image_size
         g = torch.Generator().manual_seed(int(seed))
         n, total, done, out = len(expr), len(expr) * steps, 0, []
         try:
@@ -147,15 +148,15 @@ class LocalModel(nn.Module):
                 cond = expr[start:start + batch_size].to(device)
                 b = len(cond)
                 # no_grad per call: a no_grad block around a yield would leak into the caller
-                it = ddim_sample_iter(_no_grad(self), self.schedule, (b, 3, size, size),
+                it = ddim_sample_iter(_no_grad(self), self.schedule, (b, *cfg.sample_shape),
                                       cond=cond, guidance=guidance, steps=steps, generator=g,
-                                      device=device)
+                                      device=device, clip=cfg.x0_clip)
                 x = None
                 for _i, x_i in it:
                     x = x_i
                     done += b
                     yield done, total
-                out.append(to_uint8(x))
+                out.append(to_uint8(self.central.decode(x)))
         finally:
             self.train(was)
         return np.concatenate(out) if out else np.zeros((0, size, size, 3), np.uint8)

@@ -73,9 +73,11 @@ class NoiseSchedule:
 def ddim_sample_iter(model: Callable, schedule: NoiseSchedule, shape: tuple[int, ...], *,
                      cond=None, guidance: float = 1.0, steps: int = 25, eta: float = 0.0,
                      generator: torch.Generator | None = None, device=None,
-                     x_init: torch.Tensor | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+                     x_init: torch.Tensor | None = None,
+                     clip: float | None = 1.0) -> Iterator[tuple[int, torch.Tensor]]:
     """DDIM with classifier-free guidance, one yield per step: ``(step_index, x)``; the last
-    ``x`` is the sample in the network's value range (clipped to [-1, 1]).
+    ``x`` is the sample (each step's ``x0`` estimate clipped to ``[-clip, clip]``; ``None``
+    for a latent code, which has no hard range).
 
     Parameters
     ----------
@@ -107,7 +109,9 @@ def ddim_sample_iter(model: Callable, schedule: NoiseSchedule, shape: tuple[int,
         v = v.float()
         ab = ab_all[t]
         a, s = ab.sqrt(), (1 - ab).sqrt()
-        x0 = (a * x - s * v).clamp(-1, 1)
+        x0 = a * x - s * v
+        if clip is not None:
+            x0 = x0.clamp(-clip, clip)
         eps = (x - a * x0) / s.clamp_min(1e-8)
         if i == len(ts) - 1:
             x = x0

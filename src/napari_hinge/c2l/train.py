@@ -1,6 +1,8 @@
 """C2L-ST training as generators of :class:`~napari_hinge.training.TrainEvent`.
 
-- :func:`train_central`: unconditional v-prediction on unpaired patches (all weights).
+- :func:`train_autoencoder`: the latent model's autoencoder, on unpaired patches (first).
+- :func:`train_central`: unconditional v-prediction on unpaired patches (the UNet's weights; a
+  latent model's autoencoder is frozen and encodes every batch).
 - :func:`train_local`: the same loss with condition dropout on paired ``(patch, expression)``
   spots; only the adapter (gene encoder + FiLM heads) is optimised, the central model is frozen.
 
@@ -32,6 +34,7 @@ from napari_hinge.training import (
     set_rng_state,
 )
 
+from .autoencoder import PatchAutoencoder, image_loss
 from .central import CentralModel
 from .data import dihedral_torch
 from .local import LocalModel
@@ -175,6 +178,51 @@ def _fixed_val(schedule, x0: torch.Tensor, seed: int):
     return t, noise
 
 
+def _check_patches(patches: np.ndarray, size: int) -> np.ndarray:
+    patches = np.asarray(patches)
+    if patches.ndim != 4 or patches.shape[1:] != (size, size, 3) or patches.dtype != np.uint8:
+        raise ValueError(f"patches must be uint8 (N, {size}, {size}, 3), got {patches.shape} "
+                         f"{patches.dtype}")
+    return patches
+
+
+def train_autoencoder(model: PatchAutoencoder, patches: np.ndarray, *, steps: int = 2000,
+                      batch_size: int = 16, lr: float = 1e-3, ema_decay: float = 0.995,
+                      val_count: int = 64, eval_every: int = 100, stats_count: int = 4096,
+                      seed: int = 0, checkpoint_dir=None, resume: bool = False,
+                      stop: StopToken | None = None, device=None
+                      ) -> Generator[TrainEvent, None, PatchAutoencoder]:
+    """Train the autoencoder of a latent central model on unpaired uint8 patches, then measure
+    its code statistics on (up to ``stats_count``) training patches. Returns the model with
+    the EMA weights."""
+    patches = _check_patches(patches, model.config.image_size)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    model.to(device)
+    train_idx, val_idx = _split(len(patches), val_count, seed)
+    data = from_uint8(patches[train_idx])
+    val_x = from_uint8(patches[val_idx]).to(device) if len(val_idx) else None
+
+    def loss_fn(idx, k, g):
+        return model.reconstruction_loss(dihedral_torch(data[idx], k).to(device), g)
+
+    def val_loss_fn():
+        model.eval()
+        with torch.no_grad():
+            return float(image_loss(model.decoder(model.encoder(val_x)), val_x))
+
+    trainable = dict(model.named_parameters())
+    yield from _loop(model=model, trainable=trainable, loss_fn=loss_fn, n_train=len(data),
+                     val_loss_fn=val_loss_fn if val_x is not None else None, steps=steps,
+                     batch_size=batch_size, lr=lr, weight_decay=0.0, ema_decay=ema_decay,
+                     seed=seed, eval_every=eval_every, checkpoint_dir=checkpoint_dir,
+                     resume=resume, stop=stop, device=device,
+                     extra_state={"kind": "c2l-autoencoder", "config": model.config.to_dict()})
+    model.eval()
+    pick = np.random.default_rng(seed).permutation(len(data))[:stats_count]
+    model.set_latent_stats(data[np.sort(pick)].to(device))
+    return model
+
+
 def train_central(model: CentralModel, patches: np.ndarray, *, steps: int = 2000,
                   batch_size: int = 32, lr: float = 2e-4, weight_decay: float = 0.0,
                   ema_decay: float = 0.995, val_count: int = 64, eval_every: int = 100,
@@ -183,22 +231,28 @@ def train_central(model: CentralModel, patches: np.ndarray, *, steps: int = 2000
                   ) -> Generator[TrainEvent, None, CentralModel]:
     """Pre-train a central model on unpaired uint8 patches ``(N, S, S, 3)``.
 
-    Returns (as the generator's value) the model with the EMA weights.
+    A latent model's autoencoder must be trained already (:func:`train_autoencoder`,
+    :meth:`CentralModel.set_autoencoder`); it is saved in the checkpoints so a resumed run
+    needs nothing else. Returns (as the generator's value) the model with the EMA weights.
     """
-    patches = np.asarray(patches)
-    size = model.config.image_size
-    if patches.ndim != 4 or patches.shape[1:] != (size, size, 3) or patches.dtype != np.uint8:
-        raise ValueError(f"patches must be uint8 (N, {size}, {size}, 3), got {patches.shape} "
-                         f"{patches.dtype}")
+    patches = _check_patches(patches, model.config.image_size)
     device = torch.device(device) if device is not None else torch.device("cpu")
     model.to(device)
+    frozen = {}
+    if model.autoencoder is not None:
+        if resume and checkpoint_dir is not None and (Path(checkpoint_dir) / CHECKPOINT).is_file():
+            state = load_checkpoint(Path(checkpoint_dir) / CHECKPOINT)
+            model.autoencoder.load_state_dict(state["autoencoder"])
+        frozen = {"autoencoder": {k: v.detach().cpu()
+                                  for k, v in model.autoencoder.state_dict().items()}}
     train_idx, val_idx = _split(len(patches), val_count, seed)
     data = from_uint8(patches[train_idx])
-    val_x = from_uint8(patches[val_idx]).to(device) if len(val_idx) else None
+    val_x = (model.encode(from_uint8(patches[val_idx]).to(device)) if len(val_idx)
+             else None)
     schedule = model.schedule
 
     def loss_fn(idx, k, g):
-        x0 = dihedral_torch(data[idx], k).to(device)
+        x0 = model.encode(dihedral_torch(data[idx], k).to(device))
         return schedule.training_loss(model, x0, None, g)
 
     def val_loss_fn():
@@ -216,7 +270,8 @@ def train_central(model: CentralModel, patches: np.ndarray, *, steps: int = 2000
                      batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                      ema_decay=ema_decay, seed=seed, eval_every=eval_every,
                      checkpoint_dir=checkpoint_dir, resume=resume, stop=stop, device=device,
-                     extra_state={"kind": "c2l-central", "config": model.config.to_dict()})
+                     extra_state={"kind": "c2l-central", "config": model.config.to_dict(),
+                                  **frozen})
     return model.eval()
 
 
@@ -230,11 +285,8 @@ def train_local(model: LocalModel, patches: np.ndarray, expression: np.ndarray, 
     over ``model.genes``). Sets the expression standardisation from the training spots on a
     fresh run. Returns the model with the EMA adapter weights.
     """
-    patches = np.asarray(patches)
+    patches = _check_patches(patches, model.central.config.image_size)
     expression = np.asarray(expression, dtype=np.float32)
-    size = model.central.config.image_size
-    if patches.ndim != 4 or patches.shape[1:] != (size, size, 3) or patches.dtype != np.uint8:
-        raise ValueError(f"patches must be uint8 (N, {size}, {size}, 3), got {patches.shape}")
     if expression.shape != (len(patches), len(model.genes)):
         raise ValueError(f"expression must be ({len(patches)}, {len(model.genes)}) over the "
                          f"model's genes, got {expression.shape}")
@@ -251,13 +303,14 @@ def train_local(model: LocalModel, patches: np.ndarray, expression: np.ndarray, 
             model.expr_mean.copy_(state["expr_mean"])
             model.expr_std.copy_(state["expr_std"])
     data, cond = from_uint8(patches[train_idx]), torch.as_tensor(expression[train_idx])
-    val_x = from_uint8(patches[val_idx]).to(device) if len(val_idx) else None
+    val_x = (model.central.encode(from_uint8(patches[val_idx]).to(device)) if len(val_idx)
+             else None)
     val_c = torch.as_tensor(expression[val_idx]).to(device)
     schedule = model.schedule
 
     def loss_fn(idx, k, g):
         model.central.eval()  # frozen: no dropout in the central network
-        x0 = dihedral_torch(data[idx], k).to(device)
+        x0 = model.central.encode(dihedral_torch(data[idx], k).to(device))
         return model.training_loss(x0, cond[idx].to(device), g)
 
     def val_loss_fn():

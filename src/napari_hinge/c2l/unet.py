@@ -62,22 +62,26 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) 
 
 
 class ResBlock(nn.Module):
-    """GroupNorm-SiLU-conv twice, time added in between, optional FiLM after the 2nd norm."""
+    """GroupNorm-SiLU-conv twice, time added in between, optional FiLM after the 2nd norm.
 
-    def __init__(self, c_in: int, c_out: int, time_dim: int, groups: int, dropout: float):
+    ``time_dim=0`` makes a plain residual block (the autoencoder's), called with ``temb=None``.
+    """
+
+    def __init__(self, c_in: int, c_out: int, time_dim: int, groups: int, dropout: float = 0.0):
         super().__init__()
         self.norm1 = nn.GroupNorm(min(groups, c_in), c_in)
         self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
-        self.time = nn.Linear(time_dim, c_out)
+        self.time = nn.Linear(time_dim, c_out) if time_dim else None
         self.norm2 = nn.GroupNorm(groups, c_out)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
         self.out_channels = c_out
 
-    def forward(self, x, temb, mod=None):
+    def forward(self, x, temb=None, mod=None):
         h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.time(temb)[:, :, None, None]
+        if self.time is not None:
+            h = h + self.time(temb)[:, :, None, None]
         h = self.norm2(h)
         if mod is not None:
             scale, shift = mod
