@@ -57,7 +57,8 @@ class SoftPreNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lam = torch.sigmoid(self.logit).to(x.dtype)
-        return (1 - lam) * x + lam * F.layer_norm(x, (self.dim,), eps=self.eps)
+        # (1 - lam) x + lam LN(x) in one pass over x (lerp: exactly x when lam = 0)
+        return torch.lerp(x, F.layer_norm(x, (self.dim,), eps=self.eps), lam)
 
     def extra_repr(self) -> str:
         return f"{self.dim}, lam={self.lam.item():.3g}"
@@ -110,6 +111,10 @@ class Ada6Head(AdaHead):
         super().__init__(d_cond, d_model, 6, rank=rank, gate_chunks=(2, 5), gate_bias=gate_bias)
 
 
+def _residual(block: PostNormBlock, x: torch.Tensor) -> torch.Tensor:
+    return x if block.alpha == 1 else block.alpha * x
+
+
 def _gate(g: torch.Tensor, mode: str) -> torch.Tensor:
     return torch.sigmoid(g) if mode == "sigmoid" else g
 
@@ -156,10 +161,13 @@ class SoftAdaLNBlock(nn.Module):
                 hidden: torch.Tensor | None = None) -> torch.Tensor:
         blk = self.block
         shift_a, scale_a, gate_a, shift_f, scale_f, gate_f = self.head(c)
-        h = shift_a + (1 + scale_a) * self.norm_attn(x)
-        x = blk.norm1(blk.alpha * x + _gate(gate_a, self.gate) * blk.attn(h, hidden))
-        h = shift_f + (1 + scale_f) * self.norm_ffn(x)
-        return blk.norm2(blk.alpha * x + _gate(gate_f, self.gate) * blk.ffn(h))
+        # addcmul(a, b, c) = a + b * c in one pass over the (B, L, D) tokens: sampling on a CPU
+        # is bound by these elementwise passes as much as by the matmuls
+        h = torch.addcmul(shift_a, self.norm_attn(x), 1 + scale_a)
+        x = blk.norm1(torch.addcmul(_residual(blk, x), _gate(gate_a, self.gate),
+                                    blk.attn(h, hidden)))
+        h = torch.addcmul(shift_f, self.norm_ffn(x), 1 + scale_f)
+        return blk.norm2(torch.addcmul(_residual(blk, x), _gate(gate_f, self.gate), blk.ffn(h)))
 
 
 class ModulatedDecoder(nn.Module):
@@ -181,7 +189,7 @@ class ModulatedDecoder(nn.Module):
 
     def forward(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift, scale = self.head(c)
-        return self.decoder(self.norm(h) * (1 + scale) + shift)
+        return self.decoder(torch.addcmul(shift, self.norm(h), 1 + scale))
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
