@@ -409,6 +409,16 @@ def test_fill_region_end_to_end(trained_local, sample, slide):
         fill_region(trained_local, slide, sample, region=poly, steps=1, max_tiles=2)
     with pytest.raises(ValueError, match="unknown expression source"):
         fill_region(trained_local, slide, sample, region=poly, steps=1, source="magic")
+    # the scanpy-style entry point opens the AnnData's own slide
+    from napari_hinge import tl
+
+    spots = sample.copy()
+    via_tl = tl.synthesize(spots, trained_local, region=poly, steps=3, guidance=2.0)
+    np.testing.assert_array_equal(via_tl.mosaic, res.mosaic)
+    assert spots.uns["c2l"]["n_tiles"] == 4 and spots.uns["c2l"]["genes"] == trained_local.genes
+    del spots.uns["napari_hinge"]["slide_path"]
+    with pytest.raises(ValueError, match="names no slide"):
+        tl.synthesize(spots, trained_local, region=poly, steps=1)
 
 
 def test_fill_stops_without_a_result(trained_local, sample, slide):

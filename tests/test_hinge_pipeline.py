@@ -153,6 +153,10 @@ def test_fit_predict_evaluate(c2, tmp_path):
     np.testing.assert_array_equal(pred.obsm["spatial"], spots.obsm["spatial"])
     again = predict_spots(model, spots, n_samples=3, reveal_steps=5, seed=1, key_added="hz")
     np.testing.assert_array_equal(again.X, pred.X)  # seeded
+    from napari_hinge import tl
+
+    via_tl = tl.predict(spots, model, n_samples=3, reveal_steps=5, seed=1, key_added="hz")
+    np.testing.assert_array_equal(via_tl.X, pred.X)  # the scanpy-style entry point
 
     scores = evaluate(pred, spots)
     assert scores["genes_scored"] == G and -1 <= scores["pcc_mean"] <= 1

@@ -206,3 +206,56 @@ def domains(
         if ev.kind == "done":
             result = ev.metrics["result"]
     return result if copy else None
+
+
+# ----------------------------------------------------------------------------------------
+# Expression from histology (HINGE) and synthetic histology (C2L-ST)
+# ----------------------------------------------------------------------------------------
+
+
+def predict(adata, model="shipped", *, n_samples: int = 8, reveal_steps: int | None = 10,
+            seed: int = 0, key_added: str = "hinge", **kwargs):
+    """Predict a HINGE model's genes on every spot of ``adata`` from its H&E.
+
+    ``model`` is a :class:`~napari_hinge.hinge.model.HingeModel`, a model folder or
+    ``'shipped'``. Writes ``obsm[f'{key_added}_mean']``/``[f'{key_added}_std']`` and
+    ``uns[key_added]`` and returns an AnnData over the model's genes (mean in ``X``,
+    ``layers['std']``, ``layers['measured']``); the remaining keywords go to
+    :func:`napari_hinge.hinge.pipeline.predict_spots`.
+    """
+    from .hinge.model import HingeModel
+    from .hinge.pipeline import load_model, predict_spots
+
+    if not isinstance(model, HingeModel):
+        model = load_model(model)
+    return predict_spots(model, adata, n_samples=n_samples, reveal_steps=reveal_steps,
+                         seed=seed, key_added=key_added, **kwargs)
+
+
+def synthesize(adata, local, *, slide=None, region=None, key_added: str = "c2l",
+               **kwargs):
+    """Generate H&E tiles conditioned on expression over a region of ``adata``'s slide.
+
+    ``local`` is an adapted :class:`~napari_hinge.c2l.local.LocalModel` or its folder;
+    ``slide`` defaults to the slide ``adata`` points to; ``region`` is an ``(V, 2)`` (x, y)
+    level-0 polygon, or ``None`` for tissue far from the measured spots. Records the run's
+    parameters in ``uns[key_added]`` and returns the
+    :class:`~napari_hinge.c2l.fill.FillResult` (mosaic, per-tile patches and conditioning
+    expression); the remaining keywords go to :func:`napari_hinge.c2l.fill.fill_region_iter`.
+    """
+    from ._convention import META_KEY
+    from .c2l.fill import fill_region
+    from .c2l.local import LocalModel
+    from .io.slides import open_slide
+
+    if not isinstance(local, LocalModel):
+        local = LocalModel.load(local)
+    if slide is None:
+        meta = adata.uns.get(META_KEY, {})
+        if not meta.get("slide_path"):
+            raise ValueError("the AnnData names no slide (uns['napari_hinge']['slide_path']); "
+                             "pass slide=")
+        slide = open_slide(meta["slide_path"], mpp=meta.get("microns_per_pixel"))
+    result = fill_region(local, slide, adata, region=region, **kwargs)
+    adata.uns[key_added] = dict(result.params)
+    return result
