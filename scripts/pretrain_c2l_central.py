@@ -14,8 +14,8 @@ benchmarks), CMU-1-Small-Region, and the three DLPFC low-resolution images cut a
 
 Writes OUT/config.json, OUT/model.safetensors (float16), OUT/training_log.json,
 OUT/samples.png, OUT/reconstructions.png (latent: real patches over their autoencoder
-reconstructions) and OUT/TRAINING.md; checkpoints in --checkpoints (``--resume`` continues them), with a grid of
-real corpus patches (real_patches.png) to compare the samples with.
+reconstructions) and OUT/TRAINING.md; checkpoints in --checkpoints (``--resume`` continues
+them), with a grid of real corpus patches (real_patches.png) to compare the samples with.
 """
 
 from __future__ import annotations

@@ -39,7 +39,7 @@ TINY_AE = AutoencoderConfig(channels=(8, 16, 32), groups=8)
 def tiny_central(seed: int = 0, latent: bool = True) -> CentralModel:
     """A tiny central model; latent (like the shipped one) unless ``latent=False``."""
     torch.manual_seed(seed)
-    unet = dict(channels=(16, 32), attention_levels=(1,), time_dim=32, groups=8)
+    unet = {"channels": (16, 32), "attention_levels": (1,), "time_dim": 32, "groups": 8}
     if latent:
         cfg = CentralConfig(unet=UNetConfig(image_size=16, in_channels=4, stem=1, **unet),
                             autoencoder=TINY_AE, timesteps=100)
