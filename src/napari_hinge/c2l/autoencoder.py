@@ -84,12 +84,9 @@ class PatchAutoencoder(nn.Module):
         self.register_buffer("latent_mean", torch.zeros(cfg.latent_channels))
         self.register_buffer("latent_std", torch.ones(cfg.latent_channels))
 
-    def _raw_code(self, images: torch.Tensor) -> torch.Tensor:
-        return self.encoder(images)
-
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Standardised code ``(B, C, s, s)`` of images in [-1, 1]."""
-        z = self._raw_code(images)
+        z = self.encoder(images)
         return (z - self.latent_mean[:, None, None]) / self.latent_std[:, None, None]
 
     def decode(self, code: torch.Tensor) -> torch.Tensor:
@@ -100,7 +97,7 @@ class PatchAutoencoder(nn.Module):
     def reconstruction_loss(self, images: torch.Tensor,
                             generator: torch.Generator | None = None) -> torch.Tensor:
         """L1 on pixels + L1 on pixel differences, through a slightly noised code."""
-        z = self._raw_code(images)
+        z = self.encoder(images)
         spread = z.detach().std(dim=(0, 2, 3), keepdim=True)
         noise = torch.randn(z.shape, generator=generator).to(z.device)
         out = self.decoder(z + self.config.code_noise * spread * noise)
@@ -109,7 +106,7 @@ class PatchAutoencoder(nn.Module):
     @torch.no_grad()
     def set_latent_stats(self, images: torch.Tensor, batch_size: int = 256) -> None:
         """Per-channel mean/std of the raw code over ``images`` (the training corpus)."""
-        codes = torch.cat([self._raw_code(images[i:i + batch_size])
+        codes = torch.cat([self.encoder(images[i:i + batch_size])
                            for i in range(0, len(images), batch_size)])
         self.latent_mean.copy_(codes.mean(dim=(0, 2, 3)))
         self.latent_std.copy_(codes.std(dim=(0, 2, 3)).clamp_min(1e-6))
