@@ -114,6 +114,26 @@ def test_ddim_with_an_oracle_recovers_the_target_image():
         ddim_sample(oracle, s, target.shape, steps=0)
 
 
+def test_sdedit_starts_from_the_init_at_its_strength():
+    """Editing: x_init is noised to strength * (T - 1) and denoised from there, so a network
+    that knows nothing (v = 0) returns a shrunken, noised copy at low strength and forgets the
+    init at strength 1."""
+    s = NoiseSchedule(200)
+    init = torch.rand(4, 3, 8, 8) * 1.6 - 0.8
+    zero = lambda x, t, cond: torch.zeros_like(x)  # noqa: E731
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    assert s.ddim_timesteps(5, strength=0.5) == [100, 75, 50, 25, 0]
+    low = ddim_sample(zero, s, init.shape, x_init=init, strength=0.05, steps=5, generator=g())
+    full = ddim_sample(zero, s, init.shape, x_init=init, strength=1.0, steps=5, generator=g())
+    fresh = ddim_sample(zero, s, init.shape, steps=5, generator=g())
+    assert torch.corrcoef(torch.stack([low.flatten(), init.flatten()]))[0, 1] > 0.95
+    torch.testing.assert_close(full, fresh, atol=2e-2, rtol=0)  # alpha_bar(T-1) ~ 0
+    with pytest.raises(ValueError, match="strength"):
+        ddim_sample(zero, s, init.shape, x_init=init, strength=0.0, steps=5)
+    with pytest.raises(ValueError, match="x_init has shape"):
+        ddim_sample(zero, s, (1, 3, 8, 8), x_init=init, strength=0.5, steps=5)
+
+
 def test_uint8_round_trip_and_bad_input():
     img = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
     np.testing.assert_array_equal(to_uint8(from_uint8(img)), img)
@@ -416,6 +436,10 @@ def test_fill_region_end_to_end(trained_local, sample, slide):
     via_tl = tl.synthesize(spots, trained_local, region=poly, steps=3, guidance=2.0)
     np.testing.assert_array_equal(via_tl.mosaic, res.mosaic)
     assert spots.uns["c2l"]["n_tiles"] == 4 and spots.uns["c2l"]["genes"] == trained_local.genes
+    # editing the real H&E under the tiles instead of generating from noise
+    edit = fill_region(trained_local, slide, sample, region=poly, steps=3, strength=0.3)
+    assert edit.params["strength"] == 0.3 and edit.mosaic.shape == res.mosaic.shape
+    assert not np.array_equal(edit.patches, res.patches)
     del spots.uns["napari_hinge"]["slide_path"]
     with pytest.raises(ValueError, match="names no slide"):
         tl.synthesize(spots, trained_local, region=poly, steps=1)

@@ -112,6 +112,11 @@ class C2LWidget(QWidget):
         self.source_box.addItems(list(SOURCES))
         self.guidance = QDoubleSpinBox(decimals=1, minimum=0.0, maximum=20.0, value=2.0)
         self.steps = QSpinBox(minimum=1, maximum=1000, value=25)
+        self.strength = QDoubleSpinBox(decimals=2, minimum=0.05, maximum=1.0, singleStep=0.05,
+                                       value=1.0)
+        self.strength.setToolTip("1: generate every tile from noise; below 1: edit the real "
+                                 "H&E under each tile toward its expression (lower keeps more "
+                                 "of the slide)")
         self.seed = QSpinBox(minimum=0, maximum=2**31 - 1, value=0)
         self.run_button = QPushButton("Fill region")
         self.pairs_button = QPushButton("Use as training pairs")
@@ -132,6 +137,7 @@ class C2LWidget(QWidget):
         form.addRow("Expression", self.source_box)
         form.addRow("Guidance", self.guidance)
         form.addRow("DDIM steps", self.steps)
+        form.addRow("Strength", self.strength)
         form.addRow("Seed", self.seed)
         layout = QVBoxLayout(self)
         layout.addLayout(row)
@@ -214,7 +220,7 @@ class C2LWidget(QWidget):
         options = {"n_spacings": self.spacings.value(),
                    "source": SOURCES[self.source_box.currentText()],
                    "guidance": self.guidance.value(), "steps": self.steps.value(),
-                   "seed": self.seed.value()}
+                   "strength": self.strength.value(), "seed": self.seed.value()}
         steps, n_genes, seed = self.adapt_steps.value(), self.n_genes.value(), self.seed.value()
 
         def factory(stop):

@@ -86,6 +86,8 @@ def register(subparsers) -> None:
     p.add_argument("--hinge-model", default="shipped", help="HINGE model for --source hinge")
     p.add_argument("--k", type=int, default=6, help="neighbours for --source neighbours")
     p.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance")
+    p.add_argument("--strength", type=float, default=1.0,
+                   help="1: generate from noise; below 1: edit the real H&E under each tile")
     p.add_argument("--steps", type=int, default=25, help="DDIM steps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-tiles", type=int, default=2000)
@@ -217,7 +219,7 @@ def cmd_synthesize(args) -> int:
                                            n_spacings=args.n_spacings, source=args.source,
                                            hinge_model=hinge, k=args.k, guidance=args.guidance,
                                            steps=args.steps, seed=args.seed,
-                                           max_tiles=args.max_tiles,
+                                           max_tiles=args.max_tiles, strength=args.strength,
                                            device=_device(args.device)), "synthesize")
     out = args.out
     out.mkdir(parents=True, exist_ok=True)

@@ -256,7 +256,7 @@ def fill_region_iter(local: LocalModel, slide, adata, *, region=None, n_spacings
                      source="neighbours", hinge_model=None, k: int = 6,
                      guidance: float = 2.0, steps: int = 25, seed: int = 0,
                      max_tiles: int | None = 2000, batch_size: int = 32,
-                     stop: StopToken | None = None, device=None
+                     strength: float = 1.0, stop: StopToken | None = None, device=None
                      ) -> Generator[TrainEvent, None, FillResult | None]:
     """Generate synthetic tiles over a region; a generator of TrainEvents ('step' per
     denoising step of a batch, 'stopped' or 'done') whose value is a :class:`FillResult`
@@ -281,6 +281,9 @@ def fill_region_iter(local: LocalModel, slide, adata, *, region=None, n_spacings
         Classifier-free guidance scale, DDIM steps, random seed.
     max_tiles
         Refuse regions with more tiles (ValueError) instead of running for hours.
+    strength
+        1: generate every tile from noise; below 1: edit the real H&E under each tile toward
+        its expression (SDEdit; lower keeps more of the slide's morphology).
     """
     stop = stop or StopToken()
     meta = adata.uns.get(META_KEY, {})
@@ -308,8 +311,15 @@ def fill_region_iter(local: LocalModel, slide, adata, *, region=None, n_spacings
                                            side_px=patch_side_px(adata), seed=seed)
     else:
         raise ValueError(f"unknown expression source {source!r}; use 'neighbours' or 'hinge'")
+    init = None
+    if strength < 1:
+        from napari_hinge.patches import spot_patches
+
+        init = spot_patches(slide, layout.centers_xy, side_px=side,
+                            out_size=local.central.config.image_size)
     gen = local.sample_iter(expression, guidance=guidance, steps=steps, seed=seed,
-                            batch_size=batch_size, device=device)
+                            batch_size=batch_size, device=device, init=init,
+                            strength=strength)
     total = len(layout) * steps
     while True:
         if stop.requested:
@@ -326,7 +336,8 @@ def fill_region_iter(local: LocalModel, slide, adata, *, region=None, n_spacings
               "seed": int(seed), "n_tiles": len(layout), "tile_side_px": side,
               "n_spacings": None if region is not None else float(n_spacings),
               "region": "polygon" if region is not None else "proposed sparse tissue",
-              "k": int(k), "genes": genes, "patch_um": local.central.config.patch_um}
+              "k": int(k), "genes": genes, "patch_um": local.central.config.patch_um,
+              "strength": float(strength)}
     result = FillResult(assemble_mosaic(patches, layout), layout, patches, expression, genes,
                         mpp, params)
     yield TrainEvent("done", 0, total, total, metrics={"n_tiles": len(layout)})

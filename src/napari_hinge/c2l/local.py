@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .central import CentralModel, load_weights, read_config, save_module
-from .schedule import ddim_sample_iter, to_uint8
+from .schedule import ddim_sample_iter, from_uint8, to_uint8
 
 CENTRAL_SUBDIR = "central"
 
@@ -129,13 +129,17 @@ class LocalModel(nn.Module):
             lambda x, t, c: self(x, t, c, drop=drop), x0, expression, generator)
 
     def sample_iter(self, expression, *, guidance: float = 2.0, steps: int = 25, seed: int = 0,
-                    batch_size: int = 32, device=None):
+                    batch_size: int = 32, device=None, init=None, strength: float = 1.0):
         """Generator form of :meth:`sample`: yields ``(done, total)`` denoising steps (counted
         per patch) and returns the ``(N, S, S, 3)`` uint8 patches."""
         expr = torch.as_tensor(np.asarray(expression, dtype=np.float32))
         if expr.ndim != 2 or expr.shape[1] != len(self.config.genes):
             raise ValueError(f"expression must be (N, {len(self.config.genes)}) over the local "
                              f"model's genes, got {tuple(expr.shape)}")
+        if init is not None:
+            init = from_uint8(np.asarray(init))
+            if len(init) != len(expr):
+                raise ValueError(f"{len(init)} init patches for {len(expr)} expression rows")
         was = self.training
         self.eval()
         device = device or self.expr_mean.device
@@ -147,10 +151,13 @@ class LocalModel(nn.Module):
             for start in range(0, n, batch_size):
                 cond = expr[start:start + batch_size].to(device)
                 b = len(cond)
+                x_init = (None if init is None else
+                          self.central.encode(init[start:start + batch_size].to(device)))
                 # no_grad per call: a no_grad block around a yield would leak into the caller
                 it = ddim_sample_iter(_no_grad(self), self.schedule, (b, *cfg.sample_shape),
                                       cond=cond, guidance=guidance, steps=steps, generator=g,
-                                      device=device, clip=cfg.x0_clip)
+                                      device=device, clip=cfg.x0_clip, x_init=x_init,
+                                      strength=strength)
                 x = None
                 for _i, x_i in it:
                     x = x_i
@@ -162,13 +169,17 @@ class LocalModel(nn.Module):
         return np.concatenate(out) if out else np.zeros((0, size, size, 3), np.uint8)
 
     def sample(self, expression, *, guidance: float = 2.0, steps: int = 25, seed: int = 0,
-               batch_size: int = 32, device=None, progress=None) -> np.ndarray:
+               batch_size: int = 32, device=None, progress=None, init=None,
+               strength: float = 1.0) -> np.ndarray:
         """One patch per expression row (``(N, G)`` over :attr:`genes`): ``(N, S, S, 3)`` uint8.
 
-        ``guidance`` is the classifier-free guidance scale (1 = plain conditional).
+        ``guidance`` is the classifier-free guidance scale (1 = plain conditional). With
+        ``init`` (uint8 patches, one per row) the patches are edits of those (SDEdit):
+        ``strength`` < 1 keeps their layout, 1 generates from noise.
         """
         gen = self.sample_iter(expression, guidance=guidance, steps=steps, seed=seed,
-                               batch_size=batch_size, device=device)
+                               batch_size=batch_size, device=device, init=init,
+                               strength=strength)
         while True:
             try:
                 done, total = next(gen)

@@ -63,17 +63,21 @@ class NoiseSchedule:
         v = model(xt, t, cond)
         return torch.mean((v.float() - self.v_target(x0, noise, t)) ** 2)
 
-    def ddim_timesteps(self, steps: int) -> list[int]:
-        """``steps`` evenly spaced training steps, from the noisiest down to 0."""
+    def ddim_timesteps(self, steps: int, strength: float = 1.0) -> list[int]:
+        """``steps`` evenly spaced training steps from ``strength * (T - 1)`` (1: the noisiest)
+        down to 0."""
         if not 1 <= steps <= self.T:
             raise ValueError(f"DDIM steps must be in 1..{self.T}, got {steps}")
-        return [int(round(x)) for x in torch.linspace(self.T - 1, 0, steps).tolist()]
+        if not 0 < strength <= 1:
+            raise ValueError(f"strength must be in (0, 1], got {strength}")
+        start = strength * (self.T - 1)
+        return [int(round(x)) for x in torch.linspace(start, 0, steps).tolist()]
 
 
 def ddim_sample_iter(model: Callable, schedule: NoiseSchedule, shape: tuple[int, ...], *,
                      cond=None, guidance: float = 1.0, steps: int = 25, eta: float = 0.0,
                      generator: torch.Generator | None = None, device=None,
-                     x_init: torch.Tensor | None = None,
+                     x_init: torch.Tensor | None = None, strength: float = 1.0,
                      clip: float | None = 1.0) -> Iterator[tuple[int, torch.Tensor]]:
     """DDIM with classifier-free guidance, one yield per step: ``(step_index, x)``; the last
     ``x`` is the sample (each step's ``x0`` estimate clipped to ``[-clip, clip]``; ``None``
@@ -91,11 +95,20 @@ def ddim_sample_iter(model: Callable, schedule: NoiseSchedule, shape: tuple[int,
         Number of DDIM steps (evenly spaced over the schedule).
     eta
         0 = deterministic DDIM; 1 = DDPM-like noise.
+    x_init, strength
+        Edit instead of generate (SDEdit, Meng et al. 2022): ``x_init`` (clean, ``shape``) is
+        noised to step ``strength * (T - 1)`` and denoised from there; a low strength keeps
+        its layout and texture, 1 keeps nothing of it.
     """
     device = torch.device(device) if device is not None else torch.device("cpu")
-    x = (torch.randn(shape, generator=generator) if x_init is None else x_init.clone()).to(device)
     ab_all = schedule.alpha_bar.to(device)
-    ts = schedule.ddim_timesteps(steps)
+    ts = schedule.ddim_timesteps(steps, strength if x_init is not None else 1.0)
+    x = torch.randn(shape, generator=generator).to(device)
+    if x_init is not None:
+        if tuple(x_init.shape) != tuple(shape):
+            raise ValueError(f"x_init has shape {tuple(x_init.shape)}, expected {shape}")
+        ab = ab_all[ts[0]]
+        x = ab.sqrt() * x_init.to(device) + (1 - ab).sqrt() * x
     guided = cond is not None and guidance != 1.0
     for i, t in enumerate(ts):
         tt = torch.full((shape[0],), t, device=device, dtype=torch.long)
