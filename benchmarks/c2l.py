@@ -13,11 +13,13 @@ Protocol (one run, one seed; every figure below comes from this script):
 - Synthetic pairs: at the positions of the other 75% of the spots (tissue with no measurement
   in the few-shot setting), the expression is the inverse-distance mean of the 4 nearest kept
   spots of the same section (the fill's "neighbours" source); C2L generates one patch per
-  position (DDIM, classifier-free guidance).
+  position (DDIM, classifier-free guidance) from noise, and (``--edit-strength``) one edit of
+  the retrieved real patch (below) toward the condition (SDEdit).
 - Realism: Frechet distance (in a 64-d PCA of the features, fitted on the kept real patches)
   between the held-out real patches at those positions and (a) the C2L patches, (b) unconditional
   central samples, (c) nearest-real-patch retrieval (a copy of the kept patch whose expression is
-  nearest to the condition), plus real references (kept real; real C3).
+  nearest to the condition), (d) the C2L edits of those copies, plus real references (kept
+  real; real C3).
 - Conditioning: a ridge (alpha by inner leave-one-section-out) on the kept real pairs, applied
   to each kind of patch, against the conditioning expression (per-gene PCC, mean over genes).
 - Downstream: the same ridge trained on the kept 25% real, + synthetic pairs, + retrieval pairs
@@ -123,6 +125,9 @@ def main(argv=None) -> int:
     p.add_argument("--max-synthetic", type=int, default=400)
     p.add_argument("--n-uncond", type=int, default=200)
     p.add_argument("--k", type=int, default=4)
+    p.add_argument("--edit-strength", type=float, default=0.5,
+                   help="also edit the retrieved real patch toward the condition (SDEdit) at "
+                        "this strength (0: skip)")
     p.add_argument("--hinge-epochs", type=int, default=30,
                    help="HINGE as the downstream predictor too (0: ridge only)")
     p.add_argument("--seed", type=int, default=0)
@@ -214,6 +219,13 @@ def main(argv=None) -> int:
     mu, sd = K_expr.mean(0), K_expr.std(0) + 1e-6
     dist = (((C_expr - mu) / sd)[:, None, :] - ((K_expr - mu) / sd)[None]) ** 2
     R_index = dist.sum(-1).argmin(1)
+    E_patch = None
+    if args.edit_strength:
+        t = time.perf_counter()
+        E_patch = local.sample(C_expr, guidance=args.guidance, steps=args.ddim_steps,
+                               seed=args.seed, init=K_patch[R_index],
+                               strength=args.edit_strength)
+        timings["sample_edit_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
     enc = get_encoder("efficientnet-lite0")
@@ -226,6 +238,8 @@ def main(argv=None) -> int:
                                                                       strict=True)]
                                ).reshape(len(H_index), -1)
     F["retrieval"] = F["kept"][R_index]
+    if E_patch is not None:
+        F["edit"] = enc.encode(E_patch, **enc_kw)
     timings["encode_s"] = time.perf_counter() - t
 
     # realism: Frechet distance to the held-out real patches, in a PCA of the kept features
@@ -233,8 +247,8 @@ def main(argv=None) -> int:
 
     pca = PCA(args.pcs, random_state=args.seed).fit(F["kept"])
     Z = {k: pca.transform(v) for k, v in F.items()}
-    fd = {k: frechet(Z["held"], Z[k]) for k in ("synthetic", "unconditional", "retrieval",
-                                                "kept", "test")}
+    fd = {k: frechet(Z["held"], Z[k]) for k in ("synthetic", "edit", "unconditional",
+                                                "retrieval", "kept", "test") if k in Z}
 
     # conditioning: ridge on kept real pairs, applied to each kind of patch
     predict, alpha = fit_ridge(F["kept"], K_expr, K_group, np.ones(len(K_expr), bool))
@@ -244,6 +258,8 @@ def main(argv=None) -> int:
         "unconditional samples (random pairing)": scores(predict(F["unconditional"][:n_u]),
                                                          C_expr[:n_u]),
         "nearest-real retrieval": scores(predict(F["retrieval"]), C_expr),
+        **({f"C2L edit of the retrieved patch (strength {args.edit_strength})":
+            scores(predict(F["edit"]), C_expr)} if "edit" in F else {}),
         "real patch at the position (vs its condition)": scores(predict(F["held"]), C_expr),
         "real patch at the position (vs its measurement)": scores(predict(F["held"]), H_expr),
     }
@@ -268,6 +284,11 @@ def main(argv=None) -> int:
             np.concatenate([K_expr, C_expr[:n_u]]), np.concatenate([K_group, H_group[:n_u]]),
             np.concatenate([ones(len(K_expr)), zeros(n_u)])),
     }
+    if "edit" in F:
+        setups[f"real {args.fraction:.0%} + C2L edits of retrieved patches"] = (
+            np.concatenate([F["kept"], F["edit"]]), np.concatenate([K_expr, C_expr]),
+            np.concatenate([K_group, H_group]),
+            np.concatenate([ones(len(K_expr)), zeros(len(C_expr))]))
     all_X = np.concatenate([all_feats[s] for s in TRAIN])
     all_Y = np.concatenate([data[s][1] for s in TRAIN])
     all_G = np.concatenate([np.full(len(data[s][1]), i) for i, s in enumerate(TRAIN)])
