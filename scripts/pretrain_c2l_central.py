@@ -159,7 +159,9 @@ def main(argv=None) -> int:
             model.set_autoencoder(ae.cpu())
             ae_log = {"steps": args.ae_steps, "batch_size": args.ae_batch_size,
                       "lr": args.ae_lr, "history": done.metrics["history"] if done else [],
-                      "seconds": done.metrics["seconds"] if done else None}
+                      # from the history: a resumed run's own clock starts at the checkpoint
+           "seconds": done.metrics["history"][-1]["seconds"] if done and
+           done.metrics["history"] else None}
             save_checkpoint(ae_final, {"weights": model.autoencoder.state_dict(),
                                        "log": ae_log})
     resume = args.resume and (ckpt / "last.pt").is_file()
@@ -184,14 +186,20 @@ def main(argv=None) -> int:
            "machine": platform.processor() or platform.machine(),
            "torch": torch.__version__, "autoencoder": ae_log,
            "history": done.metrics["history"] if done else [],
-           "seconds": done.metrics["seconds"] if done else None}
+           # from the history: a resumed run's own clock starts at the checkpoint
+           "seconds": done.metrics["history"][-1]["seconds"] if done and
+           done.metrics["history"] else None}
     (args.out / "training_log.json").write_text(json.dumps(log, indent=2))
     h, ah = log["history"], ae_log.get("history") or [{}]
     space = ("pixel space, 4x4 space-to-depth stem" if ae_config is None else
              f"latent space: an autoencoder 64 x 64 x 3 -> {unet.image_size} x "
-             f"{unet.image_size} x {unet.in_channels} (trained first, then frozen; "
-             f"{args.ae_steps} steps of batch {args.ae_batch_size}, lr {args.ae_lr}; "
-             f"validation L1 + gradient L1 {ah[-1].get('val_loss') or float('nan'):.4f})")
+             f"{unet.image_size} x {unet.in_channels}\n(trained first, then frozen; "
+             f"{ae_log.get('steps')} steps of batch {ae_log.get('batch_size')}, lr "
+             f"{ae_log.get('lr')}, {ae_log.get('seconds') or 0:.0f} s; validation L1 + "
+             f"gradient L1 {ah[-1].get('val_loss') or float('nan'):.4f})")
+    resumed = ("\n(Finished from the checkpoints of an earlier run; checkpoints resume exactly, "
+               "so the\nsame command without `--resume` gives the same weights.)\n"
+               if args.resume else "")
     (args.out / "TRAINING.md").write_text(f"""# C2L-ST central model (shipped weights)
 
 Unconditional diffusion model of H&E patches, 112 um of tissue at 64 x 64 px (1.75 um/px), in
@@ -203,12 +211,12 @@ two coarse levels, {n_params / 1e6:.2f} M parameters in all, EMA {args.ema}, sto
 Command (from the repository root):
 
     {log['command']}
-
+{resumed}
 - Data: {json.dumps(corpus.summary())} patches (tissue tiles, half-patch overlap, random
   flips/rotations during training). her2st C3 is left out (shipped sample, held-out benchmark
   section). DLPFC low-resolution images are cut at their own scale (~12.7 um/px).
 - Seed {args.seed}; {args.steps} diffusion steps of batch {args.batch_size}; AdamW lr {args.lr};
-  {args.threads} CPU threads (shared machine), {log['seconds'] or 0:.0f} s.
+  {args.threads} CPU threads (shared machine), {log['seconds'] or 0:.0f} s for the diffusion.
 - Final diffusion training loss (mean of the last 50 steps)
   {h[-1]['loss'] if h else float('nan'):.4f}; validation loss (64 held-out patches, fixed
   noise/timesteps, EMA weights) {h[-1]['val_loss'] if h else float('nan'):.4f}; full curves
