@@ -32,6 +32,8 @@ def main(argv=None) -> int:
     p.add_argument("--tiles", default="6x4", help="region size in tiles (cols x rows)")
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance", type=float, default=2.0)
+    p.add_argument("--strength", type=float, default=1.0,
+                   help="1: generate from noise; below 1: edit the real H&E (SDEdit)")
     args = p.parse_args(argv)
 
     import napari
@@ -51,6 +53,7 @@ def main(argv=None) -> int:
     widget.adapt_steps.setValue(args.adapt_steps)
     widget.steps.setValue(args.steps)
     widget.guidance.setValue(args.guidance)
+    widget.strength.setValue(args.strength)
 
     mpp = slide.metadata["microns_per_pixel"]
     xy = np.asarray(spots.metadata["adata"].obsm["spatial"], float) * mpp  # µm

@@ -2,7 +2,8 @@
 
 Pick a slide and its spots, a region (a Shapes layer polygon, or "propose sparse tissue": tissue
 farther than N spot spacings from any measured spot), the expression source (neighbouring spots
-or the shipped HINGE model), guidance and DDIM steps. The job (adapting a local model on the
+or the shipped HINGE model), guidance, DDIM steps and strength (1: generate each tile from
+noise; below 1: edit the real H&E under it toward its expression). The job (adapting a local model on the
 spots when none is loaded, then generating) runs in a worker through :class:`JobPanel`; the
 result is a NEW RGBA Image layer over the region (the slide is never modified) whose metadata
 holds the per-tile conditioning expression table. "Use as training pairs" encodes the synthetic
