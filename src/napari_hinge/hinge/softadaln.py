@@ -161,8 +161,7 @@ class SoftAdaLNBlock(nn.Module):
                 hidden: torch.Tensor | None = None) -> torch.Tensor:
         blk = self.block
         shift_a, scale_a, gate_a, shift_f, scale_f, gate_f = self.head(c)
-        # addcmul(a, b, c) = a + b * c in one pass over the (B, L, D) tokens: sampling on a CPU
-        # is bound by these elementwise passes as much as by the matmuls
+        # addcmul(a, b, c) = a + b * c: one pass over the (B, L, D) tokens instead of two
         h = torch.addcmul(shift_a, self.norm_attn(x), 1 + scale_a)
         x = blk.norm1(torch.addcmul(_residual(blk, x), _gate(gate_a, self.gate),
                                     blk.attn(h, hidden)))
