@@ -159,9 +159,7 @@ def main(argv=None) -> int:
             model.set_autoencoder(ae.cpu())
             ae_log = {"steps": args.ae_steps, "batch_size": args.ae_batch_size,
                       "lr": args.ae_lr, "history": done.metrics["history"] if done else [],
-                      # from the history: a resumed run's own clock starts at the checkpoint
-           "seconds": done.metrics["history"][-1]["seconds"] if done and
-           done.metrics["history"] else None}
+                      "seconds": done.metrics["seconds"] if done else None}
             save_checkpoint(ae_final, {"weights": model.autoencoder.state_dict(),
                                        "log": ae_log})
     resume = args.resume and (ckpt / "last.pt").is_file()
