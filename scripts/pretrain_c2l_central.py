@@ -36,7 +36,12 @@ from napari_hinge.c2l.data import CorpusSource, build_corpus, load_corpus, save_
 from napari_hinge.c2l.schedule import from_uint8, to_uint8
 from napari_hinge.c2l.train import train_autoencoder, train_central
 from napari_hinge.c2l.unet import UNetConfig, count_parameters
-from napari_hinge.training import load_checkpoint, save_checkpoint, seed_everything
+from napari_hinge.training import (
+    load_checkpoint,
+    run_to_end,
+    save_checkpoint,
+    seed_everything,
+)
 
 HER2ST_TRAIN = ("C2", "C4", "C5", "C6")
 
@@ -72,18 +77,15 @@ def grid_png(images: np.ndarray, path: Path, cols: int = 8) -> None:
 
 
 def drive(gen, label: str, t0: float):
-    """Run a trainer to its end, printing each evaluation; returns (model, 'done' event)."""
-    done = None
-    while True:
-        try:
-            ev = next(gen)
-        except StopIteration as stop:
-            return stop.value, done
+    """:func:`run_to_end` printing each evaluation; returns (model, the 'done' event or None)."""
+
+    def report(ev):
         if ev.kind == "epoch":
             print(f"{label} step {ev.step}/{ev.total_steps} loss {ev.loss:.4f} val "
                   f"{ev.val_loss:.4f} {time.perf_counter() - t0:.0f}s", flush=True)
-        if ev.kind == "done":
-            done = ev
+
+    model, last = run_to_end(gen, report)
+    return model, last if last is not None and last.kind == "done" else None
 
 
 def main(argv=None) -> int:
