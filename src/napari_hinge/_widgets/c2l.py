@@ -1,15 +1,15 @@
 """"Fill sparse regions (C2L-ST)" dock widget.
 
 Pick a slide and its spots, a region (a Shapes layer polygon, or "propose sparse tissue": tissue
-farther than N spot spacings from any measured spot), the expression source (neighbouring spots
-or the shipped HINGE model), guidance, DDIM steps and strength (1: generate each tile from
-noise; below 1: edit the real H&E under it toward its expression). The job (adapting a local model on the
-spots when none is loaded, then generating) runs in a worker through :class:`JobPanel`; the
-result is a NEW RGBA Image layer over the region (the slide is never modified) whose metadata
-holds the per-tile conditioning expression table. "Use as training pairs" encodes the synthetic
-tiles and emits :attr:`C2LWidget.training_pairs` with ``(features, expression, genes)`` for
-:func:`napari_hinge.hinge.pipeline.fit_hinge_arrays`; the pairs also stay in the layer's
-metadata (``metadata['c2l_pairs']``).
+farther than N spot spacings from any measured spot), the expression source (neighbouring spots or
+the shipped HINGE model), guidance, DDIM steps and strength (1: generate each tile from noise;
+below 1: edit the real H&E under it toward its expression). The job (adapting a local model on the
+spots when none is loaded, then generating) runs in a worker through :class:`JobPanel`; the result
+is a NEW RGBA Image layer over the region (the slide is never modified) whose metadata holds the
+per-tile conditioning expression table. "Use as training pairs" encodes the synthetic tiles and
+emits :attr:`C2LWidget.training_pairs` with ``(features, expression, genes)`` for
+:func:`napari_hinge.hinge.pipeline.fit_hinge_arrays`; the pairs also stay in the layer's metadata
+(``metadata['c2l_pairs']``).
 """
 
 from __future__ import annotations

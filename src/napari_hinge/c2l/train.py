@@ -171,11 +171,17 @@ def _load_ema(trainable: dict[str, torch.nn.Parameter], ema: EMA) -> None:
         p.copy_(ema.shadow[k])
 
 
-def _fixed_val(schedule, x0: torch.Tensor, seed: int):
+@torch.no_grad()
+def _fixed_val_loss(model, x0: torch.Tensor, seed: int, cond=None) -> float:
+    """v-MSE of ``model(x, t, cond)`` on ``x0`` at fixed timesteps (spread over 0..T-1) and
+    fixed noise, so that the validation curve is comparable across steps."""
+    schedule = model.schedule
     g = torch.Generator().manual_seed(seed + 12345)
-    t = torch.linspace(0, schedule.T - 1, len(x0)).round().long()
-    noise = torch.randn(x0.shape, generator=g)
-    return t, noise
+    t = torch.linspace(0, schedule.T - 1, len(x0)).round().long().to(x0.device)
+    noise = torch.randn(x0.shape, generator=g).to(x0.device)
+    model.eval()
+    v = model(schedule.add_noise(x0, noise, t), t, cond)
+    return float(((v - schedule.v_target(x0, noise, t)) ** 2).mean())
 
 
 def _check_patches(patches: np.ndarray, size: int) -> np.ndarray:
@@ -256,13 +262,7 @@ def train_central(model: CentralModel, patches: np.ndarray, *, steps: int = 2000
         return schedule.training_loss(model, x0, None, g)
 
     def val_loss_fn():
-        model.eval()
-        t, noise = _fixed_val(schedule, val_x, seed)
-        with torch.no_grad():
-            xt = schedule.add_noise(val_x, noise.to(device), t.to(device))
-            v = model(xt, t.to(device))
-            return float(((v - schedule.v_target(val_x, noise.to(device), t.to(device))) ** 2)
-                         .mean())
+        return _fixed_val_loss(model, val_x, seed)
 
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     yield from _loop(model=model, trainable=trainable, loss_fn=loss_fn, n_train=len(data),
@@ -306,7 +306,6 @@ def train_local(model: LocalModel, patches: np.ndarray, expression: np.ndarray, 
     val_x = (model.central.encode(from_uint8(patches[val_idx]).to(device)) if len(val_idx)
              else None)
     val_c = torch.as_tensor(expression[val_idx]).to(device)
-    schedule = model.schedule
 
     def loss_fn(idx, k, g):
         model.central.eval()  # frozen: no dropout in the central network
@@ -314,12 +313,7 @@ def train_local(model: LocalModel, patches: np.ndarray, expression: np.ndarray, 
         return model.training_loss(x0, cond[idx].to(device), g)
 
     def val_loss_fn():
-        model.eval()
-        t, noise = _fixed_val(schedule, val_x, seed)
-        t, noise = t.to(device), noise.to(device)
-        with torch.no_grad():
-            v = model(schedule.add_noise(val_x, noise, t), t, val_c)
-            return float(((v - schedule.v_target(val_x, noise, t)) ** 2).mean())
+        return _fixed_val_loss(model, val_x, seed, val_c)
 
     trainable = {n: p for n, p in model.named_parameters() if not n.startswith("central.")}
     yield from _loop(model=model, trainable=trainable, loss_fn=loss_fn, n_train=len(data),
