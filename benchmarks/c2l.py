@@ -18,8 +18,9 @@ Protocol (one run, one seed; every figure below comes from this script):
 - Realism: Frechet distance (in a 64-d PCA of the features, fitted on the kept real patches)
   between the held-out real patches at those positions and (a) the C2L patches, (b) unconditional
   central samples, (c) nearest-real-patch retrieval (a copy of the kept patch whose expression is
-  nearest to the condition), (d) the C2L edits of those copies, plus real references (kept
-  real; real C3).
+  nearest to the condition), (d) the C2L edits of those copies, plus references: the central
+  model's autoencoder reconstructions of the kept real patches (the floor of any latent
+  sample), the kept real patches, real C3.
 - Conditioning: a ridge (alpha by inner leave-one-section-out) on the kept real pairs, applied
   to each kind of patch, against the conditioning expression (per-gene PCC, mean over genes).
 - Downstream: the same ridge trained on the kept 25% real, + synthetic pairs, + retrieval pairs
@@ -227,6 +228,16 @@ def main(argv=None) -> int:
                                strength=args.edit_strength)
         timings["sample_edit_s"] = time.perf_counter() - t
 
+    A_patch = None
+    if local.central.autoencoder is not None:
+        # the autoencoder's floor: no latent sample can look more real than a reconstruction
+        from napari_hinge.c2l.schedule import from_uint8, to_uint8
+
+        with torch.no_grad():
+            A_patch = np.concatenate([
+                to_uint8(local.central.decode(local.central.encode(from_uint8(K_patch[i:i + 64]))))
+                for i in range(0, len(K_patch), 64)])
+
     t = time.perf_counter()
     enc = get_encoder("efficientnet-lite0")
     enc_kw = {"batch_size": 8}
@@ -240,6 +251,8 @@ def main(argv=None) -> int:
     F["retrieval"] = F["kept"][R_index]
     if E_patch is not None:
         F["edit"] = enc.encode(E_patch, **enc_kw)
+    if A_patch is not None:
+        F["reconstruction"] = enc.encode(A_patch, **enc_kw)
     timings["encode_s"] = time.perf_counter() - t
 
     # realism: Frechet distance to the held-out real patches, in a PCA of the kept features
@@ -248,7 +261,8 @@ def main(argv=None) -> int:
     pca = PCA(args.pcs, random_state=args.seed).fit(F["kept"])
     Z = {k: pca.transform(v) for k, v in F.items()}
     fd = {k: frechet(Z["held"], Z[k]) for k in ("synthetic", "edit", "unconditional",
-                                                "retrieval", "kept", "test") if k in Z}
+                                                "retrieval", "reconstruction", "kept", "test")
+          if k in Z}
 
     # conditioning: ridge on kept real pairs, applied to each kind of patch
     predict, alpha = fit_ridge(F["kept"], K_expr, K_group, np.ones(len(K_expr), bool))

@@ -76,6 +76,17 @@ def grid_png(images: np.ndarray, path: Path, cols: int = 8) -> None:
                                    Image.NEAREST).save(path)
 
 
+def training_seconds(history: list[dict]) -> float:
+    """Wall-clock training time over every run in ``history``: each resumed run's clock
+    starts again at 0, so sum the last reading before every restart."""
+    total, previous = 0.0, 0.0
+    for entry in history:
+        if entry["seconds"] < previous:
+            total += previous
+        previous = entry["seconds"]
+    return total + previous
+
+
 def drive(gen, label: str, t0: float):
     """:func:`run_to_end` printing each evaluation; returns (model, the 'done' event or None)."""
 
@@ -186,9 +197,7 @@ def main(argv=None) -> int:
            "machine": platform.processor() or platform.machine(),
            "torch": torch.__version__, "autoencoder": ae_log,
            "history": done.metrics["history"] if done else [],
-           # from the history: a resumed run's own clock starts at the checkpoint
-           "seconds": done.metrics["history"][-1]["seconds"] if done and
-           done.metrics["history"] else None}
+           "seconds": training_seconds(done.metrics["history"]) if done else None}
     (args.out / "training_log.json").write_text(json.dumps(log, indent=2))
     h, ah = log["history"], ae_log.get("history") or [{}]
     space = ("pixel space, 4x4 space-to-depth stem" if ae_config is None else
