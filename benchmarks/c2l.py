@@ -228,15 +228,9 @@ def main(argv=None) -> int:
                                strength=args.edit_strength)
         timings["sample_edit_s"] = time.perf_counter() - t
 
-    A_patch = None
-    if local.central.autoencoder is not None:
-        # the autoencoder's floor: no latent sample can look more real than a reconstruction
-        from napari_hinge.c2l.schedule import from_uint8, to_uint8
-
-        with torch.no_grad():
-            A_patch = np.concatenate([
-                to_uint8(local.central.decode(local.central.encode(from_uint8(K_patch[i:i + 64]))))
-                for i in range(0, len(K_patch), 64)])
+    # the autoencoder's floor: no latent sample can look more real than a reconstruction
+    A_patch = (local.central.reconstruct(K_patch) if local.central.autoencoder is not None
+               else None)
 
     t = time.perf_counter()
     enc = get_encoder("efficientnet-lite0")

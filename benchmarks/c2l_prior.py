@@ -28,20 +28,23 @@ import torch
 from c2l import frechet
 
 
-def load_central(spec: str, like):
-    """A central model from a folder (or 'shipped'), or the EMA weights of a training
-    checkpoint loaded into a copy of ``like`` (same architecture and autoencoder)."""
-    from napari_hinge.c2l.central import CentralModel
+def load_central(spec: str, like: str):
+    """``(model, diffusion steps)`` from a folder (or 'shipped'; steps from its training log), or
+    from the EMA weights of a training checkpoint loaded into a copy of ``like`` (same
+    architecture and autoencoder)."""
+    from napari_hinge.c2l.central import CentralModel, shipped_central_dir
     from napari_hinge.training import load_checkpoint
 
-    if not spec.endswith(".pt"):
-        return CentralModel.load(spec), None
-    state = load_checkpoint(spec)
-    model = CentralModel.load(like)
-    weights = model.state_dict()
-    weights.update(state["ema"]["shadow"])
-    model.load_state_dict(weights)
-    return model.eval(), int(state["step"])
+    if spec.endswith(".pt"):
+        state = load_checkpoint(spec)
+        model = CentralModel.load(like)
+        weights = model.state_dict()
+        weights.update(state["ema"]["shadow"])
+        model.load_state_dict(weights)
+        return model.eval(), int(state["step"])
+    log = (shipped_central_dir() if spec == "shipped" else Path(spec)) / "training_log.json"
+    steps = json.loads(log.read_text()).get("steps") if log.is_file() else None
+    return CentralModel.load(spec), steps
 
 
 def main(argv=None) -> int:
@@ -63,7 +66,6 @@ def main(argv=None) -> int:
 
     from napari_hinge._cache import cache_dir
     from napari_hinge.c2l.data import load_corpus
-    from napari_hinge.c2l.schedule import ddim_sample, from_uint8, to_uint8
     from napari_hinge.encoders import get_encoder
 
     corpus_path = cache_dir("c2l") / f"central_corpus_seed{args.seed}.npz"
@@ -85,26 +87,10 @@ def main(argv=None) -> int:
     for spec in args.models.split(","):
         model, step = load_central(spec, args.like)
         if "autoencoder reconstructions" not in rows and model.autoencoder is not None:
-            with torch.no_grad():
-                recon = to_uint8(model.decode(model.encode(from_uint8(other_real))))
-            rows["autoencoder reconstructions"] = {"fd": fd(recon)}
-        g = torch.Generator().manual_seed(1)
+            rows["autoencoder reconstructions"] = {"fd": fd(model.reconstruct(other_real))}
         t = time.perf_counter()
-        samples = []
-        with torch.no_grad():
-            for start in range(0, n, 100):
-                x = ddim_sample(model, model.schedule, (min(100, n - start),
-                                                        *model.config.sample_shape),
-                                steps=args.steps, generator=g, clip=model.config.x0_clip)
-                samples.append(to_uint8(model.decode(x)))
-        if step is None:
-            log = Path(spec) / "training_log.json" if spec != "shipped" else None
-            if log is None:
-                from napari_hinge.c2l.central import shipped_central_dir
-
-                log = shipped_central_dir() / "training_log.json"
-            step = json.loads(log.read_text()).get("steps") if log.is_file() else None
-        rows[f"samples: {spec}"] = {"fd": fd(np.concatenate(samples)), "diffusion_steps": step,
+        samples = model.sample(n, steps=args.steps, seed=1, batch_size=100)
+        rows[f"samples: {spec}"] = {"fd": fd(samples), "diffusion_steps": step,
                                     "sample_seconds": time.perf_counter() - t}
         print(f"{spec}: step {step}, FD {rows[f'samples: {spec}']['fd']:.2f}", flush=True)
 

@@ -33,7 +33,6 @@ import torch
 from napari_hinge.c2l.autoencoder import AutoencoderConfig, PatchAutoencoder
 from napari_hinge.c2l.central import CentralConfig, CentralModel
 from napari_hinge.c2l.data import CorpusSource, build_corpus, load_corpus, save_corpus
-from napari_hinge.c2l.schedule import from_uint8, to_uint8
 from napari_hinge.c2l.train import train_autoencoder, train_central
 from napari_hinge.c2l.unet import UNetConfig, count_parameters
 from napari_hinge.training import (
@@ -188,7 +187,7 @@ def main(argv=None) -> int:
     real = corpus.patches[np.random.default_rng(1).choice(len(corpus), 32, replace=False)]
     grid_png(real, args.checkpoints / "real_patches.png")
     if ae_config is not None:
-        recon = to_uint8(model.decode(model.encode(from_uint8(real[:16]))))
+        recon = model.reconstruct(real[:16])
         grid_png(np.concatenate([real[:8], recon[:8], real[8:16], recon[8:16]]),
                  args.out / "reconstructions.png")
     log = {"command": " ".join(["python", *sys.argv]), "seed": args.seed, "steps": args.steps,

@@ -240,6 +240,9 @@ def test_autoencoder_learns_real_patches_and_standardises_its_code(slide):
     central = tiny_central()
     central.set_autoencoder(ae)
     torch.testing.assert_close(central.encode(x[:2]), code[:2], atol=1e-5, rtol=1e-5)
+    recon = central.reconstruct(patches[:5], batch_size=2)  # batches of 2, 2 and 1
+    assert recon.dtype == np.uint8 and recon.shape == patches[:5].shape
+    np.testing.assert_array_equal(recon, to_uint8(central.decode(central.encode(x[:5]))))
     assert not any(p.requires_grad for p in central.autoencoder.parameters())
     with pytest.raises(ValueError, match="no autoencoder"):
         tiny_central(latent=False).set_autoencoder(ae)

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .autoencoder import AutoencoderConfig, PatchAutoencoder
-from .schedule import NoiseSchedule, ddim_sample, to_uint8
+from .schedule import NoiseSchedule, ddim_sample, from_uint8, to_uint8
 from .unet import UNet, UNetConfig
 
 CONFIG_FILE = "config.json"
@@ -119,6 +119,16 @@ class CentralModel(nn.Module):
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """The inverse of :meth:`encode`: images in [-1, 1]."""
         return x.clamp(-1, 1) if self.autoencoder is None else self.autoencoder.decode(x)
+
+    @torch.no_grad()
+    def reconstruct(self, patches, batch_size: int = 64):
+        """uint8 patches ``(N, S, S, 3)`` through :meth:`encode` and :meth:`decode`: what the
+        autoencoder keeps of them (the closest to real any latent sample can get)."""
+        import numpy as np
+
+        batches = (from_uint8(patches[i:i + batch_size])
+                   for i in range(0, len(patches), batch_size))
+        return np.concatenate([to_uint8(self.decode(self.encode(x))) for x in batches])
 
     @torch.no_grad()
     def sample(self, n: int, *, steps: int = 25, seed: int = 0, batch_size: int = 32,
