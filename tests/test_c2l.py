@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from napari_hinge.c2l.autoencoder import AutoencoderConfig, PatchAutoencoder, image_loss
+from napari_hinge.c2l.canvas import canvas_windows, window_weight
 from napari_hinge.c2l.central import CentralConfig, CentralModel
 from napari_hinge.c2l.data import paired_spots, slide_patches
 from napari_hinge.c2l.fill import (
@@ -26,7 +27,7 @@ from napari_hinge.c2l.fill import (
 )
 from napari_hinge.c2l.local import LocalModel, build_local
 from napari_hinge.c2l.schedule import NoiseSchedule, ddim_sample, from_uint8, to_uint8
-from napari_hinge.c2l.train import train_autoencoder, train_central, train_local
+from napari_hinge.c2l.train import refine_decoder, train_autoencoder, train_central, train_local
 from napari_hinge.c2l.unet import UNetConfig
 from napari_hinge.training import StopToken, run_to_end
 
@@ -248,6 +249,43 @@ def test_autoencoder_learns_real_patches_and_standardises_its_code(slide):
         tiny_central(latent=False).set_autoencoder(ae)
 
 
+def test_decoder_refinement_keeps_the_code_and_resumes_exactly(slide, tmp_path):
+    patches, _ = slide_patches(slide, max_patches=24, seed=4)
+    torch.manual_seed(0)
+    ae, _ = run_to_end(train_autoencoder(PatchAutoencoder(TINY_AE), patches, steps=4,
+                                         batch_size=4, val_count=4, eval_every=2))
+    before = {k: v.clone() for k, v in ae.state_dict().items()}
+    # warm-up of 2 steps, then 3 steps with the critic's term in the decoder's loss
+    kw = {"steps": 5, "batch_size": 4, "critic_warmup": 2, "val_count": 4, "eval_every": 2,
+          "seed": 3}
+
+    def fresh():
+        model = PatchAutoencoder(TINY_AE)
+        model.load_state_dict(before)
+        return model
+
+    ref, last = run_to_end(refine_decoder(fresh(), patches, **kw))
+    assert last.kind == "done" and np.isfinite(last.val_loss)
+    for k, v in ref.state_dict().items():  # encoder and code statistics untouched
+        if not k.startswith("decoder."):
+            torch.testing.assert_close(v, before[k], atol=0, rtol=0, msg=k)
+    assert any(not torch.equal(v, before[k]) for k, v in ref.state_dict().items()
+               if k.startswith("decoder."))
+    stop = StopToken()
+
+    def on_event(e):
+        if e.kind == "step" and e.step == 3:
+            stop.request()
+
+    _, last = run_to_end(refine_decoder(fresh(), patches, checkpoint_dir=tmp_path, stop=stop,
+                                        **kw), on_event)
+    assert last.kind == "stopped"
+    resumed, _ = run_to_end(refine_decoder(fresh(), patches, checkpoint_dir=tmp_path,
+                                           resume=True, **kw))
+    for (k, a), b in zip(ref.state_dict().items(), resumed.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=k)
+
+
 def test_shipped_central_loads_and_samples():
     m = CentralModel.load("shipped")
     assert m.autoencoder is not None, "the shipped central model is a latent model"
@@ -422,7 +460,13 @@ def test_fill_region_end_to_end(trained_local, sample, slide):
     table = res.table()
     assert list(table.columns[:4]) == ["row", "col", "x", "y"]
     assert list(table.columns[4:]) == trained_local.genes
-    assert events[-2].step == events[-2].total_steps == 4 * 3
+    # seamless by default: 9 windows on a 2 x 2 block (4 tiles, 2 + 2 pairs, 1 block),
+    # guided (conditional + unconditional) at each of the 3 steps
+    assert events[-2].step == events[-2].total_steps == 9 * 2 * 3
+    assert res.params["seamless"] is True
+    # the tiles handed out as training pairs are the mosaic's own pixels
+    np.testing.assert_array_equal(res.mosaic[64:128, 0:64, :3],
+                                  res.patches[res.tile_index_raster()[1, 0]])
     # deterministic for a seed
     again = fill_region(trained_local, slide, sample, region=poly, steps=3, guidance=2.0)
     np.testing.assert_array_equal(again.mosaic, res.mosaic)
@@ -446,6 +490,69 @@ def test_fill_region_end_to_end(trained_local, sample, slide):
     del spots.uns["napari_hinge"]["slide_path"]
     with pytest.raises(ValueError, match="names no slide"):
         tl.synthesize(spots, trained_local, region=poly, steps=1)
+
+
+def test_canvas_windows_cover_pairs_and_blocks_of_present_tiles():
+    # an L of three tiles: (0, 0), (0, 1), (1, 0)
+    w = canvas_windows(np.array([0, 0, 1]), np.array([0, 1, 0]))
+    got = sorted(zip(w.top.tolist(), w.left.tolist(), strict=True))
+    assert got == [(0, 0), (0, 1), (0, 2), (1, 0), (2, 0)]  # 3 tiles, 2 pairs, no 2x2 block
+    np.testing.assert_allclose(w.cond_weights.sum(1), 1)
+    pair = w.cond_weights[list(zip(w.top, w.left, strict=True)).index((0, 1))]
+    np.testing.assert_allclose(pair, [0.5, 0.5, 0])
+    weight = window_weight(8)
+    assert weight.min() > 0 and weight[3:5, 3:5].min() == weight.max()
+
+
+def test_canvas_blends_window_predictions_in_place():
+    from napari_hinge.c2l.canvas import _CanvasDenoiser, decode_canvas
+
+    rows, cols = np.array([0, 0, 1]), np.array([0, 1, 0])
+    w = canvas_windows(rows, cols)
+    x = torch.randn(1, 3, 16, 16)
+    cond = torch.as_tensor(w.cond_weights) @ torch.tensor([[1.0], [2.0], [3.0]])
+    counted = []
+    # a pointwise model: every window agrees, so the blend is the model on the whole canvas
+    den = _CanvasDenoiser(lambda c, t, e: 2 * c + (0 if e is None else e[:, :, None, None]),
+                          w, side=8, window_cond=cond, batch_size=2, on_windows=counted.append)
+    tiles = np.zeros((16, 16), bool)
+    tiles[:8, :] = tiles[8:, :8] = True
+    out = den(x, torch.zeros(1, dtype=torch.long), None)
+    torch.testing.assert_close(out[0][:, tiles], 2 * x[0][:, tiles])
+    assert sum(counted) == len(w) == 5
+    # conditioned: pixel (5, 5) lies in the windows of tile (0, 0) (1), of its pair with (0, 1)
+    # (1.5) and of its pair with (1, 0) (2): a weighted mean strictly between
+    out = den(x, torch.zeros(1, dtype=torch.long), cond)
+    assert 1 < float(out[0, 0, 5, 5] - 2 * x[0, 0, 5, 5]) < 2
+    # decoding a pixel-space canvas window by window gives the canvas back (0 off the tiles)
+    pixel = tiny_central(latent=False)
+    assert pixel.config.sample_shape == (3, 64, 64)
+    canvas = torch.rand(1, 3, 128, 128) * 2 - 1
+    img = decode_canvas(pixel, canvas, w, batch_size=2).astype(int)
+    want = to_uint8(canvas)[0].astype(int)
+    assert np.abs(img[:64] - want[:64]).max() <= 1
+    assert np.abs(img[64:, :64] - want[64:, :64]).max() <= 1
+    assert (img[64:, 64:] == 0).all()
+
+
+def test_seamless_fill_removes_seams_and_matches_a_lone_tile(trained_local, sample, slide):
+    xy = np.asarray(sample.obsm["spatial"], float)
+    x0, y0 = xy.min(0)
+    side = 112.0 / sample.uns["napari_hinge"]["microns_per_pixel"]
+    # one tile alone: one window, so the canvas is the independent tile (up to rounding)
+    e = side - 1  # a region just under one tile high (and wide): one row (one tile)
+    lone = np.array([[x0, y0], [x0 + e, y0], [x0 + e, y0 + e], [x0, y0 + e]])
+    a = fill_region(trained_local, slide, sample, region=lone, steps=3, seamless=True)
+    b = fill_region(trained_local, slide, sample, region=lone, steps=3, seamless=False)
+    assert np.abs(a.patches.astype(int) - b.patches.astype(int)).max() <= 1
+    row = np.array([[x0, y0], [x0 + 3 * side - 1, y0], [x0 + 3 * side - 1, y0 + e],
+                    [x0, y0 + e]])
+    seamless = fill_region(trained_local, slide, sample, region=row, steps=3)
+    assert seamless.mosaic.shape == (64, 192, 4) and seamless.params["n_tiles"] == 3
+    # SDEdit through the canvas starts from the real H&E under the tiles
+    edit = fill_region(trained_local, slide, sample, region=row, steps=3, strength=0.3)
+    assert edit.mosaic.shape == seamless.mosaic.shape
+    assert not np.array_equal(edit.patches, seamless.patches)
 
 
 def test_fill_stops_without_a_result(trained_local, sample, slide):
@@ -489,10 +596,12 @@ def test_cli_adapt_and_synthesize(trained_local, tmp_path, capsys):
     folder = her2st_sample_paths()["folder"]
     out = tmp_path / "fill"
     args = parser.parse_args(["synthesize", f"{folder}:C3", "--model", str(model_dir),
-                              "--out", str(out), "--steps", "2", "--n-spacings", "0.6"])
+                              "--out", str(out), "--steps", "2", "--n-spacings", "0.6",
+                              "--independent-tiles"])
     assert args.func(args) == 0
     assert (out / "mosaic.png").is_file() and (out / "tiles.csv").is_file()
     meta = json.loads((out / "fill.json").read_text())
+    assert meta["seamless"] is False
     assert meta["n_tiles"] > 0 and len(meta["placement"]["scale"]) == 2
     pairs = np.load(out / "pairs.npz")
     assert pairs["patches"].shape[0] == meta["n_tiles"]

@@ -2,11 +2,12 @@
 
 Pick a slide and its spots, a region (a Shapes layer polygon, or "propose sparse tissue": tissue
 farther than N spot spacings from any measured spot), the expression source (neighbouring spots or
-the shipped HINGE model), guidance, DDIM steps and strength (1: generate each tile from noise;
-below 1: edit the real H&E under it toward its expression). The job (adapting a local model on the
-spots when none is loaded, then generating) runs in a worker through :class:`JobPanel`; the result
-is a NEW RGBA Image layer over the region (the slide is never modified) whose metadata holds the
-per-tile conditioning expression table. "Use as training pairs" encodes the synthetic tiles and
+the shipped HINGE model), guidance, DDIM steps, strength (1: generate each tile from noise; below
+1: edit the real H&E under it toward its expression) and whether the region is sampled as one
+seamless canvas (default) or tile by tile (faster, with seams). The job (adapting a local model on
+the spots when none is loaded, then generating) runs in a worker through :class:`JobPanel`; the
+result is a NEW RGBA Image layer over the region (the slide is never modified) whose metadata holds
+the per-tile conditioning expression table. "Use as training pairs" encodes the synthetic tiles and
 emits :attr:`C2LWidget.training_pairs` with ``(features, expression, genes)`` for
 :func:`napari_hinge.hinge.pipeline.fit_hinge_arrays`; the pairs also stay in the layer's metadata
 (``metadata['c2l_pairs']``).
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from qtpy.QtCore import Signal
 from qtpy.QtWidgets import (
+    QCheckBox,
     QComboBox,
     QDoubleSpinBox,
     QFileDialog,
@@ -118,6 +120,11 @@ class C2LWidget(QWidget):
         self.strength.setToolTip("1: generate every tile from noise; below 1: edit the real "
                                  "H&E under each tile toward its expression (lower keeps more "
                                  "of the slide)")
+        self.seamless = QCheckBox("one canvas, no seams")
+        self.seamless.setChecked(True)
+        self.seamless.setToolTip("sample the region as one canvas of overlapping windows so "
+                                 "tissue runs on across tile borders (about 3x the time); "
+                                 "unticked: each tile on its own")
         self.seed = QSpinBox(minimum=0, maximum=2**31 - 1, value=0)
         self.run_button = QPushButton("Fill region")
         self.pairs_button = QPushButton("Use as training pairs")
@@ -139,6 +146,7 @@ class C2LWidget(QWidget):
         form.addRow("Guidance", self.guidance)
         form.addRow("DDIM steps", self.steps)
         form.addRow("Strength", self.strength)
+        form.addRow("Seamless", self.seamless)
         form.addRow("Seed", self.seed)
         layout = QVBoxLayout(self)
         layout.addLayout(row)
@@ -221,7 +229,8 @@ class C2LWidget(QWidget):
         options = {"n_spacings": self.spacings.value(),
                    "source": SOURCES[self.source_box.currentText()],
                    "guidance": self.guidance.value(), "steps": self.steps.value(),
-                   "strength": self.strength.value(), "seed": self.seed.value()}
+                   "strength": self.strength.value(), "seed": self.seed.value(),
+                   "seamless": self.seamless.isChecked()}
         steps, n_genes, seed = self.adapt_steps.value(), self.n_genes.value(), self.seed.value()
 
         def factory(stop):

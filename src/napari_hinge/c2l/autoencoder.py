@@ -12,7 +12,11 @@ adversarial terms:
 - the code is standardised per channel with statistics measured on the training corpus
   (``latent_mean``/``latent_std`` buffers), so the diffusion model sees unit-variance inputs;
 - during training a little Gaussian noise is added to the code (``code_noise`` times its
-  spread), so the decoder tolerates the small errors a diffusion sample leaves in it.
+  spread), so the decoder tolerates the small errors a diffusion sample leaves in it;
+- optionally, a second stage refines the decoder alone against a patch critic
+  (:class:`PatchCritic`, hinge GAN loss with the adaptive weight of Esser et al. 2021): an L1
+  decoder averages what the code leaves uncertain into blur, a critic penalises blur. The
+  encoder stays frozen, so the code (and any diffusion model trained on it) stays valid.
 
 Images are ``(B, 3, S, S)`` floats in [-1, 1] (:func:`napari_hinge.c2l.schedule.from_uint8`).
 """
@@ -119,3 +123,35 @@ def image_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (F.l1_loss(out, target) + F.l1_loss(dx(out), dx(target))
             + F.l1_loss(dy(out), dy(target)))
 
+
+
+class PatchCritic(nn.Module):
+    """A small PatchGAN critic: ``(B, 3, S, S)`` in [-1, 1] -> ``(B, 1, S/8, S/8)`` logits,
+    each judging a ~40 px neighbourhood (a few nuclei) as real or decoded."""
+
+    def __init__(self, channels: tuple[int, ...] = (32, 64, 128)):
+        super().__init__()
+        layers: list[nn.Module] = []
+        c_in = 3
+        for c in channels:
+            layers += [nn.Conv2d(c_in, c, 4, stride=2, padding=1), nn.LeakyReLU(0.2)]
+            c_in = c
+        layers.append(nn.Conv2d(c_in, 1, 3, padding=1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(images)
+
+
+def critic_hinge_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+    """Hinge loss of the critic: real patches above +1, decoded ones below -1."""
+    return F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean()
+
+
+def adaptive_adversarial_weight(recon_loss: torch.Tensor, adv_loss: torch.Tensor,
+                                last_layer: torch.Tensor, cap: float = 1e4) -> torch.Tensor:
+    """Scale of the adversarial term that matches its gradient norm at the decoder's last
+    layer to the reconstruction loss's (Esser et al. 2021), so neither swamps the other."""
+    g_rec = torch.autograd.grad(recon_loss, last_layer, retain_graph=True)[0]
+    g_adv = torch.autograd.grad(adv_loss, last_layer, retain_graph=True)[0]
+    return (g_rec.norm() / (g_adv.norm() + 1e-4)).clamp(0, cap).detach()

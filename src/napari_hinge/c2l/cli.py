@@ -89,6 +89,9 @@ def register(subparsers) -> None:
     p.add_argument("--strength", type=float, default=1.0,
                    help="1: generate from noise; below 1: edit the real H&E under each tile")
     p.add_argument("--steps", type=int, default=25, help="DDIM steps")
+    p.add_argument("--independent-tiles", action="store_true",
+                   help="sample each tile on its own (about 3x faster, seams show) instead of "
+                        "the region as one seamless canvas")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-tiles", type=int, default=2000)
     p.add_argument("--overwrite", action="store_true")
@@ -220,6 +223,7 @@ def cmd_synthesize(args) -> int:
                                            hinge_model=hinge, k=args.k, guidance=args.guidance,
                                            steps=args.steps, seed=args.seed,
                                            max_tiles=args.max_tiles, strength=args.strength,
+                                           seamless=not args.independent_tiles,
                                            device=_device(args.device)), "synthesize")
     out = args.out
     out.mkdir(parents=True, exist_ok=True)

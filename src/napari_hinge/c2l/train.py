@@ -1,6 +1,8 @@
 """C2L-ST training as generators of :class:`~napari_hinge.training.TrainEvent`.
 
 - :func:`train_autoencoder`: the latent model's autoencoder, on unpaired patches (first).
+- :func:`refine_decoder`: optionally, the autoencoder's decoder alone against a patch critic
+  (sharper tiles; the encoder, hence the code the diffusion model learns, does not change).
 - :func:`train_central`: unconditional v-prediction on unpaired patches (the UNet's weights; a
   latent model's autoencoder is frozen and encodes every batch).
 - :func:`train_local`: the same loss with condition dropout on paired ``(patch, expression)``
@@ -34,7 +36,13 @@ from napari_hinge.training import (
     set_rng_state,
 )
 
-from .autoencoder import PatchAutoencoder, image_loss
+from .autoencoder import (
+    PatchAutoencoder,
+    PatchCritic,
+    adaptive_adversarial_weight,
+    critic_hinge_loss,
+    image_loss,
+)
 from .central import CentralModel
 from .data import dihedral_torch
 from .local import LocalModel
@@ -76,7 +84,11 @@ def _loop(*, model, trainable: dict[str, torch.nn.Parameter], loss_fn: Callable,
           val_loss_fn: Callable | None, steps: int, batch_size: int, lr: float,
           weight_decay: float, ema_decay: float, seed: int, eval_every: int,
           checkpoint_dir, resume: bool, stop: StopToken | None, device,
-          extra_state: dict) -> Generator[TrainEvent, None, None]:
+          extra_state: dict, companions: dict | None = None
+          ) -> Generator[TrainEvent, None, None]:
+    """The shared loop. ``companions``: other stateful objects ``loss_fn`` updates itself (a
+    critic and its optimiser), saved in and restored from the checkpoints with the rest."""
+    companions = companions or {}
     stop = stop or StopToken()
     seed_everything(seed)
     opt = torch.optim.AdamW(list(trainable.values()), lr=lr, weight_decay=weight_decay)
@@ -97,6 +109,8 @@ def _loop(*, model, trainable: dict[str, torch.nn.Parameter], loss_fn: Callable,
         opt.load_state_dict(state["optimizer"])
         ema.load_state_dict(state["ema"])
         start, history = int(state["step"]), list(state.get("history", []))
+        for name, obj in companions.items():
+            obj.load_state_dict(state["companions"][name])
         set_rng_state(state["rng"])
     # own generators (batches, flips, noise, timesteps), saved with checkpoints: a resumed run
     # draws exactly what the uninterrupted run would have drawn
@@ -118,6 +132,7 @@ def _loop(*, model, trainable: dict[str, torch.nn.Parameter], loss_fn: Callable,
                                "step": step, "rng": rng_state(), "history": history,
                                "generator": g.get_state(),
                                "numpy_generator": rng.bit_generator.state,
+                               "companions": {k: v.state_dict() for k, v in companions.items()},
                                **extra_state})
 
     losses: list[float] = []
@@ -227,6 +242,80 @@ def train_autoencoder(model: PatchAutoencoder, patches: np.ndarray, *, steps: in
     pick = np.random.default_rng(seed).permutation(len(data))[:stats_count]
     model.set_latent_stats(data[np.sort(pick)].to(device))
     return model
+
+
+def refine_decoder(model: PatchAutoencoder, patches: np.ndarray, *, steps: int = 3000,
+                   batch_size: int = 16, lr: float = 1e-4, critic_lr: float = 2e-4,
+                   adversarial_weight: float = 0.5, critic_warmup: int = 200,
+                   ema_decay: float = 0.995, val_count: int = 64, eval_every: int = 100,
+                   seed: int = 0, checkpoint_dir=None, resume: bool = False,
+                   stop: StopToken | None = None, device=None
+                   ) -> Generator[TrainEvent, None, PatchAutoencoder]:
+    """Refine a trained autoencoder's decoder with a hinge-GAN patch critic; the encoder and
+    the code statistics stay as they are.
+
+    Each step trains the critic on real patches against their current reconstructions, then the
+    decoder on L1 + gradient L1 plus ``adversarial_weight`` times the adaptively scaled critic
+    term (:func:`~napari_hinge.c2l.autoencoder.adaptive_adversarial_weight`), which is off for
+    the first ``critic_warmup`` steps while the critic learns what decoded patches look like.
+    The validation loss is the plain reconstruction loss (it may rise a little as the decoder
+    trades pixel accuracy for sharpness). Returns the autoencoder with the EMA decoder.
+    """
+    patches = _check_patches(patches, model.config.image_size)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    model.to(device)
+    model.encoder.requires_grad_(False)
+    model.decoder.requires_grad_(True)
+    torch.manual_seed(seed)
+    critic = PatchCritic().to(device)
+    critic_opt = torch.optim.Adam(critic.parameters(), lr=critic_lr, betas=(0.5, 0.9))
+    last_layer = model.decoder[-1].weight
+    train_idx, val_idx = _split(len(patches), val_count, seed)
+    data = from_uint8(patches[train_idx])
+    val_x = from_uint8(patches[val_idx]).to(device) if len(val_idx) else None
+    step = [0]  # steps taken by loss_fn in this run, offset by the resumed start below
+
+    def loss_fn(idx, k, g):
+        x = dihedral_torch(data[idx], k).to(device)
+        model.encoder.eval()
+        with torch.no_grad():
+            z = model.encoder(x)
+            spread = z.std(dim=(0, 2, 3), keepdim=True)
+            z = z + model.config.code_noise * spread * torch.randn(z.shape, generator=g).to(device)
+        out = model.decoder(z)
+        critic.train()
+        d_loss = critic_hinge_loss(critic(x), critic(out.detach()))
+        critic_opt.zero_grad(set_to_none=True)
+        d_loss.backward()
+        critic_opt.step()
+        rec = image_loss(out, x)
+        step[0] += 1
+        if step[0] + start[0] <= critic_warmup or adversarial_weight == 0:
+            return rec
+        adv = -critic(out).mean()
+        w = adaptive_adversarial_weight(rec, adv, last_layer)
+        return rec + adversarial_weight * w * adv
+
+    def val_loss_fn():
+        model.eval()
+        with torch.no_grad():
+            return float(image_loss(model.decoder(model.encoder(val_x)), val_x))
+
+    start = [0]
+    ckpt = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir is not None else None
+    if resume and ckpt is not None and ckpt.is_file():
+        start[0] = int(load_checkpoint(ckpt)["step"])
+    trainable = {f"decoder.{n}": p for n, p in model.decoder.named_parameters()}
+    yield from _loop(model=model, trainable=trainable, loss_fn=loss_fn, n_train=len(data),
+                     val_loss_fn=val_loss_fn if val_x is not None else None, steps=steps,
+                     batch_size=batch_size, lr=lr, weight_decay=0.0, ema_decay=ema_decay,
+                     seed=seed, eval_every=eval_every, checkpoint_dir=checkpoint_dir,
+                     resume=resume, stop=stop, device=device,
+                     extra_state={"kind": "c2l-decoder", "config": model.config.to_dict(),
+                                  "adversarial_weight": adversarial_weight},
+                     companions={"critic": critic, "critic_optimizer": critic_opt})
+    model.requires_grad_(False)
+    return model.eval()
 
 
 def train_central(model: CentralModel, patches: np.ndarray, *, steps: int = 2000,
