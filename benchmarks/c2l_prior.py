@@ -4,13 +4,15 @@ Frechet distance (64-d PCA of EfficientNet-Lite0 features, fitted on 1,500 corpu
 between ``--n`` real patches of the central pre-training corpus and, for each central model
 given (a saved folder or a training checkpoint ``last.pt``), as many unconditional DDIM samples
 (25 steps, seed 1). References in the same run: other real corpus patches (the noise floor of
-the measure) and the autoencoder's reconstructions of them (the floor of any latent sample).
+the measure) and each model's autoencoder reconstructions of them (the floor of its samples).
 The ratio column divides by the first model's distance.
 
-    python benchmarks/c2l_prior.py --models bench_out/c2l_central_1650,bench_out/step6000.pt,shipped
+    python benchmarks/c2l_prior.py --like bench_out/c2l_central_12000 --models \
+        bench_out/c2l_central_1650,bench_out/step6000.pt,bench_out/c2l_central_12000,shipped
 
-(``bench_out/c2l_central_1650``: the weights shipped before, from git history; the ``.pt``: a
-training checkpoint of ``scripts/pretrain_c2l_central.py``.)
+(``bench_out/c2l_central_1650``, ``bench_out/c2l_central_12000``: weights shipped before, from
+git history; the ``.pt``: a training checkpoint of ``scripts/pretrain_c2l_central.py``, loaded
+into ``--like``.)
 """
 
 from __future__ import annotations
@@ -86,8 +88,9 @@ def main(argv=None) -> int:
     rows = {"real corpus patches (other)": {"fd": fd(other_real)}}
     for spec in args.models.split(","):
         model, step = load_central(spec, args.like)
-        if "autoencoder reconstructions" not in rows and model.autoencoder is not None:
-            rows["autoencoder reconstructions"] = {"fd": fd(model.reconstruct(other_real))}
+        if model.autoencoder is not None:  # each model's own decoder (it may be refined)
+            rows[f"autoencoder reconstructions: {spec}"] = {
+                "fd": fd(model.reconstruct(other_real))}
         t = time.perf_counter()
         samples = model.sample(n, steps=args.steps, seed=1, batch_size=100)
         rows[f"samples: {spec}"] = {"fd": fd(samples), "diffusion_steps": step,

@@ -1,8 +1,10 @@
 """Pre-train the shipped C2L-ST central model (unconditional 64 px H&E patch diffusion).
 
-Two stages, both resumable from --checkpoints: the autoencoder (64 x 64 x 3 -> 16 x 16 x 4,
-``checkpoints/autoencoder``), then the latent diffusion UNet on its frozen code. ``--pixel``
-trains the earlier pixel-space model instead (one stage).
+Stages, each resumable from --checkpoints: the autoencoder (64 x 64 x 3 -> 16 x 16 x 4,
+``checkpoints/autoencoder``), then the latent diffusion UNet on its frozen code, then (with
+``--decoder-steps``) the decoder alone against a patch critic (``checkpoints/decoder``; the
+encoder stays frozen, so the diffusion model's code is unchanged). ``--pixel`` trains the
+earlier pixel-space model instead (one stage).
 
 Corpus (unpaired tissue tiles, 112 um of tissue -> 64 px, half-patch overlap):
 her2st C2, C4, C5, C6 (C3 is left out: it is the shipped sample and the held-out section of the
@@ -33,7 +35,7 @@ import torch
 from napari_hinge.c2l.autoencoder import AutoencoderConfig, PatchAutoencoder
 from napari_hinge.c2l.central import CentralConfig, CentralModel
 from napari_hinge.c2l.data import CorpusSource, build_corpus, load_corpus, save_corpus
-from napari_hinge.c2l.train import train_autoencoder, train_central
+from napari_hinge.c2l.train import refine_decoder, train_autoencoder, train_central
 from napari_hinge.c2l.unet import UNetConfig, count_parameters
 from napari_hinge.training import (
     load_checkpoint,
@@ -118,6 +120,12 @@ def main(argv=None) -> int:
     p.add_argument("--ae-steps", type=int, default=2000)
     p.add_argument("--ae-batch-size", type=int, default=16)
     p.add_argument("--ae-lr", type=float, default=1e-3)
+    p.add_argument("--decoder-steps", type=int, default=0,
+                   help="then refine the decoder alone against a patch critic (0: skip)")
+    p.add_argument("--decoder-batch-size", type=int, default=16)
+    p.add_argument("--decoder-lr", type=float, default=1e-4)
+    p.add_argument("--critic-lr", type=float, default=2e-4)
+    p.add_argument("--adversarial-weight", type=float, default=0.5)
     p.add_argument("--pixel", action="store_true", help="pixel-space model (no autoencoder)")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--device", default=None)
@@ -179,6 +187,21 @@ def main(argv=None) -> int:
         model, corpus.patches, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
         ema_decay=args.ema, seed=args.seed, eval_every=50, checkpoint_dir=ckpt, resume=resume,
         device=args.device), "diffusion", t0)
+    if ae_config is not None and args.decoder_steps > 0:
+        # the encoder stays frozen: the code (and the diffusion model on it) does not change
+        dec_dir = ckpt / "decoder"
+        _, dec_done = drive(refine_decoder(
+            model.autoencoder, corpus.patches, steps=args.decoder_steps,
+            batch_size=args.decoder_batch_size, lr=args.decoder_lr, critic_lr=args.critic_lr,
+            adversarial_weight=args.adversarial_weight, seed=args.seed, eval_every=100,
+            checkpoint_dir=dec_dir, resume=args.resume and (dec_dir / "last.pt").is_file(),
+            device=args.device), "decoder", t0)
+        ae_log["decoder_refinement"] = {
+            "steps": args.decoder_steps, "batch_size": args.decoder_batch_size,
+            "lr": args.decoder_lr, "critic_lr": args.critic_lr,
+            "adversarial_weight": args.adversarial_weight,
+            "history": dec_done.metrics["history"] if dec_done else [],
+            "seconds": training_seconds(dec_done.metrics["history"]) if dec_done else None}
     # ship float16 and sample from what was written, so the pictures match the shipped file
     model.cpu().save(args.out, half=True)
     model = CentralModel.load(args.out)
@@ -205,13 +228,23 @@ def main(argv=None) -> int:
              f"{ae_log.get('steps')} steps of batch {ae_log.get('batch_size')}, lr "
              f"{ae_log.get('lr')}, {ae_log.get('seconds') or 0:.0f} s; validation L1 + "
              f"gradient L1 {ah[-1].get('val_loss') or float('nan'):.4f})")
+    refined = ae_log.get("decoder_refinement")
+    if refined:
+        rh = refined["history"] or [{}]
+        space += (f";\nthen the decoder alone refined against a patch critic (encoder frozen, so "
+                  f"the code is unchanged):\n{refined['steps']} steps of batch "
+                  f"{refined['batch_size']}, lr {refined['lr']}, critic lr {refined['critic_lr']},"
+                  f" adversarial weight {refined['adversarial_weight']}, "
+                  f"{refined['seconds'] or 0:.0f} s; validation L1 + gradient L1 "
+                  f"{rh[-1].get('val_loss') or float('nan'):.4f}")
     resumed = ("\n(Finished from the checkpoints of an earlier run; checkpoints resume exactly, "
                "so the\nsame command without `--resume` gives the same weights.)\n"
                if args.resume else "")
     (args.out / "TRAINING.md").write_text(f"""# C2L-ST central model (shipped weights)
 
 Unconditional diffusion model of H&E patches, 112 um of tissue at 64 x 64 px (1.75 um/px), in
-{space}. v-prediction, cosine schedule (T = 1000), UNet channels {channels}, attention at the
+{space}.
+v-prediction, cosine schedule (T = 1000), UNet channels {channels}, attention at the
 two coarse levels, {n_params / 1e6:.2f} M parameters in all, EMA {args.ema}, stored as float16.
 `samples.png`: 32 DDIM samples (25 steps, seed 1){'' if ae_config is None else
 '; `reconstructions.png`: rows of real patches, each followed by its reconstruction'}.

@@ -62,6 +62,7 @@ def test_fill_a_drawn_region_adds_a_placed_mosaic(viewer_widget, qtbot):
     assert layer.data.shape[-1] == 4 and layer.data.shape[0] % 64 == 0
     # 112 µm tiles: 3 columns x 2 rows of tile centres fall inside 300 x 250 µm
     assert (len(result.layout)) == 6 and layer.data.shape[:2] == (2 * 64, 3 * 64)
+    assert widget.seamless.isChecked() and result.params["seamless"] is True
     d = 112.0 / 64
     np.testing.assert_allclose(layer.scale, [d, d], rtol=1e-6)
     # the mosaic's top-left corner is the region's top-left corner (within half a slide pixel)

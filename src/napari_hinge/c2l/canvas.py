@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .local import LocalModel, _no_grad
+from .local import LocalModel, no_grad_model
 from .schedule import ddim_sample_iter, from_uint8, to_uint8
 
 
@@ -139,7 +139,7 @@ def sample_canvas_iter(local: LocalModel, rows, cols, expression, *, guidance: f
                 for code, r, c in zip(codes, rows[start:start + batch_size],
                                       cols[start:start + batch_size], strict=True):
                     x_init[0, :, r * side:(r + 1) * side, c * side:(c + 1) * side] = code
-        denoiser = _CanvasDenoiser(_no_grad(local), windows, side, window_cond, batch_size,
+        denoiser = _CanvasDenoiser(no_grad_model(local), windows, side, window_cond, batch_size,
                                    count)
         g = torch.Generator().manual_seed(int(seed))
         x = None

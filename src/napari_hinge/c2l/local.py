@@ -153,8 +153,7 @@ class LocalModel(nn.Module):
                 b = len(cond)
                 x_init = (None if init is None else
                           self.central.encode(init[start:start + batch_size].to(device)))
-                # no_grad per call: a no_grad block around a yield would leak into the caller
-                it = ddim_sample_iter(_no_grad(self), self.schedule, (b, *cfg.sample_shape),
+                it = ddim_sample_iter(no_grad_model(self), self.schedule, (b, *cfg.sample_shape),
                                       cond=cond, guidance=guidance, steps=steps, generator=g,
                                       device=device, clip=cfg.x0_clip, x_init=x_init,
                                       strength=strength)
@@ -209,7 +208,10 @@ class LocalModel(nn.Module):
         return model.eval()
 
 
-def _no_grad(model):
+def no_grad_model(model):
+    """``model(x, t, cond)`` under ``torch.no_grad()`` per call, for samplers that yield
+    (a no_grad block around a yield would leak into the caller)."""
+
     def call(x, t, cond):
         with torch.no_grad():
             return model(x, t, cond)
