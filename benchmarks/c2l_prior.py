@@ -8,11 +8,13 @@ the measure) and each model's autoencoder reconstructions of them (the floor of 
 The ratio column divides by the first model's distance.
 
     python benchmarks/c2l_prior.py --like bench_out/c2l_central_12000 --models \
-        bench_out/c2l_central_1650,bench_out/step6000.pt,bench_out/c2l_central_12000,shipped
+        bench_out/c2l_central_1650,bench_out/step6000.pt,bench_out/c2l_central_12000,\
+bench_out/c2l_central_dec3000,shipped
 
 (``bench_out/c2l_central_1650``, ``bench_out/c2l_central_12000``: weights shipped before, from
 git history; the ``.pt``: a training checkpoint of ``scripts/pretrain_c2l_central.py``, loaded
-into ``--like``.)
+into ``--like``; ``bench_out/c2l_central_dec3000``: that script's shipped command with
+``--decoder-steps 3000``.)
 """
 
 from __future__ import annotations
