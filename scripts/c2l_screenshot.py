@@ -38,6 +38,7 @@ def main(argv=None) -> int:
 
     import napari
     from qtpy.QtCore import QEventLoop
+    from qtpy.QtWidgets import QApplication
 
     from napari_hinge._widgets.c2l import C2LWidget
 
@@ -76,8 +77,10 @@ def main(argv=None) -> int:
         return 1
     spots.visible = False
     viewer.layers.selection.active = viewer.layers["region"]
-    viewer.camera.center = (centre[1], centre[0])
-    viewer.camera.zoom = min(800 / (w * 3.0), 800 / (h * 3.0))
+    camera = viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera  # napari < 0.9
+    camera.center = (centre[1], centre[0])
+    camera.zoom = min(800 / (w * 3.0), 800 / (h * 3.0))
+    QApplication.processEvents()  # let the dock lay out the wrapped summary before the picture
     args.out.parent.mkdir(parents=True, exist_ok=True)
     viewer.screenshot(str(args.out), canvas_only=False, flash=False)
     print(f"wrote {args.out}")

@@ -53,9 +53,10 @@ def test_fill_a_drawn_region_adds_a_placed_mosaic(viewer_widget, qtbot):
     assert widget.slide_box.currentText() == "her2st C3 H&E"
     assert widget.spots_box.currentText() == "her2st C3 spots"
     n_before = len(viewer.layers)
-    with qtbot.waitSignal(widget.layer_added, timeout=300_000) as added:
+    with qtbot.waitSignal(widget.jobs.ended, timeout=300_000):
         widget.run()
-    layer = added.args[0]
+    layer = widget.last_layer
+    assert layer is not None, widget.jobs.status.text()  # the job's error, if it failed
     assert len(viewer.layers) == n_before + 1
     result = widget.last_result
     assert layer.rgb and layer.data.shape == result.mosaic.shape
@@ -72,9 +73,12 @@ def test_fill_a_drawn_region_adds_a_placed_mosaic(viewer_widget, qtbot):
     assert list(table.columns[4:]) == GENES and len(table) == 6
     assert slide.data is not None and "c2l" not in slide.metadata  # the slide is untouched
 
-    with qtbot.waitSignal(widget.training_pairs, timeout=300_000) as got:
+    got = []
+    widget.training_pairs.connect(got.append)
+    with qtbot.waitSignal(widget.jobs.ended, timeout=300_000):
         widget.pairs_button.click()
-    feats, expr, genes = got.args[0]
+    assert got, widget.jobs.status.text()
+    feats, expr, genes = got[0]
     assert feats.shape == (6, 1280) and expr.shape == (6, 4) and genes == GENES
     assert "c2l_pairs" in layer.metadata
 

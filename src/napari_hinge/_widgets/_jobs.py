@@ -141,7 +141,9 @@ class JobPanel(QWidget):
             return
         self.last_event = event
         self.progress.setValue(int(1000 * event.fraction))
-        parts = [f"epoch {event.epoch}", f"step {event.step}/{event.total_steps}"]
+        parts = [f"step {event.step}/{event.total_steps}"]
+        if event.loss is not None or event.val_loss is not None:  # training: epochs mean something
+            parts.insert(0, f"epoch {event.epoch}")
         if event.loss is not None:
             parts.append(f"loss {event.loss:.4g}")
         if event.val_loss is not None:

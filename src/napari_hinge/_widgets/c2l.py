@@ -270,9 +270,11 @@ class C2LWidget(QWidget):
                       "source_slide": slide.metadata.get("slide_path")})
         self.last_result, self.last_layer = result, layer
         self.pairs_button.setEnabled(True)
+        source = {"neighbours": "the neighbouring spots'", "hinge": "HINGE's predicted"}
         self.info.setText(f"{len(result.layout)} synthetic tiles of "
                           f"{result.params['patch_um']:.0f} µm, conditioned on "
-                          f"{result.params['source']} expression of {len(result.genes)} genes")
+                          f"{source[result.params['source']]} expression of "
+                          f"{len(result.genes)} genes")
         self.layer_added.emit(layer)
 
     def use_as_training_pairs(self):
