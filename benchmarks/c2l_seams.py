@@ -43,20 +43,6 @@ def neighbour_differences(rgb: np.ndarray, size: int) -> tuple[float, float]:
     return float(np.concatenate(across).mean()), float(np.concatenate(inside).mean())
 
 
-def real_region(slide, layout, size: int) -> np.ndarray:
-    """The real H&E under a layout's grid, read in one piece and resized to ``size`` px per
-    tile (so the reference has no seams of its own making)."""
-    from PIL import Image
-
-    n_rows, n_cols = layout.shape
-    x0 = layout.origin_xy[0] - layout.side_px / 2
-    y0 = layout.origin_xy[1] - layout.side_px / 2
-    w, h = int(round(n_cols * layout.side_px)), int(round(n_rows * layout.side_px))
-    rgb = slide.read_region(int(round(x0)), int(round(y0)), w, h, level=0)
-    return np.asarray(Image.fromarray(rgb).resize((n_cols * size, n_rows * size),
-                                                  Image.Resampling.LANCZOS))
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--local", type=Path, default=Path("bench_out/c2l_local_fewshot"))
@@ -70,7 +56,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from napari_hinge.c2l.fill import fill_region, tile_side_px
+    from napari_hinge.c2l.fill import fill_region, slide_under_layout, tile_side_px
     from napari_hinge.c2l.local import LocalModel
     from napari_hinge.datasets import load_her2st_sample
     from napari_hinge.io.slides import open_slide
@@ -98,7 +84,7 @@ def main(argv=None) -> int:
             seconds = time.perf_counter() - t
             across, inside = neighbour_differences(res.mosaic[..., :3], size)
             per_method[method].append({"across": across, "inside": inside, "seconds": seconds})
-        across, inside = neighbour_differences(real_region(slide, res.layout, size), size)
+        across, inside = neighbour_differences(slide_under_layout(slide, res.layout, size), size)
         per_method["real"].append({"across": across, "inside": inside, "seconds": None})
         print(f"region {i + 1}/{args.regions} done", flush=True)
 

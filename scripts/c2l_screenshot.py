@@ -87,18 +87,12 @@ def main(argv=None) -> int:
     if args.compare is not None:
         from PIL import Image
 
+        from napari_hinge.c2l.fill import slide_under_layout
         from napari_hinge.io.slides import open_slide
 
         result = widget.last_result
-        s = open_slide(slide.metadata["slide_path"], mpp=mpp)
-        lay = result.layout
-        side = lay.side_px
-        X0 = int(round(lay.origin_xy[0] - side / 2))
-        Y0 = int(round(lay.origin_xy[1] - side / 2))
-        r, c = lay.shape
-        real = np.asarray(s.read_region(X0, Y0, int(round(c * side)), int(round(r * side))))
-        real = np.asarray(Image.fromarray(real[..., :3]).resize(
-            (result.mosaic.shape[1], result.mosaic.shape[0]), Image.LANCZOS))
+        real = slide_under_layout(open_slide(slide.metadata["slide_path"], mpp=mpp),
+                                  result.layout, result.patches.shape[1])
         syn = result.mosaic[..., :3].copy()
         syn[result.mosaic[..., 3] == 0] = 255
         gap = np.full((real.shape[0], 8, 3), 255, np.uint8)

@@ -66,6 +66,32 @@ def window_weight(side: int) -> torch.Tensor:
     return ramp[:, None] * ramp[None, :]
 
 
+def blend_windows(x: torch.Tensor, windows: CanvasWindows, side: int, fn, batch_size: int,
+                  scale: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run ``fn(crops, window_slice)`` on batches of the ``side``-sized windows of a ``(1, C, H,
+    W)`` canvas and add its outputs (``scale`` times larger, any channel count) into one canvas
+    with tent weights; returns ``(weighted sum (C', H*scale, W*scale), summed weight)`` on the
+    outputs' device."""
+    half, size = side // 2, side * scale
+    weight = window_weight(size)
+    tops, lefts = windows.top * half, windows.left * half
+    out = total = None
+    for start in range(0, len(windows), batch_size):
+        sl = slice(start, start + batch_size)
+        crops = torch.stack([x[0, :, a:a + side, b:b + side]
+                             for a, b in zip(tops[sl], lefts[sl], strict=True)])
+        results = fn(crops, sl)
+        if out is None:
+            _, _, h, w = x.shape
+            out = results.new_zeros(results.shape[1], h * scale, w * scale)
+            total = results.new_zeros(1, h * scale, w * scale)
+            weight = weight.to(results.device)
+        for r, a, b in zip(results, tops[sl] * scale, lefts[sl] * scale, strict=True):
+            out[:, a:a + size, b:b + size] += r * weight
+            total[:, a:a + size, b:b + size] += weight
+    return out, total
+
+
 class _CanvasDenoiser:
     """``(x_canvas, t, cond) -> v_canvas``: the model on every window, blended."""
 
@@ -73,26 +99,16 @@ class _CanvasDenoiser:
                  batch_size: int, on_windows):
         self.model, self.windows, self.side = model, windows, side
         self.window_cond, self.batch_size, self.on_windows = window_cond, batch_size, on_windows
-        self.weight = window_weight(side)
 
     def __call__(self, x, t, cond):
-        s, half = self.side, self.side // 2
-        out = torch.zeros_like(x)
-        total = torch.zeros_like(x[:, :1])
-        w = self.weight.to(x.device)
-        n = len(self.windows)
-        for start in range(0, n, self.batch_size):
-            sl = slice(start, min(n, start + self.batch_size))
-            tops, lefts = self.windows.top[sl] * half, self.windows.left[sl] * half
-            crops = torch.stack([x[0, :, a:a + s, b:b + s] for a, b in zip(tops, lefts,
-                                                                            strict=True)])
+        def run(crops, sl):
             c = None if cond is None else self.window_cond[sl].to(x.device)
             v = self.model(crops, t[:1].expand(len(crops)), c).float()
-            for v_i, a, b in zip(v, tops, lefts, strict=True):
-                out[0, :, a:a + s, b:b + s] += v_i * w
-                total[0, :, a:a + s, b:b + s] += w
             self.on_windows(len(crops))
-        return out / total.clamp_min(1e-12)
+            return v
+
+        out, total = blend_windows(x, self.windows, self.side, run, self.batch_size)
+        return (out / total.clamp_min(1e-12))[None]
 
 
 def sample_canvas_iter(local: LocalModel, rows, cols, expression, *, guidance: float = 2.0,
@@ -160,21 +176,11 @@ def decode_canvas(central, x: torch.Tensor, windows: CanvasWindows,
     """Decode a ``(1, C, H, W)`` canvas window by window, blended: ``(H*f, W*f, 3)`` uint8
     (``f`` = image side over sample side; 0 outside the windows)."""
     side = central.config.sample_shape[-1]
-    size = central.config.image_size
-    f = size // side
-    _, _, h, w = x.shape
-    out = torch.zeros(3, h * f, w * f)
-    total = torch.zeros(1, h * f, w * f)
-    weight = window_weight(size)
-    tops, lefts = windows.top * (side // 2), windows.left * (side // 2)
-    for start in range(0, len(windows), batch_size):
-        sl = slice(start, start + batch_size)
-        crops = torch.stack([x[0, :, a:a + side, b:b + side]
-                             for a, b in zip(tops[sl], lefts[sl], strict=True)])
-        images = central.decode(crops).float().cpu()
-        for img, a, b in zip(images, tops[sl] * f, lefts[sl] * f, strict=True):
-            out[:, a:a + size, b:b + size] += img * weight
-            total[:, a:a + size, b:b + size] += weight
-    covered = total > 0
-    images = torch.where(covered, out / total.clamp_min(1e-12), torch.full_like(out, -1.0))
+
+    def decode(crops, _):
+        return central.decode(crops).float().cpu()
+
+    out, total = blend_windows(x, windows, side, decode, batch_size,
+                               scale=central.config.image_size // side)
+    images = torch.where(total > 0, out / total.clamp_min(1e-12), torch.full_like(out, -1.0))
     return to_uint8(images[None])[0]

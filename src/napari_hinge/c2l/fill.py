@@ -261,6 +261,21 @@ def cut_tiles(canvas: np.ndarray, layout: TileLayout, size: int) -> np.ndarray:
                      for r, c in zip(layout.rows, layout.cols, strict=True)])
 
 
+def slide_under_layout(slide, layout: TileLayout, size: int) -> np.ndarray:
+    """The real H&E under a layout's grid, ``(R*size, C*size, 3)`` uint8: read in one piece
+    (so it has no seams of its own making) and resized to ``size`` px per tile, to set beside
+    or measure against a fill's mosaic."""
+    from PIL import Image
+
+    n_rows, n_cols = layout.shape
+    x0 = layout.origin_xy[0] - layout.side_px / 2
+    y0 = layout.origin_xy[1] - layout.side_px / 2
+    w, h = int(round(n_cols * layout.side_px)), int(round(n_rows * layout.side_px))
+    rgb = slide.read_region(int(round(x0)), int(round(y0)), w, h, level=0)
+    return np.asarray(Image.fromarray(rgb).resize((n_cols * size, n_rows * size),
+                                                  Image.Resampling.LANCZOS))
+
+
 def fill_region_iter(local: LocalModel, slide, adata, *, region=None, n_spacings: float = 0.6,
                      source="neighbours", hinge_model=None, k: int = 6,
                      guidance: float = 2.0, steps: int = 25, seed: int = 0,
@@ -359,15 +374,11 @@ def fill_region_iter(local: LocalModel, slide, adata, *, region=None, n_spacings
               "region": "polygon" if region is not None else "proposed sparse tissue",
               "k": int(k), "genes": genes, "patch_um": local.central.config.patch_um,
               "strength": float(strength), "seamless": bool(seamless)}
-    size = local.central.config.image_size
-    if seamless:  # the canvas is the picture; the tiles (training pairs) are cut from it
-        patches = cut_tiles(generated, layout, size)
-        mosaic = np.dstack([generated, np.zeros(generated.shape[:2], np.uint8)])
-        mosaic[..., 3] = assemble_mosaic(patches, layout)[..., 3]
-    else:
-        patches = generated
-        mosaic = assemble_mosaic(patches, layout)
-    result = FillResult(mosaic, layout, patches, expression, genes, mpp, params)
+    # a canvas covers exactly the layout's cells: its tiles put back in place are the canvas
+    patches = (cut_tiles(generated, layout, local.central.config.image_size) if seamless
+               else generated)
+    result = FillResult(assemble_mosaic(patches, layout), layout, patches, expression, genes,
+                        mpp, params)
     yield TrainEvent("done", 0, total, total, metrics={"n_tiles": len(layout)})
     return result
 

@@ -244,6 +244,19 @@ def train_autoencoder(model: PatchAutoencoder, patches: np.ndarray, *, steps: in
     return model
 
 
+class _Count:
+    """A step counter a loss function keeps, saved like a module (``_loop``'s companions)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def state_dict(self) -> dict:
+        return {"n": self.n}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.n = int(state["n"])
+
+
 def refine_decoder(model: PatchAutoencoder, patches: np.ndarray, *, steps: int = 3000,
                    batch_size: int = 16, lr: float = 1e-4, critic_lr: float = 2e-4,
                    adversarial_weight: float = 0.5, critic_warmup: int = 200,
@@ -273,7 +286,7 @@ def refine_decoder(model: PatchAutoencoder, patches: np.ndarray, *, steps: int =
     train_idx, val_idx = _split(len(patches), val_count, seed)
     data = from_uint8(patches[train_idx])
     val_x = from_uint8(patches[val_idx]).to(device) if len(val_idx) else None
-    step = [0]  # steps taken by loss_fn in this run, offset by the resumed start below
+    decoder_steps = _Count()  # checkpointed with the critic, so the warm-up survives a resume
 
     def loss_fn(idx, k, g):
         x = dihedral_torch(data[idx], k).to(device)
@@ -289,8 +302,8 @@ def refine_decoder(model: PatchAutoencoder, patches: np.ndarray, *, steps: int =
         d_loss.backward()
         critic_opt.step()
         rec = image_loss(out, x)
-        step[0] += 1
-        if step[0] + start[0] <= critic_warmup or adversarial_weight == 0:
+        decoder_steps.n += 1
+        if decoder_steps.n <= critic_warmup or adversarial_weight == 0:
             return rec
         adv = -critic(out).mean()
         w = adaptive_adversarial_weight(rec, adv, last_layer)
@@ -301,10 +314,6 @@ def refine_decoder(model: PatchAutoencoder, patches: np.ndarray, *, steps: int =
         with torch.no_grad():
             return float(image_loss(model.decoder(model.encoder(val_x)), val_x))
 
-    start = [0]
-    ckpt = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir is not None else None
-    if resume and ckpt is not None and ckpt.is_file():
-        start[0] = int(load_checkpoint(ckpt)["step"])
     trainable = {f"decoder.{n}": p for n, p in model.decoder.named_parameters()}
     yield from _loop(model=model, trainable=trainable, loss_fn=loss_fn, n_train=len(data),
                      val_loss_fn=val_loss_fn if val_x is not None else None, steps=steps,
@@ -313,7 +322,8 @@ def refine_decoder(model: PatchAutoencoder, patches: np.ndarray, *, steps: int =
                      resume=resume, stop=stop, device=device,
                      extra_state={"kind": "c2l-decoder", "config": model.config.to_dict(),
                                   "adversarial_weight": adversarial_weight},
-                     companions={"critic": critic, "critic_optimizer": critic_opt})
+                     companions={"critic": critic, "critic_optimizer": critic_opt,
+                                 "decoder_steps": decoder_steps})
     model.requires_grad_(False)
     return model.eval()
 
