@@ -65,10 +65,17 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (FileNotFoundError, ValueError, KeyError) as exc:
-        # Bad input: one clear line naming the file and the problem, no traceback.
-        print(f"napari-hinge {args.command}: error: {exc}", file=sys.stderr)
+    except (ValueError, KeyError, OSError, MemoryError) as exc:
+        # Bad input (InputError is a ValueError), an unreadable or full disk, a file too big
+        # for memory: one line naming the file and the problem, no traceback.
+        print(f"napari-hinge {args.command}: error: {one_line(exc)}", file=sys.stderr)
         return 2
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception as one line (KeyError's quotes dropped, whitespace runs collapsed)."""
+    text = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+    return " ".join(str(text).split()) or type(exc).__name__
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import tempfile
 import threading
 from dataclasses import asdict, dataclass, field
@@ -21,6 +22,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from napari_hinge.errors import InputError, disk_full_error, is_disk_full
 
 
 @dataclass
@@ -113,24 +116,90 @@ def atomic_write(path: str | os.PathLike, write) -> Path:
     try:
         write(tmp)
         os.replace(tmp, path)
+    except Exception as exc:
+        if is_disk_full(exc):  # h5py/safetensors say it in words: one clear error instead
+            raise disk_full_error(path) from exc
+        raise
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
 
 
+_NUMPY_TAG = "__numpy_array__"
+
+
+def _to_plain(obj: Any) -> Any:
+    """Rewrite ``obj`` into what ``torch.load(weights_only=True)`` accepts: tensors,
+    containers, str and numbers. NumPy arrays become tagged tensors so that they
+    come back as arrays of the same dtype; NumPy scalars and paths become Python ones."""
+    if isinstance(obj, np.ndarray):
+        data = torch.from_numpy(obj.astype(np.int64) if obj.dtype == np.uint32 else obj.copy())
+        return {_NUMPY_TAG: data, "dtype": str(obj.dtype)}
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if isinstance(obj, dict):
+        return type(obj)((k, _to_plain(v)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_plain(v) for v in obj)
+    return obj
+
+
+def _from_plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        if _NUMPY_TAG in obj:
+            return obj[_NUMPY_TAG].numpy().astype(obj["dtype"])
+        return type(obj)((k, _from_plain(v)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_from_plain(v) for v in obj)
+    return obj
+
+
 def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
-    """Atomically ``torch.save`` a checkpoint dict (model, optimiser, epoch, RNG...)."""
-    return atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    """Atomically ``torch.save`` a checkpoint dict (model, optimiser, epoch, RNG...),
+    in a form that loads with ``weights_only=True``."""
+    plain = _to_plain(payload)
+    return atomic_write(path, lambda tmp: torch.save(plain, tmp))
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save_checkpoint`. Only tensors, containers,
+    strings and numbers are unpickled (``weights_only=True``): a crafted file cannot
+    run code, it is refused with its name."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
-        # RNG states hold numpy arrays and tuples, so full unpickling is needed;
-        # checkpoints are the user's own files written by save_checkpoint.
-        return torch.load(path, map_location="cpu", weights_only=False)
+        raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # re-raised with the file name
-        raise ValueError(f"checkpoint {path} is unreadable or corrupt: {exc}") from exc
+        raise InputError(
+            f"checkpoint {path} is unreadable, corrupt or holds more than tensors and "
+            f"plain values (refused without running it: {_unpickle_reason(exc)})",
+            path=path) from exc
+    return _from_plain(raw)
+
+
+def _unpickle_reason(exc: BaseException) -> str:
+    # torch's message spans lines and advises weights_only=False: keep only the cause
+    text = str(exc)
+    m = re.search(r"WeightsUnpickler error: (.*?)(?: was not an allowed| Please|\n|$)", text)
+    if m:
+        return m.group(1).strip()
+    return text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+
+
+def load_safetensors(path: str | os.PathLike, *, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """``safetensors.torch.load_file`` with an error that names the file (safetensors never
+    runs code; its own error says only what broke in the header)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {path} does not exist")
+    try:
+        return load_file(str(path), device=device)
+    except Exception as exc:  # SafetensorError, OSError, ...: not weights
+        raise InputError(f"{path}: not a readable safetensors weights file ({exc})",
+                         path=path) from exc

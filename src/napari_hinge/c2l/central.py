@@ -220,13 +220,10 @@ def read_config(directory: Path, *, expect_kind: str) -> dict:
 def load_weights(module: nn.Module, directory: Path, *, map_location="cpu",
                  strict: bool = True) -> dict[str, torch.Tensor]:
     """Load ``model.safetensors`` into ``module``; returns the tensors not in the module."""
-    from safetensors.torch import load_file
+    from napari_hinge.training import load_safetensors
 
+    state = load_safetensors(directory / WEIGHTS_FILE, device=str(map_location))
     path = directory / WEIGHTS_FILE
-    try:
-        state = load_file(str(path), device=str(map_location))
-    except Exception as exc:
-        raise ValueError(f"{path}: unreadable weights ({exc})") from exc
     own = set(module.state_dict())
     extra = {k: v for k, v in state.items() if k not in own}
     missing = own - set(state)

@@ -98,7 +98,7 @@ def _cellfm_file_in(folder: Path) -> Path | None:
 
 def load_saved(directory: str | Path) -> GeneTokenBackbone:
     """Read a folder written by :func:`save_backbone` (any kind), bit-identically."""
-    from safetensors.torch import load_file
+    from napari_hinge.training import load_safetensors
 
     directory = Path(directory)
     config, vocab = read_config(directory)
@@ -109,7 +109,7 @@ def load_saved(directory: str | Path) -> GeneTokenBackbone:
         raise FileNotFoundError(f"{weights} is missing: not a saved backbone folder")
     model = CLASSES[config.kind](config, vocab)
     try:
-        model.load_state_dict(load_file(str(weights)), strict=True)
+        model.load_state_dict(load_safetensors(weights), strict=True)
     except RuntimeError as err:
         raise ValueError(f"{weights} does not match its config.json: {err}") from None
     return model.eval()

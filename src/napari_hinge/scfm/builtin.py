@@ -99,7 +99,7 @@ class BuiltinBackbone(GeneTokenBackbone):
     @classmethod
     def load(cls, directory: str | Path) -> BuiltinBackbone:
         """Read a folder written by :meth:`save` (bit-identical weights)."""
-        from safetensors.torch import load_file
+        from napari_hinge.training import load_safetensors
 
         directory = Path(directory)
         config, vocab = read_config(directory)
@@ -107,7 +107,7 @@ class BuiltinBackbone(GeneTokenBackbone):
         if not weights.is_file():
             raise FileNotFoundError(f"{weights} is missing: not a saved backbone folder")
         model = cls(config, vocab)
-        state = load_file(str(weights))
+        state = load_safetensors(weights)
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as err:

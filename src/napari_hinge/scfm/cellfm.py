@@ -235,12 +235,9 @@ def _ms_name(key: str) -> str:
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+        from napari_hinge.training import load_safetensors
 
-        try:
-            return load_file(str(path))
-        except Exception as err:  # noqa: BLE001
-            raise ValueError(f"{path} could not be read as safetensors: {err}") from None
+        return load_safetensors(path)
     if path.suffix == ".ckpt":
         raise ValueError(f"{path} is a MindSpore checkpoint; convert it first to .pt or "
                          ".safetensors with the same key names (no MindSpore here)")
