@@ -1,12 +1,13 @@
 """Where derived data (slide pyramids, encoder features) is cached.
 
 ``$NAPARI_HINGE_CACHE`` when set, else the platform user cache folder
-(``~/.cache/napari-hinge`` on Linux). Entries are keyed by file content, so a
-moved or renamed file still hits the cache and an edited one never does.
+(``~/.cache/napari-hinge`` on Linux). Entries are keyed by file content (a hash of every
+byte), so a moved or renamed file still hits the cache and an edited one never does.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from pathlib import Path
@@ -25,19 +26,32 @@ def cache_dir(kind: str) -> Path:
     return path
 
 
-def file_digest(path: str | os.PathLike, *, chunk: int = 1 << 20) -> str:
-    """A content key for a file: sha256 of its size, first and last MiB.
+def file_digest(path: str | os.PathLike, *, chunk: int = 1 << 22) -> str:
+    """A content key for a file: blake2b of all its bytes.
 
-    Hashing whole slides (GBs) would defeat the point of a cache; size plus the
-    head and tail (where TIFF/JPEG headers and index tables live) changes with any edit
-    in practice.
+    Any edit changes it, also one in the middle that keeps the size (a sample of the head and
+    tail does not see those, and a stale pyramid would then show the old pixels). The digest
+    is remembered under ``cache_dir('digests')`` per (path, size, mtime, inode), so a file is
+    read through once until it changes (about 1 s per GB); moved or copied files hash again
+    and find the same entries.
     """
     path = Path(path)
-    size = path.stat().st_size
-    h = hashlib.sha256(str(size).encode())
+    st = path.stat()
+    stamp = f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}|{st.st_dev}"
+    memo = cache_dir("digests") / hashlib.sha256(stamp.encode()).hexdigest()[:32]
+    try:
+        known = memo.read_text().strip()
+    except OSError:
+        known = ""
+    if len(known) == 24:
+        return known
+    h = hashlib.blake2b(str(st.st_size).encode(), digest_size=16)
     with open(path, "rb") as f:
-        h.update(f.read(chunk))
-        if size > chunk:
-            f.seek(max(chunk, size - chunk))
-            h.update(f.read(chunk))
-    return h.hexdigest()[:24]
+        while block := f.read(chunk):
+            h.update(block)
+    digest = h.hexdigest()[:24]
+    with contextlib.suppress(OSError):  # a read-only cache only costs the next hash
+        from napari_hinge._files import atomic_write
+
+        atomic_write(memo, lambda tmp: Path(tmp).write_text(digest))
+    return digest

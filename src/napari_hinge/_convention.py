@@ -15,7 +15,11 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
+
+from napari_hinge.errors import InputError, positive_number
 
 SPATIAL_KEY = "spatial"
 META_KEY = "napari_hinge"
@@ -26,6 +30,23 @@ VISIUM_SPOT_UM = 55.0
 VISIUM_PITCH_UM = 100.0
 LEGACY_ST_SPOT_UM = 100.0
 LEGACY_ST_PITCH_UM = 200.0
+
+#: Pixel sizes (µm/px) a slide can have: 0.05 (beyond any light microscope) to 50 (a
+#: low-resolution overview). Values outside come from broken or default metadata.
+MPP_PLAUSIBLE = (0.05, 50.0)
+
+
+def check_mpp(value, path: str | os.PathLike, field: str = "microns_per_pixel") -> float:
+    """A pixel size read from a file: a finite positive number in :data:`MPP_PLAUSIBLE`,
+    else an :class:`~napari_hinge.errors.InputError` naming the file and the field (and
+    the ``mpp`` override, which takes any positive value)."""
+    v = positive_number(value, path, field)
+    lo, hi = MPP_PLAUSIBLE
+    if not lo <= v <= hi:
+        raise InputError.at(
+            path, f"{v:g} µm/px is not a plausible slide pixel size ({lo:g}-{hi:g}); pass "
+            "mpp= (--mpp) with the real value to override", field=field)
+    return v
 
 
 def spatial_meta(adata) -> dict:

@@ -45,6 +45,22 @@ def slide_layer_data(slide, *, name: str | None = None) -> LayerData:
     return data, kwargs, "image"
 
 
+def map_layer_data(m) -> LayerData:
+    """Image layer(s) for a :class:`~napari_hinge.io.maps.MapImage`: one per channel, in µm
+    (scale and translate from the file), so they land on their slide."""
+    limits = []
+    for channel in m.data:
+        finite = channel[np.isfinite(channel)]
+        lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+        limits.append((lo, hi if hi > lo else lo + 1.0))
+    kwargs = {"scale": m.scale, "translate": m.translate, "units": UNITS,
+              "colormap": "magma", "blending": "additive"}
+    if len(m.data) == 1:
+        return m.data[0], {**kwargs, "name": m.names[0], "contrast_limits": limits[0]}, "image"
+    return m.data, {**kwargs, "channel_axis": 0, "name": list(m.names),
+                    "contrast_limits": limits}, "image"
+
+
 def spot_features(adata, genes: list[str] = ()) -> pd.DataFrame:
     """Per-spot features: barcode, total counts (all genes), genes detected in ``X``, and the
     given genes' counts."""

@@ -28,10 +28,14 @@ def get_slide_reader(path):
 
 
 def read_slide(path):
-    from napari_hinge._layers import slide_layer_data
+    from napari_hinge._layers import map_layer_data, slide_layer_data
+    from napari_hinge.io.maps import is_map_tiff, read_map
     from napari_hinge.io.slides import open_slide
 
-    return [slide_layer_data(open_slide(_single_path(path)))]
+    p = _single_path(path)
+    if is_map_tiff(p):  # a map the package wrote (float values, not colours)
+        return [map_layer_data(read_map(p))]
+    return [slide_layer_data(open_slide(p))]
 
 
 def get_spatial_reader(path):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import errno
 import os
 
-__all__ = ["InputError", "disk_full_error", "is_disk_full"]
+__all__ = ["InputError", "disk_full_error", "is_disk_full", "positive_number"]
 
 
 class InputError(ValueError):
@@ -36,6 +36,21 @@ class InputError(ValueError):
         """``'<path>: <field>: <problem>'`` (the field part only when given)."""
         where = f"{os.fspath(path)}: {field}" if field else os.fspath(path)
         return cls(f"{where}: {problem}", path=path, field=field)
+
+
+def positive_number(value, path: str | os.PathLike, field: str) -> float:
+    """``value`` as a finite positive float, else an :class:`InputError` naming the field
+    (bools and numeric strings are refused: a file that says ``"0.5"`` is not well formed)."""
+    import math
+    import numbers
+
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise InputError.at(path, f"must be a number, got {value!r}", field=field)
+    v = float(value)
+    if not math.isfinite(v) or v <= 0:
+        raise InputError.at(path, f"must be a finite positive number, got {value!r}",
+                            field=field)
+    return v
 
 
 _ENOSPC_TEXT = ("no space left on device", "os error 28", "errno = 28", "[errno 28]")

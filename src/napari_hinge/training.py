@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import random
 import re
-import tempfile
 import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,7 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from napari_hinge.errors import InputError, disk_full_error, is_disk_full
+from napari_hinge._files import atomic_write  # the one implementation; kept importable here
+from napari_hinge.errors import InputError
 
 
 @dataclass
@@ -104,26 +104,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def atomic_write(path: str | os.PathLike, write) -> Path:
-    """Call ``write(tmp_path)`` then rename onto ``path``: a crash or a cancel
-    never leaves a truncated file where a good one was."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except Exception as exc:
-        if is_disk_full(exc):  # h5py/safetensors say it in words: one clear error instead
-            raise disk_full_error(path) from exc
-        raise
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
 
 
 _NUMPY_TAG = "__numpy_array__"

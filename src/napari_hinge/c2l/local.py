@@ -192,10 +192,9 @@ class LocalModel(nn.Module):
         return {k: v for k, v in self.state_dict().items() if not k.startswith("central.")}
 
     def save(self, directory: str | os.PathLike) -> Path:
-        directory = Path(directory)
-        self.central.save(directory / CENTRAL_SUBDIR)
-        adapter = _Adapter(self)
-        return save_module(adapter, self.config.to_dict(), directory)
+        # one folder swap for the central copy and the adapter: they never mismatch
+        return save_module(_Adapter(self), self.config.to_dict(), directory,
+                           subfolders={CENTRAL_SUBDIR: self.central.save})
 
     @classmethod
     def load(cls, directory: str | os.PathLike, *,

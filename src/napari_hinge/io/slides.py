@@ -33,6 +33,8 @@ import dask.array as da
 import numpy as np
 
 from napari_hinge._cache import cache_dir, file_digest
+from napari_hinge._convention import MPP_PLAUSIBLE, check_mpp
+from napari_hinge.errors import InputError, disk_full_error, is_disk_full
 
 __all__ = [
     "PYRAMID_MIN_SIDE",
@@ -68,7 +70,9 @@ _CACHE_VERSION = 1
 
 # Pixel sizes outside this range (µm/px) are not a real slide resolution: TIFF writers put
 # 72 or 96 dpi (~350 µm/px) or 1 px/cm defaults in files that have no physical calibration.
-_MPP_PLAUSIBLE = (0.05, 50.0)
+_MPP_PLAUSIBLE = MPP_PLAUSIBLE
+# Share of the available memory one decoded chunk (a tile, a strip, a whole JPEG) may take.
+_MAX_MEMORY_SHARE = 0.5
 
 # PIL refuses images above ~179 Mpx (and warns above ~89 Mpx) to guard web apps against
 # decompression bombs. Histology sections are legitimately that big (her2st JPEGs: 92 Mpx),
@@ -256,7 +260,8 @@ def open_slide(path: str | os.PathLike, *, mpp: float | None = None, tile: int =
     ValueError
         Unsupported file type, or a file that cannot be parsed or decoded (truncated, corrupt).
     """
-    path = Path(path).expanduser()
+    # absolute: every output that records this slide must find it from any folder
+    path = Path(os.path.abspath(Path(path).expanduser()))
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such slide file")
     if path.is_dir():
@@ -272,7 +277,10 @@ def open_slide(path: str | os.PathLike, *, mpp: float | None = None, tile: int =
     if mpp is not None and not (math.isfinite(mpp) and mpp > 0):
         raise ValueError(f"{path}: mpp must be a positive number of µm per pixel, got {mpp}")
 
-    slide = _open_pil(path, tile) if name.endswith(_PIL_SUFFIXES) else _open_tiff(path, tile)
+    if name.endswith(_PIL_SUFFIXES):
+        slide = _open_pil(path, tile)
+    else:
+        slide = _open_tiff(path, tile, mpp_given=mpp is not None)
     if mpp is not None:
         slide.microns_per_pixel, slide.mpp_source = float(mpp), "argument"
     return slide
@@ -282,7 +290,7 @@ def open_slide(path: str | os.PathLike, *, mpp: float | None = None, tile: int =
 # TIFF family
 
 
-def _open_tiff(path: Path, tile: int) -> Slide:
+def _open_tiff(path: Path, tile: int, *, mpp_given: bool = False) -> Slide:
     import tifffile
     import zarr
 
@@ -296,11 +304,14 @@ def _open_tiff(path: Path, tile: int) -> Slide:
         series = tif.series[0]  # SVS: Baseline (Thumbnail/Label/Macro are later series)
         fmt = "svs" if tif.is_svs else "ndpi" if tif.is_ndpi else "tiff"
         fmt = "ome-tiff" if tif.is_ome else fmt
-        _check_tile_offsets(path, series)
+        _check_tiles(path, series)
         levels = []
         for i, lv in enumerate(series.levels):
             z = zarr.open_array(series.aszarr(level=i), mode="r")
             src, chunks = z, z.chunks
+            if not _memmappable(lv):
+                _check_memory(path, math.prod(z.chunks) * z.dtype.itemsize,
+                              f"one tile/strip of level {i} ({'x'.join(map(str, z.chunks))})")
             if math.prod(z.chunks) > 16 * tile * tile * 3 and _memmappable(lv):
                 # Uncompressed single-strip TIFF: the one "chunk" is the whole image, so map
                 # the file instead and read any window directly.
@@ -311,7 +322,7 @@ def _open_tiff(path: Path, tile: int) -> Slide:
             levels.append(_to_rgb(arr, lv.axes, path))
         order = sorted(range(len(levels)), key=lambda i: -levels[i].shape[0] * levels[i].shape[1])
         levels = [levels[i] for i in order]
-        mpp, mpp_source = _tiff_mpp(tif, series)
+        mpp, mpp_source = (None, None) if mpp_given else _tiff_mpp(path, tif, series)
         cache = None
         if len(levels) == 1 and max(levels[0].shape[:2]) > PYRAMID_MIN_SIDE:
             base = levels[0]
@@ -324,12 +335,14 @@ def _open_tiff(path: Path, tile: int) -> Slide:
     except ValueError as err:
         tif.close()
         msg = str(err)
-        raise ValueError(
-            msg if msg.startswith(str(path)) else f"{path}: not a readable slide ({msg})"
-        ) from err
+        raise InputError(
+            msg if msg.startswith(str(path)) else f"{path}: not a readable slide ({msg})",
+            path=path) from err
     except Exception as err:  # decoders raise anything on corrupt data
         tif.close()
-        raise ValueError(f"{path}: not a readable slide ({_reason(err)})") from err
+        if is_disk_full(err):  # the pyramid cache could not be written: not the slide's fault
+            raise
+        raise InputError(f"{path}: not a readable slide ({_reason(err)})", path=path) from err
     return Slide(
         path=path,
         levels=levels,
@@ -342,23 +355,65 @@ def _open_tiff(path: Path, tile: int) -> Slide:
     )
 
 
-def _check_tile_offsets(path: Path, series: Any) -> None:
-    """Raise when any tile/strip of any level points beyond the end of the file (truncation)."""
+def _check_tiles(path: Path, series: Any) -> None:
+    """Every tile/strip each level declares must exist and lie inside the file.
+
+    A truncated file (data beyond its end, or image-data tags lost with the cut) is an error:
+    tifffile would decode the missing tiles as black. Tiles stored empty on purpose (byte
+    count 0, some writers' sparse tiles) only warn, with the missing fraction.
+    """
     size = path.stat().st_size
     for i, lv in enumerate(series.levels):
         for page in lv.pages:
-            if page is None:
+            if page is None or not hasattr(page, "dataoffsets"):
                 continue
-            offsets = np.asarray(getattr(page, "dataoffsets", ()), dtype=np.int64)
-            counts = np.asarray(getattr(page, "databytecounts", ()), dtype=np.int64)
-            if offsets.size == 0 or offsets.size != counts.size:
-                continue
+            offsets = np.asarray(page.dataoffsets, dtype=np.int64)
+            counts = np.asarray(page.databytecounts, dtype=np.int64)
+            expected = math.prod(getattr(page, "chunked", ()) or (offsets.size,))
+            if offsets.size == 0 or offsets.size != counts.size or offsets.size < expected:
+                raise ValueError(
+                    f"{path}: not a readable slide (truncated or corrupt: level {i} declares "
+                    f"{expected} tiles/strips but the file locates {min(offsets.size, counts.size)}"
+                    ")")
             end = int((offsets + counts).max())
             if end > size:
                 raise ValueError(
                     f"{path}: not a readable slide (truncated: level {i} image data ends at "
                     f"byte {end} but the file has {size} bytes)"
                 )
+            empty = int((counts == 0).sum())
+            if empty == counts.size:
+                raise ValueError(f"{path}: not a readable slide (level {i} has no image data: "
+                                 f"all {empty} tiles/strips are empty)")
+            if empty:
+                warnings.warn(f"{path}: {empty} of {counts.size} tiles/strips of level {i} "
+                              f"({100 * empty / counts.size:.1f}%) hold no data and show as "
+                              "black", UserWarning, stacklevel=4)
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory available now (Linux MemAvailable, else free pages), None if unknown."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _check_memory(path: Path, nbytes: int, what: str) -> None:
+    """Refuse at once what would need more memory than there is (a header can claim any
+    size; decoding it would take minutes and end in a MemoryError)."""
+    avail = _available_memory()
+    if avail is not None and nbytes > _MAX_MEMORY_SHARE * avail:
+        raise InputError(
+            f"{path}: not a readable slide ({what} claims {nbytes / 2**30:.1f} GiB decoded, "
+            f"more than the {avail / 2**30:.1f} GiB of memory available)", path=path)
 
 
 def _memmappable(level: Any) -> bool:
@@ -376,20 +431,24 @@ def _probe(path: Path, level: da.Array) -> None:
         raise ValueError(f"{path}: not a readable slide (tile decoded to shape {corner.shape})")
 
 
-def _tiff_mpp(tif: Any, series: Any) -> tuple[float | None, str | None]:
+def _tiff_mpp(path: Path, tif: Any, series: Any) -> tuple[float | None, str | None]:
+    """The pixel size a TIFF declares. A scanner's (Aperio, OME) value outside
+    ``MPP_PLAUSIBLE`` is refused (the user can override it); a TIFF resolution tag outside
+    it is a writer's default (72 dpi) and means "unknown"."""
     page = series.levels[0].keyframe
     desc = tif.pages[0].description or ""
     if tif.is_svs or desc.startswith("Aperio"):
-        m = re.search(r"\bMPP\s*=\s*([0-9.eE+-]+)", desc)
+        m = re.search(r"\bMPP\s*=\s*([^|\s]+)", desc)
         if m:
-            with contextlib.suppress(ValueError):
+            try:
                 v = float(m.group(1))
-                if math.isfinite(v) and v > 0:
-                    return v, "aperio"
+            except ValueError:
+                v = m.group(1)
+            return check_mpp(v, path, "Aperio MPP"), "aperio"
     if tif.is_ome and tif.ome_metadata:
         v = _ome_mpp(tif.ome_metadata)
         if v is not None:
-            return v, "ome"
+            return check_mpp(v, path, "OME PhysicalSizeX"), "ome"
     v = _resolution_mpp(page)
     if v is not None:
         return v, "tiff-resolution"
@@ -414,10 +473,9 @@ def _ome_mpp(xml: str) -> float | None:
             if size is None or unit not in _UNIT_TO_UM:
                 return None
             try:
-                v = float(size) * _UNIT_TO_UM[unit]
+                return float(size) * _UNIT_TO_UM[unit]
             except ValueError:
                 return None
-            return v if math.isfinite(v) and v > 0 else None
     return None
 
 
@@ -465,6 +523,7 @@ def _open_pil(path: Path, tile: int) -> Slide:
     try:
         with _pil_limit(), Image.open(path) as img:
             w, h = img.size
+            _check_memory(path, w * h * max(3, len(img.getbands())), f"a {w}x{h} px image")
             if max(w, h) > PYRAMID_MIN_SIDE:
                 cache = cache_dir("pyramids") / _cache_key(path, tile)
                 if not _cache_valid(cache):
@@ -481,7 +540,9 @@ def _open_pil(path: Path, tile: int) -> Slide:
     except ValueError:
         raise
     except Exception as err:  # PIL raises OSError, SyntaxError, ... on bad files
-        raise ValueError(f"{path}: not a readable slide ({_reason(err)})") from err
+        if is_disk_full(err):
+            raise
+        raise InputError(f"{path}: not a readable slide ({_reason(err)})", path=path) from err
     levels = [_rechunk(lv, tile) for lv in levels]
     return Slide(
         path=path,
@@ -611,6 +672,10 @@ def _cached_pyramid(
         except OSError:
             if not _cache_valid(final):  # someone else finished first -> use theirs
                 raise
+    except Exception as exc:
+        if is_disk_full(exc):
+            raise disk_full_error(root) from exc
+        raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -22,7 +22,9 @@ import contextlib
 import gzip
 import io
 import json
+import os
 import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +40,9 @@ from napari_hinge._convention import (
     SPATIAL_KEY,
     VISIUM_PITCH_UM,
     VISIUM_SPOT_UM,
+    check_mpp,
 )
+from napari_hinge.errors import InputError, positive_number
 
 __all__ = [
     "SpatialDataError",
@@ -64,8 +68,26 @@ _OVERVIEW_MAX_SIDE = 2000
 _SLIDE_TIFF_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".btf", ".scn", ".qptiff")
 
 
-class SpatialDataError(ValueError):
+class SpatialDataError(InputError):
     """Spatial data that cannot be used as it is (the message names the file)."""
+
+
+# What reading a damaged text or gzip file raises (a truncated .gz: EOFError or zlib.error).
+_TEXT_ERRORS = (ValueError, OSError, EOFError, zlib.error, UnicodeDecodeError,
+                pd.errors.ParserError)
+
+
+def _numeric_columns(df: pd.DataFrame, columns, path) -> None:
+    """Raise naming the column and the first rows whose values are not numbers."""
+    for c in columns:
+        if c not in df.columns or pd.api.types.is_numeric_dtype(df[c]):
+            continue
+        col = df[c]
+        bad = pd.to_numeric(col, errors="coerce").isna() & col.notna()
+        rows = list(col.index[bad.to_numpy()]) or list(col.index[:1])
+        raise SpatialDataError(
+            f"{path}: column {c!r} must hold numbers; not a number in {int(bad.sum())} row(s), "
+            f"e.g. {_first([f'{r}: {col[r]!r}' for r in rows], 3)}", path=path)
 
 
 class SpatialDataWarning(UserWarning):
@@ -389,13 +411,15 @@ def _read_10x_h5(path: Path) -> tuple[sp.csr_matrix, pd.Index, pd.DataFrame, dic
                 ids, names = _decode(g["genes"][:]), _decode(g["gene_names"][:])
                 ftype = None
             n_feat, n_bc = (int(v) for v in g["shape"][:])
-            data = g["data"][:]
-            X = sp.csr_matrix(
-                (data.astype(np.float32), g["indices"][:], g["indptr"][:]), shape=(n_bc, n_feat)
-            )
+            data, indices, indptr = g["data"][:], g["indices"][:], g["indptr"][:]
             barcodes = pd.Index(_decode(g["barcodes"][:]))
+            # scipy trusts indices and indptr: out-of-range ones corrupt memory later
+            _check_csc(path, data, indices, indptr, n_feat, n_bc, len(ids), len(barcodes))
+            X = sp.csr_matrix((data.astype(np.float32), indices, indptr), shape=(n_bc, n_feat))
             attrs = {k: f.attrs[k] for k in f.attrs}
-        except (KeyError, ValueError, TypeError) as err:
+        except SpatialDataError:
+            raise
+        except (KeyError, ValueError, TypeError, AttributeError, IndexError) as err:
             raise SpatialDataError(
                 f"{path}: not a 10x feature-barcode matrix (HDF5 layout: {err})"
             ) from err
@@ -404,6 +428,44 @@ def _read_10x_h5(path: Path) -> tuple[sp.csr_matrix, pd.Index, pd.DataFrame, dic
         _warn(f"{path}: counts are not integers; expected raw UMI counts")
     var = _make_var(ids, names, ftype)
     return X, barcodes, var, attrs
+
+
+def _check_csc(path, data, indices, indptr, n_feat, n_bc, n_ids, n_barcodes) -> None:
+    """The 10x matrix (features x barcodes, compressed by barcode) must be self-consistent."""
+
+    def bad(field, problem):
+        return SpatialDataError(f"{path}: matrix/{field}: {problem} (a corrupt or hand-edited "
+                                "feature-barcode matrix)", path=path, field=field)
+
+    if n_feat < 0 or n_bc < 0:
+        raise bad("shape", f"negative size {n_feat} x {n_bc}")
+    for name, arr in (("data", data), ("indices", indices), ("indptr", indptr)):
+        if arr.ndim != 1:
+            raise bad(name, f"expected a 1-d array, got shape {arr.shape}")
+    if data.dtype.kind not in "biuf":
+        raise bad("data", f"counts must be numbers, got dtype {data.dtype}")
+    for name, arr in (("indices", indices), ("indptr", indptr)):
+        if arr.dtype.kind not in "iu":
+            raise bad(name, f"must be integers, got dtype {arr.dtype}")
+    if len(indptr) != n_bc + 1:
+        raise bad("indptr", f"{len(indptr)} entries, expected {n_bc + 1} (barcodes + 1)")
+    if len(indices) != len(data):
+        raise bad("indices", f"{len(indices)} entries but data has {len(data)}")
+    if indptr[0] != 0 or indptr[-1] != len(data):
+        raise bad("indptr", f"runs from {indptr[0]} to {indptr[-1]}, expected 0 to {len(data)}")
+    if (np.diff(indptr.astype(np.int64)) < 0).any():
+        raise bad("indptr", "decreases (must be non-decreasing)")
+    if len(indices) and (indices.min() < 0 or indices.max() >= n_feat):
+        raise bad("indices", f"gene indices span {indices.min()}..{indices.max()}, outside "
+                  f"0..{n_feat - 1} ({n_feat} features)")
+    if n_ids != n_feat or n_barcodes != n_bc:
+        raise bad("shape", f"{n_feat} features x {n_bc} barcodes but {n_ids} feature ids and "
+                  f"{n_barcodes} barcodes")
+
+
+def _abs(path) -> str:
+    # absolute, symlinks kept: the name the user gave, valid from any working folder
+    return os.path.abspath(path)
 
 
 def _open_text(path: Path):
@@ -452,14 +514,28 @@ def _read_10x_mtx(folder: Path) -> tuple[sp.csr_matrix, pd.Index, pd.DataFrame, 
             )
         if len(tab) != nnz:
             raise ValueError(f"{len(tab)} entries, header says {nnz}")
+        if n_feat < 0 or n_bc < 0:
+            raise ValueError(f"negative size {n_feat} x {n_bc} in the header")
+        i, j = tab["i"].to_numpy(), tab["j"].to_numpy()
+        if len(tab) and (i.min() < 1 or i.max() > n_feat or j.min() < 1 or j.max() > n_bc):
+            raise ValueError(f"entries address rows {i.min()}..{i.max()} and columns "
+                             f"{j.min()}..{j.max()}, outside the header's {n_feat} x {n_bc}")
         X = sp.csr_matrix(
             (tab["v"].to_numpy(np.float32), (tab["j"].to_numpy() - 1, tab["i"].to_numpy() - 1)),
             shape=(n_bc, n_feat),
         )
-    except (ValueError, OSError, EOFError, pd.errors.ParserError) as err:
-        raise SpatialDataError(f"{mtx}: not a readable Matrix Market file ({err})") from err
-    ftab = pd.read_csv(feats, sep="\t", header=None, dtype=str)
-    barcodes = pd.Index(pd.read_csv(bcs, sep="\t", header=None, dtype=str)[0].to_numpy())
+    except _TEXT_ERRORS as err:
+        raise SpatialDataError(f"{mtx}: not a readable Matrix Market file ({err})",
+                               path=mtx) from err
+    try:
+        ftab = pd.read_csv(feats, sep="\t", header=None, dtype=str)
+    except _TEXT_ERRORS as err:
+        raise SpatialDataError(f"{feats}: not a readable features table ({err})",
+                               path=feats) from err
+    try:
+        barcodes = pd.Index(pd.read_csv(bcs, sep="\t", header=None, dtype=str)[0].to_numpy())
+    except _TEXT_ERRORS as err:
+        raise SpatialDataError(f"{bcs}: not a readable barcode list ({err})", path=bcs) from err
     if len(ftab) != n_feat or len(barcodes) != n_bc:
         raise SpatialDataError(
             f"{folder}: matrix is {n_feat} features x {n_bc} barcodes but {feats.name} has "
@@ -513,11 +589,12 @@ def _read_positions(spatial: Path) -> tuple[pd.DataFrame, Path]:
                 if pos.shape[1] != 6:
                     raise ValueError(f"{pos.shape[1]} columns, expected 6")
                 pos.columns = _POS_COLS
-    except (ValueError, pd.errors.ParserError, UnicodeDecodeError) as err:
+    except _TEXT_ERRORS as err:
         raise SpatialDataError(f"{path}: not a Space Ranger positions file ({err})") from err
     missing = [c for c in _POS_COLS if c not in pos.columns]
     if missing:
         raise SpatialDataError(f"{path}: missing column(s) {', '.join(missing)}")
+    _numeric_columns(pos.set_index(pos["barcode"].astype(str)), _POS_COLS[1:], path)
     pos = pos.set_index("barcode")
     pos.index = pos.index.astype(str)
     _check_unique(pos.index, path)
@@ -547,6 +624,24 @@ def _resolve_outs(path: Path, bin_size: str | None) -> Path:
             raise FileNotFoundError(f"{binned}: no {want} (found: {', '.join(sizes) or 'none'})")
         path = binned / want
     return path
+
+
+def _read_scalefactors(path: Path) -> dict:
+    """scalefactors_json.json, every scale factor and size a finite positive number."""
+    try:
+        sf = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise SpatialDataError(f"{path}: not valid JSON ({err})", path=path) from err
+    if not isinstance(sf, dict):
+        raise SpatialDataError(f"{path}: expected a JSON object of scale factors, got "
+                               f"{type(sf).__name__}", path=path)
+    positive_number(sf.get("spot_diameter_fullres"), path, "spot_diameter_fullres")
+    for key, value in sf.items():
+        if key.endswith(("_scalef", "_fullres")):
+            positive_number(value, path, key)
+    if sf.get("microns_per_pixel") is not None:
+        check_mpp(sf["microns_per_pixel"], path)
+    return sf
 
 
 def _has_counts(folder: Path) -> bool:
@@ -615,13 +710,8 @@ def read_spaceranger(
     sf_file = spatial / "scalefactors_json.json"
     if not sf_file.is_file():
         raise FileNotFoundError(f"{spatial}: no scalefactors_json.json")
-    try:
-        sf = json.loads(sf_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise SpatialDataError(f"{sf_file}: not valid JSON ({err})") from err
-    spot_full = sf.get("spot_diameter_fullres")
-    if not spot_full or not np.isfinite(spot_full) or spot_full <= 0:
-        raise SpatialDataError(f"{sf_file}: no usable spot_diameter_fullres ({spot_full!r})")
+    sf = _read_scalefactors(sf_file)
+    spot_full = sf["spot_diameter_fullres"]
 
     keep = _match(barcodes, pos.index, counts_file=counts_file, positions_file=pos_file)
     X, barcodes = X[keep], barcodes[keep]
@@ -652,18 +742,19 @@ def read_spaceranger(
             continue
         images[key], image_files[key] = img, f
 
-    meta: dict = {"source": str(outs), "format": "spaceranger"}
+    # paths stored absolute: the h5ad written from this must open from any folder
+    meta: dict = {"source": _abs(outs), "format": "spaceranger"}
     if slide is not None:
         slide = Path(slide)
         image_shape = _image_shape(slide)
         scalef = 1.0
-        meta["slide_path"] = str(slide)
+        meta["slide_path"] = _abs(slide)
         image_source = slide
     elif images:
         key = "hires" if "hires" in images else "lowres"
         scalef = float(sf[f"tissue_{key}_scalef"])
         image_shape = images[key].shape
-        meta["slide_path"] = str(image_files[key])
+        meta["slide_path"] = _abs(image_files[key])
         meta["fullres_scalef"] = scalef
         image_source = image_files[key]
     else:
@@ -675,6 +766,10 @@ def read_spaceranger(
             mpp = float(sf["microns_per_pixel"]) / scalef
         else:
             mpp = VISIUM_SPOT_UM / float(spot_full) / scalef
+        # the stored image may be a coarse copy: its own pixel size must still be real
+        check_mpp(mpp, sf_file, "microns per pixel of the slide (from the scale factors)")
+    else:
+        mpp = positive_number(mpp, outs, "mpp")
     meta["microns_per_pixel"] = float(mpp)
     meta["spot_diameter_px"] = float(spot_full) * scalef
 
@@ -728,7 +823,7 @@ def _read_st_counts(path: Path) -> tuple[sp.csr_matrix, pd.Index, pd.DataFrame]:
             _check_unique(ids, path)
             return X, ids, _make_var(None, genes)
         tab = pd.read_csv(path, sep="\t", index_col=0)
-    except (ValueError, OSError, EOFError, UnicodeDecodeError, pd.errors.ParserError) as err:
+    except _TEXT_ERRORS as err:
         raise SpatialDataError(f"{path}: not a readable tab-separated count table ({err})") from err
     if tab.shape[1] == 0 or tab.shape[0] == 0:
         raise SpatialDataError(f"{path}: empty count table (expected spots x genes)")
@@ -787,7 +882,7 @@ def _read_st_spots(path: Path) -> pd.DataFrame:
         raise FileNotFoundError(f"spot file not found: {path}")
     try:
         spots = pd.read_csv(path, sep="\t")
-    except (ValueError, OSError, UnicodeDecodeError, pd.errors.ParserError) as err:
+    except _TEXT_ERRORS as err:
         raise SpatialDataError(f"{path}: not a readable spot file ({err})") from err
     missing = [c for c in ("x", "y", "pixel_x", "pixel_y") if c not in spots.columns]
     if missing:
@@ -795,9 +890,10 @@ def _read_st_spots(path: Path) -> pd.DataFrame:
             f"{path}: missing column(s) {', '.join(missing)} "
             "(expected x y new_x new_y pixel_x pixel_y selected)"
         )
+    _numeric_columns(spots, ("x", "y", "new_x", "new_y", "pixel_x", "pixel_y", "selected"), path)
     if "selected" in spots.columns:
         spots = spots[spots["selected"] == 1]
-    ax, ay = spots["x"].to_numpy(), spots["y"].to_numpy()
+    ax, ay = spots["x"].to_numpy(np.float64), spots["y"].to_numpy(np.float64)
     if not (np.isfinite(ax).all() and np.isfinite(ay).all()):
         raise SpatialDataError(f"{path}: missing array coordinates x/y")
     spots = spots.copy()
@@ -859,14 +955,17 @@ def read_legacy_st(
     X, ids = X[keep], ids[keep]
     matched = spots_df.loc[ids]
 
-    meta: dict = {"source": str(counts), "format": "legacy_st", "spots_path": str(spots_path)}
+    meta: dict = {"source": _abs(counts), "format": "legacy_st", "spots_path": _abs(spots_path)}
     if mpp is None:
         px_per_unit = _st_px_per_unit(spots_df)
         if px_per_unit is None or px_per_unit <= 0:
             _warn(f"{spots_path}: too few spots to estimate microns per pixel; unknown")
         else:
-            mpp = LEGACY_ST_PITCH_UM / px_per_unit
+            mpp = check_mpp(LEGACY_ST_PITCH_UM / px_per_unit, spots_path,
+                            "pixel_x/pixel_y (pixel size estimated from the 200 µm spot grid)")
             meta["mpp_estimated_from"] = "spot grid (200 um pitch)"
+    else:
+        mpp = positive_number(mpp, counts, "mpp")
     if mpp is not None:
         meta["microns_per_pixel"] = float(mpp)
         meta["spot_diameter_px"] = LEGACY_ST_SPOT_UM / float(mpp)
@@ -888,7 +987,7 @@ def read_legacy_st(
     if image is not None:
         image = Path(image)
         image_shape = _image_shape(image)
-        meta["slide_path"] = str(image)
+        meta["slide_path"] = _abs(image)
         if images:
             try:
                 ov, scale = _overview(image)
@@ -1001,10 +1100,11 @@ def read_her2st(
 def _add_pathology_labels(adata: AnnData, path: Path, spot_ids: pd.Index) -> None:
     try:
         lab = pd.read_csv(path, sep="\t")
-    except (ValueError, OSError, pd.errors.ParserError) as err:
+    except _TEXT_ERRORS as err:
         raise SpatialDataError(f"{path}: not a readable label file ({err})") from err
     if not {"x", "y", "label"} <= set(lab.columns):
         raise SpatialDataError(f"{path}: expected columns x, y, label")
+    _numeric_columns(lab, ("x", "y"), path)
     # x, y are the spot file's new_x/new_y (sub-step array coordinates): rounding gives x, y.
     ok = np.isfinite(lab["x"].to_numpy(float)) & np.isfinite(lab["y"].to_numpy(float))
     n_nocoord = int((~ok).sum())
@@ -1022,7 +1122,7 @@ def _add_pathology_labels(adata: AnnData, path: Path, spot_ids: pd.Index) -> Non
             "labelled"
         )
     adata.obs["pathology_label"] = pd.Categorical(labels.to_numpy())
-    adata.uns[META_KEY]["labels_path"] = str(path)
+    adata.uns[META_KEY]["labels_path"] = _abs(path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1053,7 +1153,17 @@ def read_h5ad(path: str | Path) -> AnnData:
             f"{path}: no obsm['{SPATIAL_KEY}'] (spot coordinates); obsm has "
             f"{list(adata.obsm.keys()) or 'nothing'}"
         )
-    adata.obsm[SPATIAL_KEY] = np.asarray(adata.obsm[SPATIAL_KEY], dtype=np.float64)
+    try:
+        adata.obsm[SPATIAL_KEY] = np.asarray(adata.obsm[SPATIAL_KEY], dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise SpatialDataError(f"{path}: obsm['{SPATIAL_KEY}'] must hold numbers ({err})",
+                               path=path, field=f"obsm['{SPATIAL_KEY}']") from err
+    for name, values in (("X", adata.X), *((f"layers[{k!r}]", v) for k, v in adata.layers.items())):
+        kind = (values.data if sp.issparse(values) else np.asarray(values)).dtype.kind
+        if kind not in "biuf":
+            raise SpatialDataError(f"{path}: {name} must hold numbers (counts), got "
+                                   f"{'text' if kind in 'OSU' else 'dtype kind ' + kind}",
+                                   path=path, field=name)
 
     if not _is_integral(adata.X):
         counts = adata.layers.get("counts") if "counts" in adata.layers else None
@@ -1071,9 +1181,9 @@ def read_h5ad(path: str | Path) -> AnnData:
             )
 
     if META_KEY in adata.uns:
-        meta = dict(adata.uns[META_KEY])
+        meta = _checked_meta(adata.uns[META_KEY], path)
     else:
-        meta = {"source": str(path), "format": "h5ad"}
+        meta = {"source": _abs(path), "format": "h5ad"}
         lib = adata.uns.get("spatial", {})
         sf = next(iter(lib.values())).get("scalefactors", {}) if len(lib) == 1 else {}
         if sf.get("spot_diameter_fullres"):
@@ -1104,6 +1214,36 @@ def read_h5ad(path: str | Path) -> AnnData:
         else:
             _warn(f"{path}: slide_path {slide} not found (moved?); coordinates not checked")
     return validate_spatial(adata, source=path, image_shape=image_shape, image_source=slide)
+
+
+def _checked_meta(meta, path: Path) -> dict:
+    """A stored ``uns['napari_hinge']``: pixel size and spot diameter real numbers, a relative
+    ``slide_path`` resolved against the h5ad's folder (older files stored it as typed)."""
+    if not isinstance(meta, dict):
+        raise SpatialDataError(f"{path}: uns['{META_KEY}'] must be a dict, got "
+                               f"{type(meta).__name__}", path=path)
+    meta = dict(meta)
+    field = f"uns['{META_KEY}']"
+    if meta.get("microns_per_pixel") is not None:
+        meta["microns_per_pixel"] = check_mpp(np.asarray(meta["microns_per_pixel"]).item()
+                                              if np.ndim(meta["microns_per_pixel"]) == 0
+                                              else meta["microns_per_pixel"], path,
+                                              f"{field}['microns_per_pixel']")
+    if meta.get("spot_diameter_px") is not None:
+        value = meta["spot_diameter_px"]
+        meta["spot_diameter_px"] = positive_number(
+            np.asarray(value).item() if np.ndim(value) == 0 else value, path,
+            f"{field}['spot_diameter_px']")
+    slide = meta.get("slide_path")
+    if slide is not None:
+        if not isinstance(slide, str):
+            raise SpatialDataError(f"{path}: {field}['slide_path'] must be a path, got "
+                                   f"{slide!r}", path=path)
+        if not Path(slide).is_absolute():
+            beside, typed = path.parent / slide, Path(slide)
+            meta["slide_path"] = _abs(typed if typed.exists() and not beside.exists()
+                                      else beside)
+    return meta
 
 
 def _nn_spacing(xy: np.ndarray) -> float | None:
