@@ -71,6 +71,9 @@ _CACHE_VERSION = 1
 # Pixel sizes outside this range (µm/px) are not a real slide resolution: TIFF writers put
 # 72 or 96 dpi (~350 µm/px) or 1 px/cm defaults in files that have no physical calibration.
 _MPP_PLAUSIBLE = MPP_PLAUSIBLE
+# A JPEG stores at least about a byte per 8x8 block (64 px) even where the image is blank; a
+# header claiming 1000 px per byte of file describes data that is not there.
+_JPEG_MAX_PX_PER_BYTE = 1000
 # Share of the available memory one decoded chunk (a tile, a strip, a whole JPEG) may take.
 _MAX_MEMORY_SHARE = 0.5
 
@@ -523,6 +526,10 @@ def _open_pil(path: Path, tile: int) -> Slide:
     try:
         with _pil_limit(), Image.open(path) as img:
             w, h = img.size
+            if img.format == "JPEG" and w * h > _JPEG_MAX_PX_PER_BYTE * path.stat().st_size:
+                raise InputError(
+                    f"{path}: not a readable slide (the header claims {w}x{h} px, more than a "
+                    f"{path.stat().st_size}-byte JPEG can hold: truncated or forged)", path=path)
             _check_memory(path, w * h * max(3, len(img.getbands())), f"a {w}x{h} px image")
             if max(w, h) > PYRAMID_MIN_SIDE:
                 cache = cache_dir("pyramids") / _cache_key(path, tile)
