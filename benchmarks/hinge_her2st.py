@@ -4,6 +4,14 @@
     python benchmarks/hinge_her2st.py --genes 250
     python benchmarks/hinge_her2st.py --train DIR:C2,C4,C5,C6 --test DIR:C3
     python benchmarks/hinge_her2st.py --methods hinge,hest_ridge --folds C2
+    python benchmarks/hinge_her2st.py --seeds 0,1,2 --context-um 0 --prior none  # ablation row
+
+Every method sees the same inputs: with ``--context-um R`` (default: the shipped recipe's)
+each spot's features are followed by its neighbours' mean within R µm, for HINGE *and* the
+ridges/MLP; with ``--tta`` HINGE's samples cycle the 8 dihedral views of a test spot and the
+baselines get the mean of the 8 views (train and test). HINGE's recipe flags (``--prior``,
+``--variance``) ablate the rest. Uncertainty: coverage of the calibrated 80% / 95% intervals
+on the held-out section (and of the raw mean +- z sd), Spearman of spread vs |error|.
 
 Same folds, panel and features (efficientnet-lite0, 160 px crops, cached) for every method:
 HINGE on the shipped pre-trained builtin backbone, HINGE on a randomly initialised backbone of
@@ -37,13 +45,15 @@ from napari_hinge.expression import (
     load_her2st_sections,
     make_fold,
 )
+from napari_hinge.features import center_per_group, context_features
 from napari_hinge.hinge.pipeline import (
+    RECIPE,
+    calibrated_uncertainty,
     fit_hinge_arrays,
-    normalize_features,
-    restrict_to_vocab,
+    model_inputs,
 )
 from napari_hinge.hinge.sampler import sample
-from napari_hinge.metrics import expression_scores
+from napari_hinge.metrics import expression_scores, interval_coverage, spread_error_spearman
 from napari_hinge.training import run_to_end
 
 BASELINES = ("hest_ridge", "tuned_ridge", "mlp", "knn10")
@@ -52,43 +62,81 @@ ALL = ("hinge", "hinge_random_backbone", "hest_ridge", "tuned_ridge", "mlp", "kn
 DEFAULT_METHODS = ("hinge", "hinge_random_backbone", "hest_ridge", "tuned_ridge", "mlp")
 KEYS = ("pcc_mean", "pcc_top10", "pcc_top50", "mse", "mae", "coexpression", "fit_s",
         "predict_s")
+UNCERTAINTY_KEYS = ("coverage_80", "coverage_95", "raw_coverage_80", "raw_coverage_95",
+                    "spearman_pooled", "spearman_per_gene")
 
 
-def hinge_fold(fold, *, backbone: str, args) -> dict:
+def hinge_fold(fold, *, backbone: str, args, seed: int) -> dict:
     """Train HINGE on a fold's training spots (all 8 views when cached) and score the test."""
     X_tr = fold.X_train_aug if (fold.X_train_aug is not None and not args.no_augment) \
         else fold.X_train
     t0 = time.perf_counter()
     gen = fit_hinge_arrays(
         X_tr, fold.Y_train, fold.genes, backbone=backbone, encoder=args.encoder,
+        coords_um=fold.coords_train, groups=fold.groups_train,
+        context_um=args.context_um or None, prior=args.prior, predict_variance=args.variance,
+        center_sections=args.center, residual_scale=args.residual_scale,
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         ada_rank=args.ada_rank or None, standardize=not args.raw_features,
-        warmup_epochs=args.warmup_epochs, val_fraction=args.val_fraction, seed=args.seed,
+        warmup_epochs=args.warmup_epochs, val_fraction=args.val_fraction, seed=seed,
         val_samples=0, device=args.device,
     )
     model, last = run_to_end(gen)
     t1 = time.perf_counter()
     X_te = fold.X_test_aug if (args.tta and fold.X_test_aug is not None) else fold.X_test
-    res = sample(model, normalize_features(model, X_te), n_samples=args.samples,
-                 reveal_steps=args.reveal_steps, seed=args.seed, batch_size=args.sample_batch,
-                 device=args.device)
+    res = sample(model, model_inputs(model, X_te, fold.coords_test, fold.groups_test),
+                 n_samples=args.samples, reveal_steps=args.reveal_steps, seed=seed,
+                 batch_size=args.sample_batch, device=args.device)
     t2 = time.perf_counter()
-    scores = expression_scores(res.mean.numpy(), fold.Y_test, genes=fold.genes)
+    mean, raw = res.mean.numpy(), res.std.numpy()
+    scores = expression_scores(mean, fold.Y_test, genes=fold.genes)
+    if model.config.prior is not None:  # the same model with its residual shrunk
+        inputs = model_inputs(model, X_te, fold.coords_test, fold.groups_test)
+        with torch.no_grad():
+            prior = model.prior_mean(torch.as_tensor(inputs).mean(0)).numpy()
+        residual = (mean - prior) / model.config.residual_scale
+        scores["pcc_by_residual_scale"] = {
+            f"{lam:g}": expression_scores(prior + lam * residual, fold.Y_test)["pcc_mean"]
+            for lam in (0.0, 0.25, 0.5, 0.75, 1.0, 1.5)}
+    unc = calibrated_uncertainty(model, mean, raw)
+    for level, z in ((80, 1.2816), (95, 1.96)):
+        scores[f"raw_coverage_{level}"] = interval_coverage(mean - z * raw, mean + z * raw,
+                                                            fold.Y_test)
+        scores[f"coverage_{level}"] = (interval_coverage(unc[f"lower_{level}"],
+                                                         unc[f"upper_{level}"], fold.Y_test)
+                                       if f"lower_{level}" in unc else None)
+    rho = spread_error_spearman(unc["std"], mean, fold.Y_test)
+    scores.update(spearman_pooled=rho["pooled"], spearman_per_gene=rho["per_gene"])
     summary = last.metrics if last is not None else {}
-    scores.update(test=fold.test, train=fold.train, fit_s=t1 - t0, predict_s=t2 - t1,
+    scores.update(test=fold.test, train=fold.train, fit_s=t1 - t0, predict_s=t2 - t1, seed=seed,
                   n_train=len(fold.Y_train), n_test=len(fold.Y_test),
-                  mean_std=float(res.std.mean()), best_epoch=summary.get("best_epoch"),
+                  mean_std=float(raw.mean()), best_epoch=summary.get("best_epoch"),
                   best_val_loss=summary.get("best_val_loss"),
                   trainable_params=summary.get("trainable_params"),
                   frozen_params=summary.get("frozen_params"),
+                  genes_outside_vocab=list(model.config.extra_genes),
                   final_train_loss=last.loss if last is not None else None)
     return scores
 
 
-def load_folds(*, encoder, n_genes, data, sections, train, test, augment, vocab):
-    """LOSO folds (or one --train/--test fold) whose panel rule runs over the genes the
-    backbone knows (``vocab``), so every method is scored on the same genes. Returns the folds
-    and, per fold, the genes the rule over all genes would have added."""
+def baseline_inputs(fold, *, context_um: float | None, tta: bool, center: bool):
+    """The fold as the baselines see it: the same context, centring (and views) HINGE gets."""
+    from dataclasses import replace
+
+    def inputs(X, X_aug, coords, groups):
+        f = X_aug.mean(0) if (tta and X_aug is not None) else X
+        if context_um:
+            f = context_features(f, coords, radius_um=context_um, groups=groups)
+        return center_per_group(f, groups) if center else f
+
+    return replace(fold, X_train=inputs(fold.X_train, fold.X_train_aug, fold.coords_train,
+                                        fold.groups_train),
+                   X_test=inputs(fold.X_test, fold.X_test_aug, fold.coords_test,
+                                 fold.groups_test))
+
+
+def load_folds(*, encoder, n_genes, data, sections, train, test, augment):
+    """LOSO folds (or one --train/--test fold); the panel rule runs over all genes."""
     kw = {"encoder": encoder, "side_px": HER2ST_PATCH_PX, "augment": augment,
           "progress": _progress}
     if (train is None) != (test is None):
@@ -100,32 +148,35 @@ def load_folds(*, encoder, n_genes, data, sections, train, test, augment, vocab)
     else:
         secs = load_her2st_sections(data, list(sections), **kw)
         splits = [([s for s in secs if s is not t], [t]) for t in secs]
-    folds, skipped = [], []
+    folds = []
     for tr, te in splits:
-        full = make_fold(tr, te, n_genes=n_genes).genes
-        tr_v, _ = restrict_to_vocab(tr, vocab)
-        te_v, _ = restrict_to_vocab(te, vocab)
-        fold = make_fold(tr_v, te_v, n_genes=n_genes)
-        fold.X_test_aug = (np.concatenate([t.features for t in te_v], axis=1)
-                           if all(t.features.ndim == 3 for t in te_v) else None)
-        fold.hvg_rule += " (among the genes of the backbone's vocabulary)"
+        fold = make_fold(tr, te, n_genes=n_genes)
+        fold.X_test_aug = (np.concatenate([t.features for t in te], axis=1)
+                           if all(t.features.ndim == 3 for t in te) else None)
         folds.append(fold)
-        skipped.append([g for g in full if g not in vocab])
-    return folds, skipped
+    return folds
 
 
-def _mean(rows: list[dict]) -> dict:
-    return {k: float(np.mean([r[k] for r in rows])) for k in KEYS}
+def _mean(rows: list[dict], keys=KEYS) -> dict:
+    return {k: float(np.mean([r[k] for r in rows if r.get(k) is not None]))
+            for k in keys if any(r.get(k) is not None for r in rows)}
+
+
+def _fold_name(r: dict) -> str:
+    return ",".join(r["test"])
 
 
 def print_method(name: str, rows: list[dict], base: dict) -> None:
+    """Per fold (mean over seeds) with the ratios to the ridges on the same fold."""
     print(f"\n== {name}")
     head = (f"{'fold':8s} {'PCC':>6s} {'top10':>6s} {'top50':>6s} {'MSE':>7s} {'MAE':>6s} "
             f"{'coexp':>6s} {'train s':>8s} {'sample s':>8s} {'/hest':>6s} {'/tuned':>6s}")
     print(head)
     print("-" * len(head))
-    for r in rows + [dict(_mean(rows), test=["mean"])]:
-        fold = ",".join(r["test"])
+    folds = list(dict.fromkeys(_fold_name(r) for r in rows))
+    table = [dict(_mean([r for r in rows if _fold_name(r) == f]), test=[f]) for f in folds]
+    for r in table + [dict(_mean(table), test=["mean"])]:
+        fold = _fold_name(r)
         ratios = []
         for b in ("hest_ridge", "tuned_ridge"):
             ref = base.get(b, {}).get(fold)
@@ -133,6 +184,12 @@ def print_method(name: str, rows: list[dict], base: dict) -> None:
         print(f"{fold:8s} {r['pcc_mean']:6.3f} {r['pcc_top10']:6.3f} {r['pcc_top50']:6.3f} "
               f"{r['mse']:7.3f} {r['mae']:6.3f} {r['coexpression']:6.3f} {r['fit_s']:8.1f} "
               f"{r['predict_s']:8.1f} {ratios[0]} {ratios[1]}")
+
+
+def _per_seed_means(rows: list[dict]) -> list[float]:
+    seeds = sorted({r.get("seed", 0) for r in rows})
+    return [float(np.mean([r["pcc_mean"] for r in rows if r.get("seed", 0) == s]))
+            for s in seeds]
 
 
 def main(argv=None) -> dict:
@@ -145,6 +202,17 @@ def main(argv=None) -> dict:
     p.add_argument("--genes", type=int, default=50)
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS))
     p.add_argument("--encoder", default="efficientnet-lite0")
+    p.add_argument("--context-um", type=float, default=RECIPE["context_um"] or 0.0,
+                   help="neighbour context radius for every method (0 = the spot alone)")
+    p.add_argument("--prior", default=RECIPE["prior"] or "none", choices=("ridge", "none"),
+                   help="HINGE's deterministic prior (the diffusion models the residual)")
+    p.add_argument("--variance", action=argparse.BooleanOptionalAction,
+                   default=RECIPE["predict_variance"], help="HINGE's variance head")
+    p.add_argument("--center", action=argparse.BooleanOptionalAction,
+                   default=RECIPE["center_sections"],
+                   help="features centred per section, for every method")
+    p.add_argument("--residual-scale", type=float, default=RECIPE["residual_scale"],
+                   help="HINGE: prior + this x the sampled residual")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -155,85 +223,95 @@ def main(argv=None) -> dict:
     p.add_argument("--no-augment", action="store_true", help="train on the identity view only")
     p.add_argument("--samples", type=int, default=8, help="S samples per spot")
     p.add_argument("--tta", action="store_true",
-                   help="HINGE sample s of a test spot uses its dihedral view s % 8")
-    p.add_argument("--reveal-steps", type=int, default=None, help="sampler steps (default T)")
+                   help="HINGE sample s of a test spot uses its dihedral view s %% 8; the "
+                        "baselines get the mean of the 8 views")
+    p.add_argument("--reveal-steps", type=int, default=10, help="sampler steps (T = 50)")
     p.add_argument("--sample-batch", type=int, default=512)
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--seeds", default="42", help="comma-separated seeds (HINGE, MLP)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default=None)
     p.add_argument("--out", type=Path, default=None, help="JSON output")
     a = p.parse_args(argv)
+    a.prior = None if a.prior == "none" else a.prior
     if a.threads:
         torch.set_num_threads(a.threads)
     methods = [m.strip() for m in a.methods.split(",") if m.strip()]
     unknown = set(methods) - set(ALL)
     if unknown:
         raise SystemExit(f"unknown methods {sorted(unknown)}; choose from {ALL}")
-    torch.manual_seed(a.seed)
+    seeds = [int(x) for x in a.seeds.split(",")]
     encoder = get_encoder(a.encoder)
     t0 = time.perf_counter()
-    augment = any(m in HINGE_METHODS for m in methods) and not a.no_augment
-    from napari_hinge.scfm import load_backbone
-
-    vocab = load_backbone("builtin").vocab
-    folds, skipped = load_folds(encoder=encoder, n_genes=a.genes, data=a.data,
-                                sections=a.sections.split(","), train=a.train, test=a.test,
-                                augment=augment, vocab=vocab)
+    augment = (any(m in HINGE_METHODS for m in methods) and not a.no_augment) or a.tta
+    folds = load_folds(encoder=encoder, n_genes=a.genes, data=a.data,
+                       sections=a.sections.split(","), train=a.train, test=a.test,
+                       augment=augment)
     if a.folds:
         keep = set(a.folds.split(","))
-        skipped = [s for f, s in zip(folds, skipped, strict=True) if set(f.test) & keep]
         folds = [f for f in folds if set(f.test) & keep]
     t_feat = time.perf_counter() - t0
 
     results: dict[str, list[dict]] = {}
     base = [m for m in methods if m in BASELINES]
     if base:
-        results.update(run_folds(folds, lambda: {m: model for m, model in
-                                                  default_baselines(seed=a.seed).items()
-                                                  if m in base}))
+        base_folds = [baseline_inputs(f, context_um=a.context_um or None, tta=a.tta,
+                                      center=a.center) for f in folds]
+        for seed in seeds if "mlp" in base else seeds[:1]:
+            run = run_folds(base_folds, lambda seed=seed: {
+                m: model for m, model in default_baselines(seed=seed).items()
+                if m in base and (m == "mlp" or seed == seeds[0])})
+            for m, rows in run.items():
+                results.setdefault(m, []).extend(dict(r, seed=seed) for r in rows)
     for m in methods:
         if m not in HINGE_METHODS:
             continue
-        for fold in folds:
-            r = hinge_fold(fold, backbone=HINGE_METHODS[m], args=a)
-            results.setdefault(m, []).append(r)
-            print(f"  fold {','.join(fold.test)} {m:22s} pcc {r['pcc_mean']:.3f}  train "
-                  f"{r['fit_s']:.0f}s  sample {r['predict_s']:.0f}s", file=sys.stderr, flush=True)
+        for seed in seeds:
+            for fold in folds:
+                r = hinge_fold(fold, backbone=HINGE_METHODS[m], args=a, seed=seed)
+                results.setdefault(m, []).append(r)
+                print(f"  fold {','.join(fold.test)} seed {seed} {m:22s} pcc "
+                      f"{r['pcc_mean']:.3f}  cov80 {r['coverage_80'] or float('nan'):.2f}  "
+                      f"train {r['fit_s']:.0f}s  sample {r['predict_s']:.0f}s",
+                      file=sys.stderr, flush=True)
 
-    per_fold = {b: {",".join(r["test"]): r["pcc_mean"] for r in results.get(b, [])}
-                for b in ("hest_ridge", "tuned_ridge")}
-    per_fold["hest_ridge"]["mean"] = (np.mean(list(per_fold["hest_ridge"].values()))
-                                      if per_fold["hest_ridge"] else None)
-    per_fold["tuned_ridge"]["mean"] = (np.mean(list(per_fold["tuned_ridge"].values()))
-                                       if per_fold["tuned_ridge"] else None)
+    per_fold = {}
+    for b in ("hest_ridge", "tuned_ridge"):
+        rows = results.get(b, [])
+        per_fold[b] = {_fold_name(r): r["pcc_mean"] for r in rows}
+        per_fold[b]["mean"] = float(np.mean([r["pcc_mean"] for r in rows])) if rows else None
     print(f"\nher2st expression from H&E: {len(folds)} fold(s), {a.genes} genes, encoder "
-          f"{encoder.name}, patches {HER2ST_PATCH_PX} px, seed {a.seed}")
+          f"{encoder.name}, patches {HER2ST_PATCH_PX} px, seeds {seeds}")
     print(f"gene panel: {folds[0].hvg_rule}")
-    for f, sk in zip(folds, skipped, strict=True):
-        print(f"  fold {','.join(f.test)}: the rule over all genes would also pick "
-              f"{', '.join(sk) or 'nothing else'} (not in the backbone's vocabulary)")
+    print(f"inputs of every method: context {a.context_um or 'none'} µm, centred per section "
+          f"{a.center}, test-time views {a.tta}")
     print(f"HINGE: epochs {a.epochs}, batch {a.batch_size}, lr {a.lr}, ada_rank "
-          f"{a.ada_rank or 'full'}, S {a.samples}, reveal steps {a.reveal_steps or 'T=50'}, "
-          f"augment {augment}, test-time views {a.tta}, standardised features "
-          f"{not a.raw_features}")
+          f"{a.ada_rank or 'full'}, S {a.samples}, reveal steps {a.reveal_steps}, "
+          f"prior {a.prior}, variance head {a.variance}, augment {augment}")
     for m in methods:
         if m in results:
             print_method(m, results[m], per_fold)
     summary = []
-    print(f"\n{'method':24s} {'PCC':>6s} {'top10':>6s} {'coexp':>6s} {'train s':>8s} "
-          f"{'sample s':>8s} {'/hest':>6s} {'/tuned':>6s}")
+    print(f"\n{'method':24s} {'PCC':>6s} {'+-sd':>6s} {'top10':>6s} {'coexp':>6s} "
+          f"{'train s':>8s} {'sample s':>8s} {'/hest':>6s} {'/tuned':>6s} {'cov80':>6s} "
+          f"{'cov95':>6s} {'rho':>6s}")
     for m in methods:
         if m not in results:
             continue
-        row = {"method": m, **_mean(results[m])}
+        seed_means = _per_seed_means(results[m])
+        row = {"method": m, **_mean(results[m], KEYS + UNCERTAINTY_KEYS),
+               "pcc_seed_means": seed_means, "pcc_sd_over_seeds": float(np.std(seed_means))}
         for b in ("hest_ridge", "tuned_ridge"):
             ref = per_fold[b].get("mean")
             row[f"ratio_to_{b}"] = row["pcc_mean"] / ref if ref else None
         summary.append(row)
         rh, rt = row["ratio_to_hest_ridge"], row["ratio_to_tuned_ridge"]
-        print(f"{m:24s} {row['pcc_mean']:6.3f} {row['pcc_top10']:6.3f} {row['coexpression']:6.3f}"
-              f" {row['fit_s']:8.1f} {row['predict_s']:8.1f} "
-              f"{'' if rh is None else f'{rh:6.2f}'} {'' if rt is None else f'{rt:6.2f}'}")
+
+        def f6(v):
+            return f"{v:6.2f}" if v is not None else f"{'':>6s}"
+        print(f"{m:24s} {row['pcc_mean']:6.3f} {row['pcc_sd_over_seeds']:6.3f} "
+              f"{row['pcc_top10']:6.3f} {row['coexpression']:6.3f} {row['fit_s']:8.1f} "
+              f"{row['predict_s']:8.1f} {f6(rh)} {f6(rt)} {f6(row.get('coverage_80'))} "
+              f"{f6(row.get('coverage_95'))} {f6(row.get('spearman_per_gene'))}")
     out = {
         "benchmark": "hinge_her2st",
         "encoder": encoder.name,
@@ -242,9 +320,8 @@ def main(argv=None) -> dict:
         "target": TARGET_RULE,
         "patch_px": HER2ST_PATCH_PX,
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
-        "seed": a.seed,
-        "folds": [{"test": f.test, "train": f.train, "genes": f.genes,
-                   "rule_genes_not_in_vocab": sk} for f, sk in zip(folds, skipped, strict=True)],
+        "seeds": seeds,
+        "folds": [{"test": f.test, "train": f.train, "genes": f.genes} for f in folds],
         "feature_seconds": t_feat,
         "summary": summary,
         "per_fold": results,

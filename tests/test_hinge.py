@@ -296,10 +296,31 @@ def test_frozen_backbone_and_trainable_part():
     assert all(p.grad is None for p in model.backbone.parameters())
 
 
-def test_unknown_gene_is_named():
-    bb = builtin_backbone(["A", "B"])
-    with pytest.raises(KeyError, match="NOTAGENE"):
-        HingeModel(bb, HingeConfig(genes=["A", "NOTAGENE"], feature_dim=4))
+@pytest.mark.parametrize("kind", ["builtin", "scgpt", "cellfm"])
+def test_genes_outside_the_vocabulary_get_learned_tokens(kind, tmp_path):
+    """A panel gene the backbone does not know gets its own token: the mean token of its most
+    co-expressed known genes at first, trained with the rest, saved with the model."""
+    bb = make_backbone(kind, ["A", "B", "C"])
+    model = HingeModel(bb, HingeConfig(genes=["A", "NEWGENE", "B", "C"], feature_dim=4))
+    assert model.config.extra_genes == ["NEWGENE"]
+    assert model.extra_gene_offset.requires_grad
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal(200)
+    y = np.c_[a, a + 0.01 * rng.standard_normal(200), rng.standard_normal((200, 2))]
+    model.init_extra_genes(y, k=1)  # NEWGENE follows A
+    tokens = bb.gene_tokens(model.gene_ids)
+    with torch.no_grad():
+        torch.testing.assert_close(tokens[1] + model.extra_gene_offset[0], tokens[0])
+        x = torch.randn(3, 4)
+        m_t = torch.zeros(3, 4, dtype=torch.bool)
+        m_prev = torch.tensor([[True, False, False, False]] * 3)
+        out = model(x, torch.full((3,), 50), m_prev, m_t, torch.randn(3, 4))
+    assert out.shape == (3, 4) and torch.isfinite(out).all()
+    if kind == "builtin":  # the builtin's registry folder round trip
+        model.save(tmp_path / "m", include_backbone=True)
+        again = HingeModel.load(tmp_path / "m")
+        assert torch.equal(again.extra_gene_offset, model.extra_gene_offset)
+        assert again.config.extra_genes == ["NEWGENE"]
 
 
 def test_save_load_bit_identical(tmp_path):

@@ -111,6 +111,7 @@ class TunedRidge:
                 groups = np.arange(len(X)) * 5 // len(X)
             scores = np.zeros(len(self.alphas))
             uniq = np.unique(groups)
+            oof = np.zeros((len(self.alphas),) + Y.shape)
             for g in uniq:
                 tr, va = groups != g, groups == g
                 # inner folds rescale on their own training part, like the outer fit
@@ -118,9 +119,13 @@ class TunedRidge:
                 path = _ridge_path(sc.transform(X[tr]), Y[tr], self.alphas)
                 Xv = sc.transform(X[va])
                 for i, (W, b) in enumerate(path):
-                    scores[i] += gene_pearson(Xv @ W + b, Y[va]).mean() / len(uniq)
+                    oof[i, va] = Xv @ W + b
+                    scores[i] += gene_pearson(oof[i, va], Y[va]).mean() / len(uniq)
             self.cv_scores_ = {a: float(s) for a, s in zip(self.alphas, scores, strict=True)}
-            self.alpha_ = float(self.alphas[int(np.argmax(scores))])
+            best = int(np.argmax(scores))
+            self.alpha_ = float(self.alphas[best])
+            # each spot predicted by the ridge fitted without its group, at the chosen alpha
+            self.oof_predictions_ = oof[best].astype(np.float32)
         (self.coef_, self.intercept_), = _ridge_path(Xs, Y, [self.alpha_])
         return self
 
@@ -128,6 +133,11 @@ class TunedRidge:
         return (self.scaler_.transform(_as2d(X, "X")) @ self.coef_ + self.intercept_).astype(
             np.float32
         )
+
+    def linear_map(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(W, b)`` with ``predict(X) == X @ W + b`` (the scaler folded in)."""
+        W = self.coef_ / self.scaler_.scale_[:, None]
+        return W.astype(np.float32), (self.intercept_ - self.scaler_.mean_ @ W).astype(np.float32)
 
 
 class KNNRegressor:

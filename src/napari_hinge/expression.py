@@ -25,6 +25,15 @@ MIN_UMI = 100
 MIN_FRAC = 0.10
 HER2ST_PATCH_PX = 160
 HER2ST_PATIENT_C = ("C2", "C3", "C4", "C5", "C6")
+# Markers a breast pathologist asks for, measured in every her2st patient C table (PGR,
+# KRT5 and KRT14 are not: some tables lack them). HER2 pathway, hormone receptors,
+# proliferation, luminal/basal epithelium, stroma, vessels, immune cells.
+BREAST_MARKERS = (
+    "ERBB2", "GRB7", "ESR1", "AR", "GATA3", "FOXA1", "TFF1", "MKI67", "TOP2A", "CEACAM6",
+    "KRT8", "KRT17", "KRT18", "KRT19", "EPCAM", "CDH1", "MUC1", "VIM", "ACTA2", "COL1A1",
+    "COL3A1", "FN1", "PECAM1", "VWF", "PTPRC", "CD3E", "CD4", "CD8A", "CD68", "CD163",
+    "MS4A1", "CD19", "CD74", "HLA-DRA", "FOXP3", "MZB1", "JCHAIN",
+)
 TARGET_RULE = "log1p(normalize_total(counts, target_sum=1e4)) over all genes"
 
 
@@ -251,22 +260,34 @@ class Fold:
     groups_test: np.ndarray
     hvg_rule: str
     X_train_aug: np.ndarray | None = None  # (8, n_train, dim) when augmented features exist
+    coords_train: np.ndarray | None = None  # (n_train, 2) spot centres in µm
+    coords_test: np.ndarray | None = None
 
 
 def make_fold(
     train: Sequence[Section], test: Sequence[Section], *, n_genes: int = 50,
-    min_frac: float = MIN_FRAC,
+    min_frac: float = MIN_FRAC, include: Sequence[str] = (),
 ) -> Fold:
-    """Assemble one split; the panel uses the training sections only."""
+    """Assemble one split; the panel uses the training sections only (the rule, then the
+    genes of ``include`` it left out, each measured in every training section)."""
     genes = select_gene_panel(
         [s.adata for s in train], n_genes, min_frac=min_frac, targets=[s.targets for s in train]
     )
+    lacking = sorted({g for g in include for s in train if g not in s.adata.var_names})
+    if lacking:
+        raise KeyError(f"not measured in every training section: {', '.join(lacking)}")
+    genes += [g for g in dict.fromkeys(include) if g not in genes]
 
     def stack(secs):
         feats = [s.features if s.features.ndim == 2 else s.features[0] for s in secs]
         Y = [panel_targets(s.adata, genes, s.targets) for s in secs]
         groups = np.concatenate([np.full(s.adata.n_obs, s.name) for s in secs])
         return np.concatenate(feats).astype(np.float32), np.concatenate(Y), groups
+
+    def coords(secs):
+        return np.concatenate([np.asarray(s.adata.obsm[SPATIAL_KEY], dtype=np.float64)
+                               * float(s.adata.uns[META_KEY]["microns_per_pixel"])
+                               for s in secs])
 
     X_tr, Y_tr, g_tr = stack(train)
     X_te, Y_te, g_te = stack(test)
@@ -285,6 +306,8 @@ def make_fold(
         groups_test=g_te,
         hvg_rule=hvg_rule(n_genes, min_frac),
         X_train_aug=aug,
+        coords_train=coords(train),
+        coords_test=coords(test),
     )
 
 

@@ -80,6 +80,31 @@ def coexpression_consistency(pred, true) -> float:
     return float(_column_pearson(a, b)[0])
 
 
+def interval_coverage(lower, upper, true) -> float:
+    """Fraction of measured values inside their predicted interval ``[lower, upper]``."""
+    lower, true = _check_pair(lower, true)
+    upper, _ = _check_pair(upper, true)
+    return float(((true >= lower) & (true <= upper)).mean())
+
+
+def spread_error_spearman(spread, pred, true) -> dict:
+    """How well a predicted spread ranks the absolute error: Spearman rho between ``spread``
+    and ``|pred - true|``, ``pooled`` over every spot and gene and ``per_gene`` (mean over
+    genes of the rho over spots; the stricter figure: a gene's typical error size does not
+    help it)."""
+    from scipy.stats import rankdata
+
+    spread, true = _check_pair(spread, true)
+    pred, _ = _check_pair(pred, true)
+    err = np.abs(pred - true)
+
+    def rho(a, b):
+        return _column_pearson(rankdata(a, axis=0), rankdata(b, axis=0))
+
+    pooled = float(rho(spread.reshape(-1, 1), err.reshape(-1, 1))[0])
+    return {"pooled": pooled, "per_gene": float(np.mean(rho(spread, err)))}
+
+
 def expression_scores(pred, true, *, genes=None, top=(10, 50)) -> dict:
     """All expression metrics in one dict (JSON-ready).
 

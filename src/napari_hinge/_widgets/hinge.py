@@ -34,6 +34,7 @@ from qtpy.QtWidgets import (
 from napari_hinge._layers import UNITS, gene_values, robust_limits
 from napari_hinge._widgets._jobs import JobPanel
 from napari_hinge._widgets.slide_spots import refill_combo, spot_layers
+from napari_hinge.hinge.pipeline import RECIPE, SAMPLER
 
 if TYPE_CHECKING:
     import napari
@@ -143,8 +144,8 @@ class PredictWidget(QWidget):
         self.genes = GenePicker()
         self.stride_box = QDoubleSpinBox(decimals=1, minimum=5.0, maximum=5000.0, value=112.0)
         self.stride_box.setSuffix(" µm")
-        self.samples_box = QSpinBox(minimum=1, maximum=64, value=4)
-        self.steps_box = QSpinBox(minimum=1, maximum=50, value=50)
+        self.samples_box = QSpinBox(minimum=1, maximum=64, value=SAMPLER["slide_samples"])
+        self.steps_box = QSpinBox(minimum=1, maximum=50, value=SAMPLER["reveal_steps"])
         self.run_button = QPushButton("Predict")
         self.jobs = JobPanel()
         self.scores = QLabel("")
@@ -181,6 +182,8 @@ class PredictWidget(QWidget):
         self.viewer.layers.events.inserted.connect(self._refresh_layers)
         self.viewer.layers.events.removed.connect(self._refresh_layers)
         self._refresh_layers()
+        # the gene list is there from the start: the shipped model is the default
+        self.set_model(SHIPPED)
 
     # -- model ------------------------------------------------------------------------------
     def set_model(self, path_or_model) -> None:
@@ -193,8 +196,11 @@ class PredictWidget(QWidget):
         else:
             self.model, self.model_path = path_or_model, "trained in this session"
         cfg = self.model.config
-        self.model_label.setText(f"{self.model_path}: {len(cfg.genes)} genes, encoder "
-                                 f"{cfg.encoder}, backbone {cfg.backbone_ref or 'saved'}")
+        calibrated = getattr(self.model, "calibration", None) is not None
+        self.model_label.setText(
+            f"{self.model_path}: {len(cfg.genes)} genes, encoder {cfg.encoder}, backbone "
+            f"{cfg.backbone_ref or 'saved'}, context {cfg.context_um or 0:g} µm; uncertainty: "
+            + ("calibrated sd" if calibrated else "raw sample spread (not calibrated)"))
         self.genes.set_genes(cfg.genes)
 
     def _ask_model(self) -> None:
@@ -254,7 +260,8 @@ class PredictWidget(QWidget):
         for i, gene in enumerate(prediction.genes):
             for which, cmap, visible in (("mean", "magma", i == 0), ("std", "viridis", False)):
                 raster = prediction.raster(which, [gene])[0]
-                name = f"{gene} {'predicted' if which == 'mean' else 'uncertainty'} ({slide})"
+                kind = "predicted" if which == "mean" else "uncertainty"
+                name = f"{gene} {kind} ({slide})"
                 if name in self.viewer.layers:
                     self.viewer.layers.remove(name)
                 layer = self.viewer.add_image(
@@ -314,6 +321,15 @@ class TrainWidget(QWidget):
         self.datasets.setSelectionMode(QAbstractItemView.SelectionMode.MultiSelection)
         self.add_folder = QPushButton("Add folder…")
         self.n_genes = QSpinBox(minimum=2, maximum=2000, value=50)
+        self.include = QLineEdit()
+        self.include.setPlaceholderText("ERBB2, MKI67 … or 'breast'")
+        self.include.setToolTip("genes added to the top-N panel (each must be measured in "
+                                "every dataset); 'breast' adds the built-in breast markers")
+        self.context = QDoubleSpinBox(decimals=0, minimum=0.0, maximum=2000.0,
+                                      value=RECIPE["context_um"] or 0.0)
+        self.context.setSuffix(" µm")
+        self.context.setToolTip("neighbour context: the mean features of spots within this "
+                                "radius join each spot's own (0 = the spot alone)")
         self.epochs = QSpinBox(minimum=1, maximum=1000, value=40)
         self.encoder = QComboBox()
         self.backbone = QComboBox()
@@ -335,6 +351,8 @@ class TrainWidget(QWidget):
 
         form = QFormLayout()
         form.addRow("Genes (top N)", self.n_genes)
+        form.addRow("Also predict", self.include)
+        form.addRow("Context", self.context)
         form.addRow("Epochs", self.epochs)
         form.addRow("Encoder", self.encoder)
         form.addRow("Backbone", self.backbone)
@@ -391,7 +409,13 @@ class TrainWidget(QWidget):
         datasets = self.chosen_datasets()
         if not datasets:
             raise RuntimeError("select at least one dataset to train on")
+        include = [g.strip() for g in self.include.text().split(",") if g.strip()]
+        if [g.lower() for g in include] == ["breast"]:
+            from napari_hinge.expression import BREAST_MARKERS
+
+            include = list(BREAST_MARKERS)
         options = {"n_genes": self.n_genes.value(), "epochs": self.epochs.value(),
+                   "include": include, "context_um": self.context.value() or None,
                    "encoder": self.encoder.currentText(), "backbone": self.backbone.currentText(),
                    "augment": self.augment.isChecked(),
                    "checkpoint_dir": self.checkpoints.text() or None,

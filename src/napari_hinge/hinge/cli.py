@@ -27,11 +27,14 @@ def _data_args(parser: argparse.ArgumentParser, *, many: bool = False) -> None:
 
 
 def _sampler_args(parser: argparse.ArgumentParser) -> None:
+    from .pipeline import SAMPLER
+
     parser.add_argument("--model", default="shipped",
                         help="model folder written by 'train' (default: the shipped weights)")
-    parser.add_argument("--samples", type=int, default=8, help="samples per spot (S)")
-    parser.add_argument("--reveal-steps", type=int, default=None,
-                        help="reverse steps (default: all T; fewer is faster)")
+    parser.add_argument("--samples", type=int, default=SAMPLER["n_samples"],
+                        help="samples per spot (S; their spread is the uncertainty)")
+    parser.add_argument("--reveal-steps", type=int, default=SAMPLER["reveal_steps"],
+                        help="reverse steps, 1..T=50 (fewer is faster; 10 scores as 50)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--augment", action="store_true",
                         help="sample over the 8 dihedral views of each patch")
@@ -39,13 +42,26 @@ def _sampler_args(parser: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers) -> None:
+    from .pipeline import RECIPE
+    from .pipeline import SAMPLER as RECIPE_SAMPLER
+
     p = subparsers.add_parser("train", help="train HINGE on spatial datasets",
                               description="Train HINGE (frozen backbone, SoftAdaLN modulation).")
     _data_args(p, many=True)
     p.add_argument("--out", type=Path, required=True, help="model folder to write")
     p.add_argument("--genes", help="comma-separated panel or a file with one gene per line "
                                    "(default: the panel rule, --n-genes)")
-    p.add_argument("--n-genes", type=int, default=50)
+    p.add_argument("--n-genes", type=int, default=50,
+                   help="panel size of the rule (top genes by variance, all measured genes)")
+    p.add_argument("--include", help="genes added to the rule's panel (comma-separated or a "
+                                     "file), e.g. markers; 'breast' = the built-in breast list")
+    p.add_argument("--context-um", type=float, default=RECIPE["context_um"],
+                   help="neighbour context radius in µm (0 = the spot alone)")
+    p.add_argument("--prior", default=RECIPE["prior"] or "none", choices=("ridge", "none"),
+                   help="deterministic prior the diffusion refines")
+    p.add_argument("--variance", action=argparse.BooleanOptionalAction,
+                   default=RECIPE["predict_variance"],
+                   help="variance head: samples spread, calibrated intervals")
     p.add_argument("--encoder", default="efficientnet-lite0")
     p.add_argument("--encoder-weights", help="weights file of a user-supplied encoder")
     p.add_argument("--backbone", default="builtin",
@@ -94,7 +110,7 @@ def register(subparsers) -> None:
                    help="µm between tile centres (default: 112, about one spot)")
     p.add_argument("--mpp", type=float, default=None, help="µm per pixel when the file lacks it")
     p.add_argument("--out", type=Path, required=True, help="output folder")
-    p.set_defaults(func=cmd_predict_slide, samples=4)
+    p.set_defaults(func=cmd_predict_slide, samples=RECIPE_SAMPLER["slide_samples"])
 
 
 def _read(data: str, section: str | None):
@@ -103,16 +119,21 @@ def _read(data: str, section: str | None):
     return read_dataset(data, section=section)
 
 
-def _genes(spec: str | None) -> list[str] | None:
+def _genes(spec: str | None, *, minimum: int = 1, flag: str = "--genes") -> list[str] | None:
     if not spec:
         return None
+    if spec.strip().lower() == "breast":
+        from napari_hinge.expression import BREAST_MARKERS
+
+        return list(BREAST_MARKERS)
     path = Path(spec)
     if path.is_file():
         genes = [g.strip() for g in path.read_text().splitlines() if g.strip()]
     else:
-        genes = [g.strip() for g in spec.split(",") if g.strip()]
-    if len(genes) < 3:
-        raise ValueError(f"--genes: need at least 3 genes, got {genes}")
+        genes = [g.strip().strip("'\"") for g in spec.split(",") if g.strip()]
+    if len(genes) < minimum:
+        raise ValueError(f"{flag}: need at least {minimum} genes, got {len(genes)}: "
+                         f"{', '.join(genes) or 'none'}")
     return genes
 
 
@@ -133,7 +154,10 @@ def cmd_train(args) -> int:
     datasets = [_read(d, args.section) for d in args.data]
     ckpt = args.checkpoints or out.with_name(out.name + ".checkpoints")
     gen = fit_hinge(
-        datasets, genes=_genes(args.genes), n_genes=args.n_genes, encoder=args.encoder,
+        datasets, genes=_genes(args.genes, minimum=3), n_genes=args.n_genes,
+        include=_genes(args.include, flag="--include") or (), encoder=args.encoder,
+        context_um=args.context_um or None, prior=None if args.prior == "none" else args.prior,
+        predict_variance=args.variance,
         encoder_weights=args.encoder_weights, backbone=args.backbone, epochs=args.epochs,
         augment=not args.no_augment, batch_size=args.batch_size, lr=args.lr,
         ada_rank=args.ada_rank or None, val_fraction=args.val_fraction, seed=args.seed,

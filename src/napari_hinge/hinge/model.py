@@ -38,6 +38,7 @@ from .softadaln import CondNet, ModulatedDecoder, SoftAdaLNBlock
 FORMAT_VERSION = 1
 # Registry names whose weights ship with the package: a saved model refers to them by name.
 NAMED_BACKBONES = ("builtin",)
+PRIORS = (None, "ridge")
 
 
 @dataclass
@@ -65,6 +66,29 @@ class HingeConfig:
         SoftAdaLN gate mode ('sigmoid'/'linear'), its initial bias, initial SoftPreNorm logit.
     t_dim, max_period
         Timestep sinusoid size and period.
+    context_um
+        When set, the network's features are the spot's encoder features followed by the mean
+        of its neighbours' within this radius (:func:`napari_hinge.features.context_features`);
+        ``feature_dim`` counts both halves.
+    prior
+        ``'ridge'``: a linear map of the (standardised) features gives a deterministic prior and
+        the diffusion models the residual around it (the prior's weights are buffers of the
+        model, fitted in closed form by :func:`napari_hinge.hinge.pipeline.fit_hinge_arrays`);
+        ``None``: the diffusion models the whole signal.
+    predict_variance
+        A head on the decoder's input predicts each revealed gene's log-variance (trained by
+        Gaussian likelihood on the residual of the detached mean); the sampler then draws each
+        revealed gene from that Gaussian instead of keeping its mean, so the samples spread.
+    center_sections
+        Features are centred per section (the section's mean feature vector subtracted, after
+        the context) before standardisation: the stain and scanner of a section shift all its
+        spots alike (:func:`napari_hinge.features.center_per_group`).
+    residual_scale
+        The sampler adds ``residual_scale`` times the sampled residual to the prior (1: the
+        residual as trained; smaller values shrink it toward the prior).
+    extra_genes
+        Panel genes outside the backbone's vocabulary (filled in by the model): each gets a
+        learned gene token (:meth:`HingeModel.init_extra_genes`).
     """
 
     genes: list[str]
@@ -84,6 +108,12 @@ class HingeConfig:
     prenorm_logit: float = -12.0
     t_dim: int = 256
     max_period: float = 10000.0
+    context_um: float | None = None
+    prior: str | None = None
+    predict_variance: bool = False
+    center_sections: bool = False
+    residual_scale: float = 1.0
+    extra_genes: list[str] = field(default_factory=list)
 
     @property
     def n_genes(self) -> int:
@@ -137,15 +167,29 @@ class HingeModel(nn.Module):
             raise ValueError("the gene panel has duplicate names")
         if config.feature_dim < 1:
             raise ValueError(f"feature_dim must be positive, got {config.feature_dim}")
-        config = replace(config, genes=list(config.genes), backbone=asdict(backbone.config))
+        if config.prior not in PRIORS:
+            raise ValueError(f"unknown prior {config.prior!r}; use one of {PRIORS}")
+        ids, extra = backbone.gene_ids(list(config.genes))
+        config = replace(config, genes=list(config.genes), backbone=asdict(backbone.config),
+                         extra_genes=extra)
         if config.value_transform is None:
             config.value_transform = backbone.config.value_transform
         self.config = config
         self.schedule = config.schedule()
         self.backbone = backbone.requires_grad_(False).eval()
-        self.register_buffer("gene_ids", backbone.require_genes(list(config.genes)),
-                             persistent=False)
         d = backbone.d_model
+        in_vocab = ids >= 0
+        # genes outside the vocabulary sit on a placeholder id (the first known gene, or any
+        # token) plus a learned offset to their own token
+        placeholder = int(ids[in_vocab][0]) if in_vocab.any() else 1
+        self.register_buffer("gene_ids", torch.where(in_vocab, ids, placeholder),
+                             persistent=False)
+        self.register_buffer("extra_positions", (~in_vocab).nonzero().flatten(),
+                             persistent=False)
+        self.extra_gene_offset = nn.Parameter(torch.zeros(len(extra), d)) if extra else None
+        if config.prior is not None:
+            self.register_buffer("prior_weight", torch.zeros(config.feature_dim, config.n_genes))
+            self.register_buffer("prior_bias", torch.zeros(config.n_genes))
         self.cond = CondNet(d, config.n_genes, config.feature_dim, t_dim=config.t_dim,
                             max_period=config.max_period)
         self.blocks = nn.ModuleList(
@@ -154,7 +198,8 @@ class HingeModel(nn.Module):
             for b in backbone.blocks
         )
         self.decoder = ModulatedDecoder(backbone.value_decoder, d, d, rank=config.ada_rank,
-                                        prenorm_logit=config.prenorm_logit)
+                                        prenorm_logit=config.prenorm_logit,
+                                        predict_variance=config.predict_variance)
 
     # -- bookkeeping ----------------------------------------------------------------------
     def train(self, mode: bool = True) -> HingeModel:
@@ -187,10 +232,48 @@ class HingeModel(nn.Module):
     def n_genes(self) -> int:
         return self.config.n_genes
 
+    def prior_mean(self, features: torch.Tensor) -> torch.Tensor:
+        """The deterministic prior (B, G) of (B, F) network features; zeros without a prior."""
+        if self.config.prior is None:
+            return features.new_zeros(features.shape[0], self.n_genes)
+        return torch.addmm(self.prior_bias, features.float(), self.prior_weight)
+
+    def set_prior(self, weight, bias) -> None:
+        """Install the prior's (F, G) weight and (G,) bias (fitted outside the network)."""
+        if self.config.prior is None:
+            raise ValueError("this model was configured without a prior (config.prior=None)")
+        w = torch.as_tensor(weight, dtype=torch.float32)
+        b = torch.as_tensor(bias, dtype=torch.float32)
+        if w.shape != self.prior_weight.shape or b.shape != self.prior_bias.shape:
+            raise ValueError(f"prior shapes {tuple(w.shape)}/{tuple(b.shape)} do not match "
+                             f"{tuple(self.prior_weight.shape)}/{tuple(self.prior_bias.shape)}")
+        self.prior_weight.copy_(w)
+        self.prior_bias.copy_(b)
+
+    @torch.no_grad()
+    def init_extra_genes(self, targets, k: int = 5) -> None:
+        """Start each out-of-vocabulary gene's token at the mean token of the ``k`` in-vocabulary
+        panel genes most correlated with it in ``targets`` (N, G) (the training data)."""
+        if self.extra_gene_offset is None:
+            return
+        y = torch.as_tensor(targets, dtype=torch.float64)
+        y = (y - y.mean(0)) / y.std(0).clamp_min(1e-8)
+        corr = (y.T @ y) / max(1, len(y) - 1)
+        known = torch.ones(self.n_genes, dtype=torch.bool)
+        known[self.extra_positions] = False
+        if not known.any():
+            return
+        tokens = self.backbone.gene_tokens(self.gene_ids)  # (G, D), placeholder at extras
+        for row, pos in enumerate(self.extra_positions.tolist()):
+            c = corr[pos].masked_fill(~known, -2.0)
+            top = c.topk(min(k, int(known.sum()))).indices
+            self.extra_gene_offset[row] = tokens[top].mean(0) - tokens[pos]
+
     # -- forward --------------------------------------------------------------------------
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, m_prev: torch.Tensor,
-                m_t: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-        """Predict ``x0`` (B, G).
+                m_t: torch.Tensor, features: torch.Tensor, *, return_logvar: bool = False):
+        """Predict ``x0`` (B, G) (the residual around :meth:`prior_mean` when the model has a
+        prior), and with ``return_logvar`` also its log-variance (B, G).
 
         Parameters
         ----------
@@ -212,10 +295,16 @@ class HingeModel(nn.Module):
         masked = ~m_t.bool()
         ids = self.gene_ids.unsqueeze(0).expand(B, -1)
         h = self.backbone.embed(ids, x_t, masked)
+        if self.extra_gene_offset is not None:
+            h = h.index_add(1, self.extra_positions + 1,
+                            self.extra_gene_offset.to(h.dtype).unsqueeze(0).expand(B, -1, -1))
         hidden = self.backbone.hidden_tokens(masked)
         n_kv = self.backbone.config.mask_kv_layers
         for i, block in enumerate(self.blocks):
             h = block(h, c, hidden if i < n_kv else None)
+        if return_logvar:
+            out, logvar = self.decoder(h[:, 1:], c, return_logvar=True)
+            return (out.squeeze(-1) if out.ndim == 3 else out), logvar
         out = self.decoder(h[:, 1:], c)
         return out.squeeze(-1) if out.ndim == 3 else out
 

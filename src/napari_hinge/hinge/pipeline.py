@@ -21,7 +21,6 @@ the model folder (``feature_norm.safetensors``, written by :func:`save_model`).
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -30,6 +29,7 @@ import numpy as np
 import torch
 
 from napari_hinge._convention import META_KEY, SPATIAL_KEY, library_size
+from napari_hinge.features import center_per_group, context_features
 from napari_hinge.training import StopToken, TrainEvent
 
 from .model import HingeConfig, HingeModel
@@ -40,6 +40,14 @@ SHIPPED_MODEL = "shipped"
 MIN_UMI = 100
 FEATURE_NORM_FILE = "feature_norm.safetensors"
 VALUE_TRANSFORMS = ("log1p_cp10k", "log2p1")
+# The HINGE recipe users get by default (library, CLI, widget); benchmarks/hinge_her2st.py
+# ablates each entry (README, "Expression from histology: HINGE").
+RECIPE = {"context_um": 300.0, "center_sections": True, "prior": "ridge",
+          "predict_variance": True, "residual_scale": 1.0}
+# Sampler defaults of library, CLI and widget: 10 reveal steps score as all 50 (README,
+# "Sampling") at a fifth of the time; a slide map has many more positions than a section
+# has spots, so it draws fewer samples per position.
+SAMPLER = {"n_samples": 8, "reveal_steps": 10, "slide_samples": 4}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,56 +215,34 @@ def load_backbone_spec(backbone, *, seed: int = 0):
     return scfm.load_backbone(spec), spec
 
 
-def select_panel(datasets: Sequence, n_genes: int, vocab: dict[str, int], *,
-                 min_frac: float = 0.10) -> tuple[list[str], list[str]]:
-    """The design.md panel rule over training sections, among genes the backbone knows.
-
-    Returns ``(panel, skipped)``: ``skipped`` names the genes the rule would have chosen that the
-    backbone's vocabulary lacks (reported, never dropped silently).
-    """
+def select_panel(datasets: Sequence, n_genes: int, *, include: Sequence[str] = (),
+                 min_frac: float = 0.10) -> list[str]:
+    """The design.md panel rule over the training sections and all their genes, then the
+    genes of ``include`` (e.g. :data:`napari_hinge.expression.BREAST_MARKERS`) that the rule
+    left out and that every section measures (KeyError naming those some section lacks).
+    Genes outside the backbone's vocabulary get learned tokens (:class:`HingeModel`)."""
     from napari_hinge.expression import select_gene_panel
 
     adatas = list(datasets)
     targets = [transform_values(a)[0] for a in adatas]
-    full = select_gene_panel(adatas, n_genes, min_frac=min_frac, targets=targets)
-    skipped = [g for g in full if g not in vocab]
-    if not skipped:
-        return full, []
-    known = [a[:, a.var_names.isin(list(vocab))] for a in adatas]
-    sub_t = [t[:, a.var_names.isin(list(vocab))] for a, t in zip(adatas, targets, strict=True)]
-    panel = select_gene_panel(known, n_genes, min_frac=min_frac, targets=sub_t)
-    return panel, skipped
-
-
-def restrict_to_vocab(sections: Sequence, vocab) -> tuple[list, list[str]]:
-    """her2st protocol sections (:class:`napari_hinge.expression.Section`) limited to the genes
-    a backbone knows, so that the panel rule picks only genes HINGE can model and every method
-    is scored on the same panel. Targets keep their all-gene normalisation. Returns the
-    sections and the genes dropped (those of the sections' tables missing from ``vocab``)."""
-    from dataclasses import replace
-
-    out, dropped = [], set()
-    for s in sections:
-        keep = np.asarray(s.adata.var_names.isin(list(vocab)))
-        dropped |= set(s.adata.var_names[~keep])
-        out.append(replace(s, adata=s.adata[:, keep].copy(), targets=s.targets[:, keep]))
-    return out, sorted(dropped)
+    panel = select_gene_panel(adatas, n_genes, min_frac=min_frac, targets=targets)
+    lacking = sorted({g for g in include for a in adatas if g not in a.var_names})
+    if lacking:
+        raise KeyError(f"{len(lacking)} requested genes are not measured in every training "
+                       f"section: {', '.join(lacking[:20])}")
+    return panel + [g for g in dict.fromkeys(include) if g not in panel]
 
 
 def build_model(genes: Sequence[str], feature_dim: int, *, backbone=DEFAULT_BACKBONE,
                 encoder: str | None = DEFAULT_ENCODER, ada_rank: int | None = 32,
                 seed: int = 42, backbone_ref: str | None = None, **config) -> HingeModel:
-    """A fresh :class:`HingeModel` over ``genes`` (KeyError naming genes the backbone lacks).
+    """A fresh :class:`HingeModel` over ``genes`` (those outside the backbone's vocabulary
+    get learned tokens).
 
     ``backbone_ref`` records the registry name of a backbone passed as an object (so a saved
     model refers to the shipped weights instead of copying them)."""
     bb, ref = load_backbone_spec(backbone, seed=seed)
     ref = backbone_ref or ref
-    _, missing = bb.gene_ids(list(genes))
-    if missing:
-        shown = ", ".join(missing[:20]) + (" ..." if len(missing) > 20 else "")
-        raise KeyError(f"{len(missing)} of {len(genes)} genes are not in the {bb.config.kind} "
-                       f"backbone's vocabulary: {shown}")
     torch.manual_seed(seed)
     cfg = HingeConfig(genes=list(genes), feature_dim=int(feature_dim), encoder=encoder,
                       backbone_ref=ref, ada_rank=ada_rank, **config)
@@ -289,6 +275,63 @@ def normalize_features(model: HingeModel, features) -> np.ndarray:
     return ((f - mean) / std).astype(np.float32)
 
 
+def unknown_genes_message(unknown: Sequence[str], panel: Sequence[str]) -> str:
+    """'N genes are not predicted by this model: ... (did you mean ...); it predicts: ...'."""
+    import difflib
+
+    upper = {g.upper(): g for g in panel}
+    hints = []
+    for g in unknown:
+        close = upper.get(g.upper()) or next(iter(difflib.get_close_matches(g, panel, 1)), None)
+        if close:
+            hints.append(f"{g} -> {close}?")
+    shown = ", ".join(sorted(panel)[:60]) + (" ..." if len(panel) > 60 else "")
+    return (f"{len(unknown)} gene(s) not predicted by this model: {', '.join(unknown[:20])}"
+            + (f" ({'; '.join(hints)})" if hints else "")
+            + f". It predicts {len(panel)} genes: {shown}")
+
+
+def model_inputs(model: HingeModel, features, coords_um=None, groups=None) -> np.ndarray:
+    """Encoder features ``(N, F)`` / ``(K, N, F)`` -> what the network takes: with the
+    neighbour context the model was trained with (``coords_um`` (N, 2) in µm needed then),
+    standardised."""
+    f = np.asarray(features, dtype=np.float32)
+    radius = model.config.context_um
+    if radius:
+        if coords_um is None:
+            raise ValueError(f"this model uses {radius:g} µm of neighbour context: pass the "
+                             "spots' coordinates (coords_um)")
+        f = context_features(f, coords_um, radius_um=float(radius), groups=groups)
+    if model.config.center_sections:
+        f = center_per_group(f, groups)
+    return normalize_features(model, f)
+
+
+def coords_um_of(adata) -> np.ndarray:
+    """Spot centres in µm (``obsm['spatial']`` times the slide's pixel size)."""
+    mpp = adata.uns.get(META_KEY, {}).get("microns_per_pixel")
+    if not mpp:
+        raise ValueError(f"{_name(adata)}: the pixel size (uns['{META_KEY}']"
+                         "['microns_per_pixel']) is unknown; set it to place the spots in µm")
+    return np.asarray(adata.obsm[SPATIAL_KEY], dtype=np.float64) * float(mpp)
+
+
+def calibrated_uncertainty(model: HingeModel, mean, raw_std, genes=None) -> dict:
+    """``{'std': (N, G), 'lower_80', 'upper_80', 'lower_95', 'upper_95'}`` from the samples'
+    raw spread, through the model's calibration (its intervals cover on held-out spots);
+    without one, ``std`` is the raw spread and no intervals are given."""
+    cal = getattr(model, "calibration", None)
+    if cal is None:
+        return {"std": np.asarray(raw_std, np.float32)}
+    if genes is not None:
+        cal = cal.subset(genes)
+    out = {"std": cal.sd(raw_std)}
+    for level in (0.8, 0.95):
+        pct = round(level * 100)
+        out[f"lower_{pct}"], out[f"upper_{pct}"] = cal.interval(mean, raw_std, level)
+    return out
+
+
 def save_model(model: HingeModel, directory: str | os.PathLike) -> Path:
     """:meth:`HingeModel.save` plus the feature standardisation (``feature_norm.safetensors``)."""
     from safetensors.torch import save_file
@@ -301,6 +344,9 @@ def save_model(model: HingeModel, directory: str | os.PathLike) -> Path:
         state = {"mean": norm[0].contiguous(), "std": norm[1].contiguous()}
         atomic_write(directory / FEATURE_NORM_FILE,
                      lambda tmp: save_file(state, str(tmp)))
+    calibration = getattr(model, "calibration", None)
+    if calibration is not None:
+        calibration.save(directory)
     return directory
 
 
@@ -322,6 +368,9 @@ def load_model(path_or_name: str | os.PathLike = SHIPPED_MODEL, *,
     if norm.is_file():
         state = load_file(str(norm))
         set_feature_norm(model, state["mean"], state["std"])
+    from .calibration import Calibration
+
+    model.calibration = Calibration.load(path)
     return model.eval()
 
 
@@ -331,6 +380,13 @@ def load_model(path_or_name: str | os.PathLike = SHIPPED_MODEL, *,
 
 def fit_hinge_arrays(features, targets, genes: Sequence[str], *, encoder: str = DEFAULT_ENCODER,
                      backbone=DEFAULT_BACKBONE, model: HingeModel | None = None,
+                     coords_um=None, groups=None,
+                     context_um: float | None = RECIPE["context_um"],
+                     prior: str | None = RECIPE["prior"],
+                     predict_variance: bool = RECIPE["predict_variance"],
+                     center_sections: bool = RECIPE["center_sections"],
+                     residual_scale: float = RECIPE["residual_scale"],
+                     calibrate: bool = True,
                      ada_rank: int | None = 32, standardize: bool = True,
                      epochs: int = 40, batch_size: int = 32, lr: float = 1e-3,
                      milestones: Sequence[int] | None = None, warmup_epochs: int = 5,
@@ -340,8 +396,17 @@ def fit_hinge_arrays(features, targets, genes: Sequence[str], *, encoder: str = 
                      backbone_ref: str | None = None, **config) -> Iterator[TrainEvent]:
     """Train HINGE on prepared arrays; a generator of TrainEvents that returns the model.
 
-    ``features`` ``(N, F)`` or ``(K, N, F)``, ``targets`` ``(N, G)`` over ``genes``. The
-    milestones default to HINGE's (20, 35) of 40 epochs, scaled to ``epochs``.
+    ``features`` ``(N, F)`` or ``(K, N, F)`` encoder features, ``targets`` ``(N, G)`` over
+    ``genes``. The milestones default to HINGE's (20, 35) of 40 epochs, scaled to ``epochs``.
+
+    The recipe (:data:`RECIPE`, chosen by the leave-one-section-out ablation in
+    ``benchmarks/hinge_her2st.py``): ``context_um`` appends the mean features of each spot's
+    neighbours within that radius (needs ``coords_um`` (N, 2) in µm; ``groups`` (N,), e.g. the
+    section, keeps neighbours and the prior's inner folds within a section); ``prior='ridge'``
+    fits a ridge (alpha by inner leave-one-group-out) as a deterministic prior and trains the
+    diffusion on the residual of its out-of-fold predictions; ``predict_variance`` adds the
+    variance head that makes samples spread. ``calibrate`` then fits the interval calibration
+    (:mod:`napari_hinge.hinge.calibration`) on the validation spots; it ships with the model.
 
     Defaults that differ from the released HINGE code (methods.md 6.1), measured on her2st:
     ``lr=1e-3`` (1e-4 left the validation loss at 1.50 after 10 epochs on ~700 spots, 1e-3
@@ -350,27 +415,52 @@ def fit_hinge_arrays(features, targets, genes: Sequence[str], *, encoder: str = 
     ``checkpoint_dir`` the final model is saved to ``checkpoint_dir/final`` (with
     :func:`save_model`); ``best/`` holds the best-validation weights.
     """
-    from .train import train_hinge
+    from .train import split_groups, train_hinge
 
     features = np.asarray(features, dtype=np.float32)
+    targets = np.asarray(targets, np.float32)
     if features.ndim == 2:
         features = features[None]
     if model is None:
-        model = build_model(genes, features.shape[-1], backbone=backbone, encoder=encoder,
-                            ada_rank=ada_rank, seed=seed, backbone_ref=backbone_ref, **config)
-        if standardize:
-            set_feature_norm(model, *feature_stats(features))
+        if context_um and coords_um is None:
+            raise ValueError(f"context_um={context_um} needs the spots' coords_um (N, 2) in µm")
+        width = features.shape[-1] * (2 if context_um else 1)
+        model = build_model(genes, width, backbone=backbone, encoder=encoder,
+                            ada_rank=ada_rank, seed=seed, backbone_ref=backbone_ref,
+                            context_um=context_um, prior=prior,
+                            predict_variance=predict_variance, center_sections=center_sections,
+                            residual_scale=residual_scale, **config)
+        if standardize:  # statistics of the features as the network sees them
+            set_feature_norm(model, *feature_stats(model_inputs(model, features, coords_um,
+                                                                groups)))
+        model.init_extra_genes(targets)
+    inputs = model_inputs(model, features, coords_um, groups)
+    prior_values = None
+    if model.config.prior == "ridge":
+        ridge = fit_ridge_prior(model, inputs, targets, groups)
+        prior_values = ridge.oof_predictions_
+        # residuals centred per section: a section's mean level is not what a map shows
+        labels = np.zeros(len(targets)) if groups is None else np.asarray(groups)
+        for g in np.unique(labels):
+            sel = labels == g
+            prior_values[sel] += (targets[sel] - prior_values[sel]).mean(0)
     if milestones is None:
         milestones = tuple(sorted({max(1, round(epochs * f)) for f in (20 / 40, 35 / 40)}))
-    gen = train_hinge(model, normalize_features(model, features), np.asarray(targets, np.float32),
+    gen = train_hinge(model, inputs, targets,
                       val_fraction=val_fraction, epochs=epochs, batch_size=batch_size, lr=lr,
                       milestones=tuple(milestones), warmup_epochs=warmup_epochs, seed=seed,
                       checkpoint_dir=checkpoint_dir, resume=resume, stop=stop, device=device,
-                      aug_ratio=aug_ratio, val_samples=val_samples)
+                      aug_ratio=aug_ratio, val_samples=val_samples, prior_values=prior_values)
     done = None
     for event in gen:
         if event.kind == "done":
             done = event
+            _, val_idx = split_groups(targets.shape[0], val_fraction, seed)
+            if calibrate and len(val_idx) >= 10:
+                model.calibration = calibrate_on(model, inputs[:, val_idx], targets[val_idx],
+                                                 None if prior_values is None
+                                                 else prior_values[val_idx], seed=seed)
+                done.metrics["calibration_spots"] = int(len(val_idx))
             if checkpoint_dir is not None:
                 save_model(model.cpu(), Path(checkpoint_dir) / "final")
                 if (Path(checkpoint_dir) / "best").is_dir():
@@ -379,6 +469,34 @@ def fit_hinge_arrays(features, targets, genes: Sequence[str], *, encoder: str = 
         yield event
     model.train_summary = done.metrics if done is not None else None
     return model.cpu().eval()
+
+
+def fit_ridge_prior(model: HingeModel, inputs, targets, groups=None):
+    """Fit the ridge prior on the network's inputs (mean over views) and install it in
+    ``model``; returns the fitted :class:`~napari_hinge.baselines.TunedRidge` (its
+    ``oof_predictions_`` hold each spot's prior from the fit without its group)."""
+    from napari_hinge.baselines import TunedRidge
+
+    ridge = TunedRidge().fit(np.asarray(inputs).mean(0), targets, groups=groups)
+    model.set_prior(*ridge.linear_map())
+    return ridge
+
+
+def calibrate_on(model: HingeModel, inputs, targets, prior_values=None, *, n_samples: int = 8,
+                 reveal_steps: int = 10, seed: int = 0):
+    """Fit :func:`~napari_hinge.hinge.calibration.fit_calibration` on held-out spots:
+    ``inputs`` (K, n, F) network features, ``targets`` (n, G); ``prior_values`` (n, G) replaces
+    the model's own prior (out-of-fold, as for a spot of an unseen section)."""
+    from .calibration import fit_calibration
+    from .sampler import sample
+
+    res = sample(model, inputs, n_samples=n_samples, reveal_steps=reveal_steps, seed=seed)
+    mean = res.mean.numpy()
+    if prior_values is not None:
+        with torch.no_grad():
+            own = model.prior_mean(torch.as_tensor(np.asarray(inputs)).mean(0)).numpy()
+        mean = mean - own + prior_values
+    return fit_calibration(mean, res.std.numpy(), targets, model.config.genes)
 
 
 def _with_norm_of(folder: Path, model: HingeModel) -> HingeModel:
@@ -391,6 +509,7 @@ def _with_norm_of(folder: Path, model: HingeModel) -> HingeModel:
 
 def fit_hinge(datasets: Sequence, *, genes: Sequence[str] | None = None, n_genes: int = 50,
               encoder=DEFAULT_ENCODER, encoder_weights=None, backbone=DEFAULT_BACKBONE,
+              include: Sequence[str] = (),
               epochs: int = 40, augment: bool = True, min_umi: int = MIN_UMI,
               progress: Callable[[str, int, int], None] | None = None,
               stop: StopToken | None = None, **train_kwargs) -> Iterator[TrainEvent]:
@@ -402,10 +521,12 @@ def fit_hinge(datasets: Sequence, *, genes: Sequence[str] | None = None, n_genes
         AnnData objects or paths :func:`read_dataset` reads (``"her2st_folder:C2"`` works).
     genes
         The panel; default: the design.md rule (expressed in >= 10% of the spots of every
-        section, top ``n_genes`` by variance of log1p CP10k) among the genes the backbone knows.
-        Genes the rule would pick but the vocabulary lacks are warned about by name and listed
-        in the 'done' event (``metrics['genes_not_in_vocab']``). An explicit panel with unknown
-        genes raises KeyError naming them.
+        section, top ``n_genes`` by variance of log1p CP10k) over all measured genes, plus
+        ``include``. Genes outside the backbone's vocabulary get learned tokens (listed in the
+        'done' event, ``metrics['genes_outside_vocab']``).
+    include
+        Genes added to the rule's panel (e.g. markers a pathologist asks for); each must be
+        measured in every section.
     encoder, encoder_weights
         Patch encoder (features are cached per slide).
     backbone
@@ -432,15 +553,10 @@ def fit_hinge(datasets: Sequence, *, genes: Sequence[str] | None = None, n_genes
         _check_spatial(a)
     seed = train_kwargs.get("seed", 42)
     bb, ref = load_backbone_spec(backbone, seed=seed)
-    skipped: list[str] = []
     kept = [a[library_size(a) >= min_umi] for a in adatas]
     if genes is None:
-        genes, skipped = select_panel(kept, n_genes, bb.vocab)
-        if skipped:
-            warnings.warn(f"{len(skipped)} genes of the panel rule are not in the backbone's "
-                          f"vocabulary and were replaced by the next ones: {', '.join(skipped)}",
-                          stacklevel=2)
-    feats, targets = [], []
+        genes = select_panel(kept, n_genes, include=include)
+    feats, targets, coords, groups = [], [], [], []
     enc = resolve_encoder(encoder, encoder_weights)
     for a in adatas:
         name = _name(a)
@@ -452,13 +568,17 @@ def fit_hinge(datasets: Sequence, *, genes: Sequence[str] | None = None, n_genes
                                   else "log1p_cp10k")
         feats.append(f if f.ndim == 3 else f[None])
         targets.append(y)
+        coords.append(coords_um_of(a)[library_size(a) >= min_umi])
+        groups.append(np.full(len(y), len(groups)))
     features = np.concatenate(feats, axis=1)
     # the backbone object already loaded (the same random weights that chose the panel)
     model = yield from fit_hinge_arrays(features, np.concatenate(targets), genes,
                                         encoder=enc.name, backbone=bb, backbone_ref=ref,
+                                        coords_um=np.concatenate(coords),
+                                        groups=np.concatenate(groups),
                                         epochs=epochs, stop=stop, **train_kwargs)
     if model.train_summary is not None:
-        model.train_summary["genes_not_in_vocab"] = skipped
+        model.train_summary["genes_outside_vocab"] = list(model.config.extra_genes)
     return model
 
 
@@ -466,8 +586,10 @@ def fit_hinge(datasets: Sequence, *, genes: Sequence[str] | None = None, n_genes
 # prediction and evaluation
 
 
-def predict_spots(model: HingeModel, adata, *, features=None, n_samples: int = 8,
-                  reveal_steps: int | None = None, seed: int = 0, key_added: str = "hinge",
+def predict_spots(model: HingeModel, adata, *, features=None,
+                  n_samples: int = SAMPLER["n_samples"],
+                  reveal_steps: int | None = SAMPLER["reveal_steps"], seed: int = 0,
+                  key_added: str = "hinge",
                   augment: bool = False, batch_size: int = 256, device=None,
                   encoder_weights=None, progress: Callable[[int, int], None] | None = None):
     """Predict the model's genes on every spot of ``adata``.
@@ -482,7 +604,8 @@ def predict_spots(model: HingeModel, adata, *, features=None, n_samples: int = 8
         Precomputed ``(N, F)`` / ``(K, N, F)`` features (default: encoded with the model's
         encoder, cached).
     n_samples, reveal_steps, seed
-        Sampler settings: S samples per spot; ``reveal_steps < T`` reveals several genes per step.
+        Sampler settings (:data:`SAMPLER`): S samples per spot; ``reveal_steps < T`` reveals
+        several genes per step.
     key_added
         Writes ``adata.obsm[f'{key_added}_mean']``/``[f'{key_added}_std']`` (N, G) and
         ``adata.uns[key_added]`` (genes, parameters).
@@ -493,9 +616,12 @@ def predict_spots(model: HingeModel, adata, *, features=None, n_samples: int = 8
     -------
     AnnData
         A new AnnData over the model's genes: ``X`` = predicted mean (the model's value
-        transform), ``layers['std']``, ``layers['measured']`` (same transform; zeros and
-        ``var['measured'] = False`` for genes the data lacks), ``obsm['spatial']`` and
-        ``uns['napari_hinge']`` copied, ``uns[key_added]`` the parameters.
+        transform), ``layers['std']`` (the calibrated standard deviation when the model ships a
+        calibration, with ``layers['lower_80'/'upper_80'/'lower_95'/'upper_95']``: central
+        intervals that cover on held-out spots; else the raw spread), ``layers['measured']``
+        (same transform; zeros and ``var['measured'] = False`` for genes the data lacks),
+        ``obsm['spatial']`` and ``uns['napari_hinge']`` copied, ``uns[key_added]`` the
+        parameters.
     """
     import anndata as ad
     import pandas as pd
@@ -511,11 +637,14 @@ def predict_spots(model: HingeModel, adata, *, features=None, n_samples: int = 8
     features = np.asarray(features, dtype=np.float32)
     if features.shape[-2] != adata.n_obs:
         raise ValueError(f"features have {features.shape[-2]} spots, the data {adata.n_obs}")
-    res = sample(model, normalize_features(model, features), n_samples=n_samples,
+    coords = coords_um_of(adata) if model.config.context_um else None
+    res = sample(model, model_inputs(model, features, coords), n_samples=n_samples,
                  reveal_steps=reveal_steps, seed=seed, batch_size=batch_size, device=device,
                  progress=progress)
     genes = list(model.config.genes)
-    mean, std = res.mean.numpy(), res.std.numpy()
+    mean = res.mean.numpy()
+    unc = calibrated_uncertainty(model, mean, res.std.numpy())
+    std = unc["std"]
     vt = model.config.value_transform if model.config.value_transform in VALUE_TRANSFORMS \
         else "log1p_cp10k"
     measured, missing = transform_values(adata, genes, value_transform=vt)
@@ -523,14 +652,16 @@ def predict_spots(model: HingeModel, adata, *, features=None, n_samples: int = 8
               "reveal_steps": None if reveal_steps is None else int(reveal_steps),
               "seed": int(seed), "augment": bool(augment), "encoder": model.config.encoder,
               "value_transform": vt, "backbone_ref": model.config.backbone_ref,
-              "genes_missing_in_data": missing}
+              "genes_missing_in_data": missing,
+              "uncertainty": "calibrated" if len(unc) > 1 else "raw sample spread"}
     adata.obsm[f"{key_added}_mean"] = mean
     adata.obsm[f"{key_added}_std"] = std
     adata.uns[key_added] = params
     out = ad.AnnData(X=mean, obs=adata.obs.copy(),
                      var=pd.DataFrame({"measured": [g not in missing for g in genes]},
                                       index=pd.Index(genes)))
-    out.layers["std"] = std
+    for name, values in unc.items():
+        out.layers[name] = values
     out.layers["measured"] = measured
     out.obsm[SPATIAL_KEY] = np.asarray(adata.obsm[SPATIAL_KEY])
     if META_KEY in adata.uns:

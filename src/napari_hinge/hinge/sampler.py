@@ -7,8 +7,14 @@ gamma),
     x0_hat = model(x_t, t, m_t', m_t, features)
     x_t'   = m_t x_t + d x0_hat + (1 - m_t') fresh noise,        d = m_t' & ~m_t
 
-so the genes revealed at a step keep the value predicted then (methods.md 1.8). The mean over
-``S`` samples is the prediction, their standard deviation the uncertainty.
+so the genes revealed at a step keep the value predicted then (methods.md 1.8). A model with a
+variance head (``config.predict_variance``) draws each revealed gene from
+``N(x0_hat, exp(logvar))`` instead, so later genes are conditioned on sampled values and the S
+samples spread as the model believes they should. The prediction is the mean over samples of
+the revealed genes' conditional means (``x0_hat`` when revealed: the same mean with less Monte
+Carlo noise than the mean of the drawn values), their standard deviation the uncertainty. A
+model with a prior (``config.prior``) samples the residual: the prior of the spot (mean over
+its views) is added to every sample.
 """
 
 from __future__ import annotations
@@ -99,6 +105,7 @@ def sample(model: HingeModel, features, *, n_samples: int = 8, reveal_steps: int
         generator = torch.Generator(device=device).manual_seed(int(seed))
     was_training = model.training
     model.eval()
+    stochastic = bool(model.config.predict_variance)
     spots_per_batch = max(1, batch_size // S)
     means, stds, all_samples = [], [], []
     view_of = torch.arange(S) % K
@@ -111,20 +118,38 @@ def sample(model: HingeModel, features, *, n_samples: int = 8, reveal_steps: int
             rows = n * S
             ranks = sched.random_ranks(rows, generator=generator, device=device)
             x = sched.fill((rows, G), generator=generator, device=device)
+            cond_mean = torch.zeros_like(x)
             for t, t_next in zip(grid[:-1], grid[1:], strict=True):
                 m_t = sched.observed(ranks, t)
                 m_next = sched.observed(ranks, t_next)
                 tt = torch.full((rows,), t, device=device, dtype=torch.long)
+                logvar = None
                 with autocast(device):
-                    x0_hat = model(x, tt, m_next, m_t, feats).float()
+                    if stochastic:
+                        x0_hat, logvar = model(x, tt, m_next, m_t, feats, return_logvar=True)
+                        logvar = logvar.float()
+                    else:
+                        x0_hat = model(x, tt, m_next, m_t, feats)
+                x0_hat = x0_hat.float()
                 reveal = m_next & ~m_t
+                value = x0_hat
+                if logvar is not None:
+                    eps = torch.randn(x.shape, generator=generator, device=generator.device)
+                    value = x0_hat + torch.exp(0.5 * logvar) * eps.to(device)
                 if t_next > 0:
                     fresh = sched.fill((rows, G), generator=generator, device=device)
                 else:  # every gene is revealed now: no noise left to draw
                     fresh = torch.zeros_like(x)
-                x = torch.where(m_t, x, torch.where(reveal, x0_hat, fresh))
+                cond_mean = torch.where(reveal, x0_hat, cond_mean)
+                x = torch.where(m_t, x, torch.where(reveal, value, fresh))
+            prior = model.prior_mean(views[:, idx].mean(0).to(device)).float().cpu()
+            lam = float(model.config.residual_scale) if model.config.prior else 1.0
             xs = x.view(n, S, G).cpu()
-            means.append(xs.mean(1))
+            mean = cond_mean.view(n, S, G).cpu().mean(1)
+            if lam != 1.0:
+                xs, mean = lam * xs, lam * mean
+            xs = xs + prior[:, None]
+            means.append(mean + prior)
             stds.append(xs.std(1, correction=0))
             if return_samples:
                 all_samples.append(xs)

@@ -195,3 +195,14 @@ def masked_diffusion_loss(x0_hat: torch.Tensor, x0: torch.Tensor,
     """``sum((x0_hat - x0)^2 * d_t) / sum(d_t)`` over the batch (MSE on the genes revealed now)."""
     d = reveal.to(x0_hat.dtype)
     return ((x0_hat - x0) ** 2 * d).sum() / d.sum().clamp_min(1.0)
+
+
+def revealed_gaussian_nll(logvar: torch.Tensor, x0_hat: torch.Tensor, x0: torch.Tensor,
+                          reveal: torch.Tensor) -> torch.Tensor:
+    """Gaussian negative log-likelihood (without the constant) of the revealed genes around
+    the *detached* mean: it trains the variance head only, so the mean's objective stays the
+    MSE above."""
+    d = reveal.to(logvar.dtype)
+    err2 = (x0 - x0_hat.detach()) ** 2
+    nll = 0.5 * (logvar + err2 * torch.exp(-logvar))
+    return (nll * d).sum() / d.sum().clamp_min(1.0)

@@ -67,7 +67,7 @@ class SlidePrediction:
 
 
 def predict_slide_iter(model, slide, *, stride_um: float | None = None,
-                       genes: Sequence[str] | None = None, n_samples: int = 4,
+                       genes: Sequence[str] | None = None, n_samples: int | None = None,
                        reveal_steps: int | None = None, batch_tiles: int = 64, seed: int = 0,
                        mpp: float | None = None, min_tissue: float = 0.5,
                        stop: StopToken | None = None, cache: bool = True,
@@ -88,16 +88,25 @@ def predict_slide_iter(model, slide, *, stride_um: float | None = None,
     batch_tiles
         Tiles encoded and sampled per step (one progress event each).
 
-    Yields 'step' events (step = batches done); returns the :class:`SlidePrediction`, or
-    None when stopped.
+    Yields 'step' events (``metrics['phase']``: 'encode' then 'sample', one per batch of
+    tiles); returns the :class:`SlidePrediction` (``std``: the calibrated uncertainty when
+    the model ships a calibration), or None when stopped.
     """
     from napari_hinge.features import encode_spots
     from napari_hinge.io.slides import open_slide
     from napari_hinge.tissue import tile_grid, tissue_mask
 
-    from .pipeline import normalize_features, resolve_encoder
+    from .pipeline import (
+        SAMPLER,
+        calibrated_uncertainty,
+        model_inputs,
+        resolve_encoder,
+        unknown_genes_message,
+    )
     from .sampler import sample
 
+    n_samples = SAMPLER["slide_samples"] if n_samples is None else n_samples
+    reveal_steps = SAMPLER["reveal_steps"] if reveal_steps is None else reveal_steps
     if not hasattr(slide, "levels"):
         slide = open_slide(slide, mpp=mpp)
     mpp = mpp or slide.microns_per_pixel
@@ -107,8 +116,7 @@ def predict_slide_iter(model, slide, *, stride_um: float | None = None,
     genes = list(genes) if genes else all_genes
     unknown = [g for g in genes if g not in all_genes]
     if unknown:
-        raise KeyError(f"{len(unknown)} genes are not predicted by this model: "
-                       f"{', '.join(unknown[:20])}")
+        raise KeyError(unknown_genes_message(unknown, all_genes))
     gene_idx = [all_genes.index(g) for g in genes]
     side_px = int(round(PATCH_UM / mpp))
     stride_px = (stride_um or PATCH_UM) / mpp
@@ -117,24 +125,43 @@ def predict_slide_iter(model, slide, *, stride_um: float | None = None,
     encoder = resolve_encoder(model.config.encoder)
     n = len(grid)
     n_batches = (n + batch_tiles - 1) // batch_tiles
+    # encode every tile first: a tile's neighbour context needs its neighbours' features
+    feats = None
+    for b in range(n_batches):
+        if stop is not None and stop.requested:
+            yield TrainEvent("stopped", 0, b, 2 * n_batches)
+            return None
+        sl = slice(b * batch_tiles, min(n, (b + 1) * batch_tiles))
+        f = encode_spots(slide, grid.centers_xy[sl], encoder=encoder, side_px=side_px,
+                         cache=cache)
+        if feats is None:
+            feats = np.empty((n, f.shape[-1]), np.float32)
+        feats[sl] = f
+        yield TrainEvent("step", 0, b + 1, 2 * n_batches,
+                         metrics={"phase": "encode", "tiles": sl.stop, "of": n})
+    inputs = model_inputs(model, feats, np.asarray(grid.centers_xy, np.float64) * mpp)
     mean = np.empty((n, len(genes)), np.float32)
     std = np.empty((n, len(genes)), np.float32)
     for b in range(n_batches):
         if stop is not None and stop.requested:
-            yield TrainEvent("stopped", 0, b, n_batches)
+            yield TrainEvent("stopped", 0, n_batches + b, 2 * n_batches)
             return None
         sl = slice(b * batch_tiles, min(n, (b + 1) * batch_tiles))
-        feats = encode_spots(slide, grid.centers_xy[sl], encoder=encoder, side_px=side_px,
-                             cache=cache)
-        res = sample(model, normalize_features(model, feats), n_samples=n_samples,
-                     reveal_steps=reveal_steps, seed=seed + b)
-        mean[sl] = res.mean.numpy()[:, gene_idx]
-        std[sl] = res.std.numpy()[:, gene_idx]
-        yield TrainEvent("step", 0, b + 1, n_batches, metrics={"tiles": sl.stop, "of": n})
+        res = sample(model, inputs[sl], n_samples=n_samples, reveal_steps=reveal_steps,
+                     seed=seed + b)
+        m = res.mean.numpy()[:, gene_idx]
+        mean[sl] = m
+        std[sl] = calibrated_uncertainty(model, m, res.std.numpy()[:, gene_idx],
+                                         genes=genes)["std"]
+        yield TrainEvent("step", 0, n_batches + b + 1, 2 * n_batches,
+                         metrics={"phase": "sample", "tiles": sl.stop, "of": n})
     params = {"stride_um": float(stride_px * mpp), "patch_um": PATCH_UM, "n_samples": n_samples,
               "reveal_steps": reveal_steps, "seed": seed, "encoder": model.config.encoder,
               "n_tiles": n, "min_tissue": min_tissue,
-              "value_transform": model.config.value_transform}
+              "value_transform": model.config.value_transform,
+              "context_um": model.config.context_um,
+              "uncertainty": "calibrated sd" if getattr(model, "calibration", None) is not None
+              else "raw sample spread"}
     return SlidePrediction(genes=genes, mean=mean, std=std, grid=grid,
                            slide_path=str(Path(slide.path)), microns_per_pixel=float(mpp),
                            params=params)

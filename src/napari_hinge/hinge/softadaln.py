@@ -176,19 +176,31 @@ class ModulatedDecoder(nn.Module):
     """
 
     def __init__(self, decoder: nn.Module, d_model: int, d_cond: int, *,
-                 rank: int | None = None, prenorm_logit: float = -12.0) -> None:
+                 rank: int | None = None, prenorm_logit: float = -12.0,
+                 predict_variance: bool = False) -> None:
         super().__init__()
         self._decoder = (decoder,)
         self.head = AdaHead(d_cond, d_model, 2, rank=rank)
         self.norm = SoftPreNorm(d_model, prenorm_logit)
+        # log-variance per token from the same modulated input; starts at log(1) everywhere
+        self.logvar = nn.Linear(d_model, 1) if predict_variance else None
+        if self.logvar is not None:
+            nn.init.zeros_(self.logvar.weight)
+            nn.init.zeros_(self.logvar.bias)
 
     @property
     def decoder(self) -> nn.Module:
         return self._decoder[0]
 
-    def forward(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, c: torch.Tensor, *, return_logvar: bool = False):
         shift, scale = self.head(c)
-        return self.decoder(torch.addcmul(shift, self.norm(h), 1 + scale))
+        z = torch.addcmul(shift, self.norm(h), 1 + scale)
+        out = self.decoder(z)
+        if not return_logvar:
+            return out
+        if self.logvar is None:
+            raise ValueError("this decoder has no variance head (predict_variance=False)")
+        return out, self.logvar(z).squeeze(-1)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:

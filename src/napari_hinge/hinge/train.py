@@ -37,7 +37,7 @@ from napari_hinge.training import (
 
 from .model import HingeModel
 from .sampler import sample
-from .schedule import masked_diffusion_loss
+from .schedule import masked_diffusion_loss, revealed_gaussian_nll
 
 
 def gene_pearson(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
@@ -123,6 +123,7 @@ def train_hinge(model: HingeModel, train_features, train_targets, *, val_fractio
                 checkpoint_dir: str | Path | None = None, resume: bool = False,
                 stop: StopToken | None = None, val_every: int = 1, aug_ratio: int = 1,
                 val_samples: int = 2, val_reveal_steps: int = 10,
+                prior_values=None,
                 device: str | torch.device | None = None) -> Iterator[TrainEvent]:
     """Train a :class:`HingeModel` (its trainable part) by masked diffusion; yields TrainEvents.
 
@@ -159,6 +160,11 @@ def train_hinge(model: HingeModel, train_features, train_targets, *, val_fractio
     val_samples, val_reveal_steps
         The validation sampler run for the val Pearson r (``val_samples=0`` turns it off); its
         samples cycle through the K views. The validation loss uses view 0.
+    prior_values
+        (N, G) prior of each training spot for a model with a prior (``config.prior``): the
+        network learns ``targets - prior_values``. Pass out-of-fold values (the prior fitted
+        without the spot's section), so the residuals look like those of unseen spots; default:
+        the model's own prior of the spot (mean over its views).
     device
         Training device (default: :func:`napari_hinge.device.default_device`).
 
@@ -174,6 +180,17 @@ def train_hinge(model: HingeModel, train_features, train_targets, *, val_fractio
     device = default_device(str(device) if device is not None else None)
     feats, targets = _check_inputs(model, train_features, train_targets)
     K, N, _ = feats.shape
+    if model.config.prior is not None:
+        if prior_values is None:
+            with torch.no_grad():
+                prior_values = model.prior_mean(feats.mean(0))
+        prior_values = torch.as_tensor(np.asarray(prior_values), dtype=torch.float32)
+        if prior_values.shape != targets.shape:
+            raise ValueError(f"prior_values must be {tuple(targets.shape)}, got "
+                             f"{tuple(prior_values.shape)}")
+        absolute_targets, targets = targets, targets - prior_values
+    else:
+        absolute_targets, prior_values = targets, torch.zeros_like(targets)
     if not 1 <= aug_ratio <= K:
         raise ValueError(f"aug_ratio must be in 1..{K} (the number of feature views)")
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
@@ -193,6 +210,7 @@ def train_hinge(model: HingeModel, train_features, train_targets, *, val_fractio
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
     lr_sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(milestones), gamma=gamma)
     sched = model.schedule
+    with_variance = bool(model.config.predict_variance)
     t_cap = sched.t_cap(model.config.warmup_mask_ratio)
     n_rows = len(train_idx) * aug_ratio
     steps_per_epoch = math.ceil(n_rows / batch_size)
@@ -244,12 +262,16 @@ def train_hinge(model: HingeModel, train_features, train_targets, *, val_fractio
                                        warmup_ratio=model.config.warmup_mask_ratio)
             cor = sched.corrupt(x0, t)
             x0 = x0.to(device)
+            reveal = cor.reveal.to(device)
             with autocast(device):
-                pred = model(cor.x_t.to(device), t.to(device), cor.m_prev.to(device),
-                             cor.m_t.to(device), f.to(device))
-            loss = masked_diffusion_loss(pred.float(), x0, cor.reveal.to(device))
+                out = model(cor.x_t.to(device), t.to(device), cor.m_prev.to(device),
+                            cor.m_t.to(device), f.to(device), return_logvar=with_variance)
+            pred, logvar = out if with_variance else (out, None)
+            loss = masked_diffusion_loss(pred.float(), x0, reveal)
+            objective = loss if logvar is None else \
+                loss + revealed_gaussian_nll(logvar.float(), pred.float(), x0, reveal)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            objective.backward()
             if grad_clip and grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, grad_clip)
             opt.step()
@@ -270,8 +292,12 @@ def train_hinge(model: HingeModel, train_features, train_targets, *, val_fractio
                 res = sample(model, val_feats, n_samples=val_samples,
                              reveal_steps=min(val_reveal_steps, sched.num_steps),
                              seed=seed + 2, device=device)
-                record["val_pcc"] = float(gene_pearson(res.mean.numpy(),
-                                                       val_targets.numpy()).mean())
+                # the sampler adds the model's prior; score with the out-of-fold one
+                with torch.no_grad():
+                    own = model.prior_mean(val_feats.mean(0).to(device)).cpu()
+                pred = res.mean - own + prior_values[val_idx]
+                record["val_pcc"] = float(gene_pearson(pred.numpy(),
+                                                       absolute_targets[val_idx].numpy()).mean())
             if val_loss < best_val:
                 best_val, best_epoch = val_loss, epoch
                 if ckpt_dir is not None:

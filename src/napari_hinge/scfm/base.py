@@ -117,6 +117,12 @@ class GeneTokenBackbone(nn.Module):
         """(B, G) ids, (B, G) values, (B, G) bool masked -> (B, 1 + G, D), CLS first."""
         raise NotImplementedError
 
+    def gene_tokens(self, gene_ids: torch.Tensor) -> torch.Tensor:
+        """The gene part of :meth:`embed`'s tokens, (G,) ids -> (G, D). Every backbone here
+        embeds a gene as ``gene token + value token (+ mask token)``, so HINGE can give a
+        gene outside the vocabulary a learned token in the same space."""
+        raise NotImplementedError(f"the {self.config.kind} backbone exposes no gene tokens")
+
     def hidden_tokens(self, masked: torch.Tensor | None) -> torch.Tensor | None:
         """Key/value mask for the first ``mask_kv_layers`` blocks; CLS is always visible."""
         if masked is None or self.config.mask_kv_layers == 0:

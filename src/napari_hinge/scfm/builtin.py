@@ -78,6 +78,9 @@ class BuiltinBackbone(GeneTokenBackbone):
         # pre-training figures are measured against, and a neutral fill for unknown values.
         self.register_buffer("gene_mean", torch.zeros(n_tokens))
 
+    def gene_tokens(self, gene_ids):
+        return self.gene_emb(gene_ids)
+
     def embed(self, gene_ids, values, masked=None):
         if (gene_ids < 0).any():
             raise KeyError("gene id -1 (a gene missing from the vocabulary) passed to embed; "

@@ -158,6 +158,9 @@ class CellFMBackbone(GeneTokenBackbone):
         )
         self.value_decoder = CellFMValueDecoder(d, slope)
 
+    def gene_tokens(self, gene_ids):
+        return self.gene_emb[gene_ids]
+
     def embed(self, gene_ids, values, masked=None):
         if (gene_ids < 0).any():
             raise KeyError("gene id -1 (a gene missing from CellFM's gene table) passed to embed;"

@@ -91,6 +91,9 @@ class ScGPTBackbone(GeneTokenBackbone):
         self.value_decoder = ExprDecoder(d)
         self.ignored_keys: list[str] = []
 
+    def gene_tokens(self, gene_ids):
+        return self.encoder(gene_ids)
+
     def embed(self, gene_ids, values, masked=None):
         if (gene_ids < 0).any():
             raise KeyError("gene id -1 (a gene missing from the scGPT vocabulary) passed to embed;"

@@ -1,0 +1,67 @@
+"""HINGE learns from the H&E: real EfficientNet features of real her2st sections, a held-out
+section, and two controls on the same split (a tuned ridge on the same inputs, HINGE trained on
+features shuffled across spots). Ratios, not floors: the thresholds fail a model that ignores
+the image or that falls well behind the linear baseline."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from napari_hinge.baselines import TunedRidge
+from napari_hinge.encoders import get_encoder
+from napari_hinge.expression import load_her2st_sections, make_fold
+from napari_hinge.hinge.pipeline import fit_hinge_arrays, model_inputs
+from napari_hinge.hinge.sampler import sample
+from napari_hinge.metrics import gene_pearson, interval_coverage
+from napari_hinge.training import run_to_end
+
+
+@pytest.fixture(scope="module")
+def fold(shared_data):
+    secs = load_her2st_sections(shared_data / "her2st_subset", ["C2", "C4", "C3"],
+                                encoder=get_encoder("efficientnet-lite0"), side_px=160)
+    return make_fold(secs[:2], secs[2:], n_genes=20)
+
+
+def _train(fold, features, seed=0):
+    gen = fit_hinge_arrays(features, fold.Y_train, fold.genes, coords_um=fold.coords_train,
+                           groups=fold.groups_train, epochs=6, batch_size=32, seed=seed,
+                           val_fraction=0.15, val_samples=0)
+    model, _ = run_to_end(gen)
+    inputs = model_inputs(model, fold.X_test, fold.coords_test, fold.groups_test)
+    res = sample(model, inputs, n_samples=4, reveal_steps=5, seed=seed)
+    return model, inputs, res
+
+
+def test_hinge_needs_the_image_and_keeps_up_with_a_ridge(fold):
+    model, inputs, res = _train(fold, fold.X_train)
+    pcc = gene_pearson(res.mean.numpy(), fold.Y_test).mean()
+
+    # the tuned ridge on exactly the inputs the network sees
+    train_inputs = model_inputs(model, fold.X_train, fold.coords_train, fold.groups_train)
+    ridge = TunedRidge().fit(train_inputs, fold.Y_train, groups=fold.groups_train)
+    ridge_pcc = gene_pearson(ridge.predict(inputs), fold.Y_test).mean()
+
+    # the same training with each spot's features given to another spot
+    perm = np.random.default_rng(0).permutation(len(fold.X_train))
+    _, _, shuffled = _train(fold, fold.X_train[perm])
+    shuffled_pcc = gene_pearson(shuffled.mean.numpy(), fold.Y_test).mean()
+
+    assert ridge_pcc > 0.2  # the split is informative at all
+    assert pcc >= 0.9 * ridge_pcc, (pcc, ridge_pcc)
+    assert shuffled_pcc < 0.5 * pcc, (shuffled_pcc, pcc)
+
+
+def test_calibrated_intervals_cover_on_the_held_out_section(fold):
+    model, _, res = _train(fold, fold.X_train, seed=1)
+    assert model.calibration is not None and model.calibration.n_spots >= 10
+    mean, raw = res.mean.numpy(), res.std.numpy()
+    assert (raw > 0).mean() > 0.99  # the variance head makes the samples spread
+    lo, hi = model.calibration.interval(mean, raw, 0.8)
+    lo95, hi95 = model.calibration.interval(mean, raw, 0.95)
+    cov80 = interval_coverage(lo, hi, fold.Y_test)
+    cov95 = interval_coverage(lo95, hi95, fold.Y_test)
+    assert 0.65 <= cov80 <= 0.92 and 0.85 <= cov95 <= 0.99, (cov80, cov95)
+    raw80 = interval_coverage(mean - 1.28 * raw, mean + 1.28 * raw, fold.Y_test)
+    assert abs(cov80 - 0.8) < abs(raw80 - 0.8) or abs(raw80 - 0.8) < 0.05
