@@ -62,6 +62,7 @@ ALL = ("hinge", "hinge_random_backbone", "hest_ridge", "tuned_ridge", "mlp", "kn
 DEFAULT_METHODS = ("hinge", "hinge_random_backbone", "hest_ridge", "tuned_ridge", "mlp")
 KEYS = ("pcc_mean", "pcc_top10", "pcc_top50", "mse", "mae", "coexpression", "fit_s",
         "predict_s")
+RELIABILITY_LEVELS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
 UNCERTAINTY_KEYS = ("coverage_80", "coverage_95", "raw_coverage_80", "raw_coverage_95",
                     "spearman_pooled", "spearman_per_gene")
 
@@ -92,8 +93,9 @@ def hinge_fold(fold, *, backbone: str, args, seed: int) -> dict:
     scores = expression_scores(mean, fold.Y_test, genes=fold.genes)
     if model.config.prior is not None:  # the same model with its residual shrunk
         inputs = model_inputs(model, X_te, fold.coords_test, fold.groups_test)
+        inputs = inputs if inputs.ndim == 2 else inputs.mean(0)
         with torch.no_grad():
-            prior = model.prior_mean(torch.as_tensor(inputs).mean(0)).numpy()
+            prior = model.prior_mean(torch.as_tensor(inputs)).numpy()
         residual = (mean - prior) / model.config.residual_scale
         scores["pcc_by_residual_scale"] = {
             f"{lam:g}": expression_scores(prior + lam * residual, fold.Y_test)["pcc_mean"]
@@ -105,6 +107,13 @@ def hinge_fold(fold, *, backbone: str, args, seed: int) -> dict:
         scores[f"coverage_{level}"] = (interval_coverage(unc[f"lower_{level}"],
                                                          unc[f"upper_{level}"], fold.Y_test)
                                        if f"lower_{level}" in unc else None)
+    # reliability diagram: coverage of mean +- z_p sd, calibrated and raw, for many levels
+    from scipy.stats import norm
+
+    scores["reliability"] = {
+        f"{p:g}": [interval_coverage(mean - z * sd, mean + z * sd, fold.Y_test)
+                   for sd in (unc["std"], raw)]
+        for p in RELIABILITY_LEVELS for z in [float(norm.ppf(0.5 + p / 2))]}
     rho = spread_error_spearman(unc["std"], mean, fold.Y_test)
     scores.update(spearman_pooled=rho["pooled"], spearman_per_gene=rho["per_gene"])
     summary = last.metrics if last is not None else {}

@@ -213,14 +213,15 @@ def domains(
 # ----------------------------------------------------------------------------------------
 
 
-def predict(adata, model="shipped", *, n_samples: int = 8, reveal_steps: int | None = 10,
-            seed: int = 0, key_added: str = "hinge", **kwargs):
+def predict(adata, model="shipped", *, key_added: str = "hinge", **kwargs):
     """Predict a HINGE model's genes on every spot of ``adata`` from its H&E.
 
     ``model`` is a :class:`~napari_hinge.hinge.model.HingeModel`, a model folder or
     ``'shipped'``. Writes ``obsm[f'{key_added}_mean']``/``[f'{key_added}_std']`` and
     ``uns[key_added]`` and returns an AnnData over the model's genes (mean in ``X``,
-    ``layers['std']``, ``layers['measured']``); the remaining keywords go to
+    ``layers['std']`` (calibrated), ``layers['lower_80']``/``['upper_80']`` (and 95),
+    ``layers['measured']``); the keywords (``n_samples``, ``reveal_steps``, ``seed``, ...;
+    defaults in :data:`napari_hinge.hinge.pipeline.SAMPLER`) go to
     :func:`napari_hinge.hinge.pipeline.predict_spots`.
     """
     from .hinge.model import HingeModel
@@ -228,8 +229,7 @@ def predict(adata, model="shipped", *, n_samples: int = 8, reveal_steps: int | N
 
     if not isinstance(model, HingeModel):
         model = load_model(model)
-    return predict_spots(model, adata, n_samples=n_samples, reveal_steps=reveal_steps,
-                         seed=seed, key_added=key_added, **kwargs)
+    return predict_spots(model, adata, key_added=key_added, **kwargs)
 
 
 def synthesize(adata, local, *, slide=None, region=None, key_added: str = "c2l",

@@ -117,7 +117,7 @@ def plot_prediction(pred, path, *, genes: list[str] | None = None, n_genes: int 
     return path
 
 
-def run_hinge_demo(out_dir, *, n_samples: int = 8, reveal_steps: int | None = 10,
+def run_hinge_demo(out_dir, *, n_samples: int | None = None, reveal_steps: int | None = None,
                    seed: int = 0, model=None) -> dict:
     """Predict the shipped sample with the shipped weights; write h5ad, PNG and summary.
 
@@ -126,9 +126,9 @@ def run_hinge_demo(out_dir, *, n_samples: int = 8, reveal_steps: int | None = 10
     out_dir
         Output folder (created).
     n_samples, reveal_steps, seed
-        Sampler settings (S samples per spot, reverse steps, seed). 10 reveal steps instead of
-        T = 50: 5x faster, and on the held-out section C3 the mean PCC was 0.361 with 10 steps
-        vs 0.359 with 50 (``weights/hinge/TRAINING.md``); ``None`` runs all T steps.
+        Sampler settings (S samples per spot, reverse steps, seed); ``None`` takes
+        :data:`~napari_hinge.hinge.pipeline.SAMPLER` (10 reveal steps: 5x faster than T = 50
+        and as accurate, ``weights/hinge/TRAINING.md``).
     model
         A model or model folder instead of the shipped weights.
 
@@ -139,7 +139,10 @@ def run_hinge_demo(out_dir, *, n_samples: int = 8, reveal_steps: int | None = 10
     """
     from napari_hinge.datasets import load_her2st_sample
 
-    from .pipeline import evaluate, load_model, predict_spots
+    from .pipeline import SAMPLER, evaluate, load_model, predict_spots
+
+    n_samples = SAMPLER["n_samples"] if n_samples is None else n_samples
+    reveal_steps = SAMPLER["reveal_steps"] if reveal_steps is None else reveal_steps
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

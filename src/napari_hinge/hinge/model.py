@@ -27,10 +27,11 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from napari_hinge.scfm.base import GeneTokenBackbone, save_backbone
+from napari_hinge.training import load_safetensors
 
 from .schedule import MaskSchedule
 from .softadaln import CondNet, ModulatedDecoder, SoftAdaLNBlock
@@ -361,7 +362,7 @@ class HingeModel(nn.Module):
         if backbone is None:
             backbone = _resolve_backbone(saved, config.backbone_ref, directory)
         if (saved / "model.safetensors").is_file():
-            state = load_file(str(saved / "model.safetensors"))
+            state = load_safetensors(saved / "model.safetensors")
             backbone.load_state_dict(state, strict=True)
         digest = state_digest(backbone)
         if digest != meta.get("backbone_digest"):
@@ -369,7 +370,7 @@ class HingeModel(nn.Module):
                              f"saved with (digest {digest[:12]} != "
                              f"{str(meta.get('backbone_digest'))[:12]})")
         model = cls(backbone, config)
-        model.load_trainable_state_dict(load_file(str(directory / "model.safetensors")))
+        model.load_trainable_state_dict(load_safetensors(directory / "model.safetensors"))
         return model.to(map_location)
 
 
