@@ -18,6 +18,8 @@ import json
 import sys
 from pathlib import Path
 
+from napari_hinge._files import atomic_write
+
 
 def _data_args(parser: argparse.ArgumentParser, *, many: bool = False) -> None:
     parser.add_argument("data", nargs="+" if many else None,
@@ -239,10 +241,8 @@ def cmd_predict(args) -> int:
         raise ValueError(f"{out} exists; pass --overwrite to replace it")
     adata = _read(args.data, args.section)
     pred = _predict(args, adata)
-    tmp = out.with_name(f".{out.name}.tmp")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    pred.write_h5ad(tmp)
-    tmp.replace(out)  # never leave a half-written file where the user's was
+    # never leave a half-written file where the user's was
+    atomic_write(out, lambda tmp: pred.write_h5ad(tmp))
     written = {"h5ad": str(out), "spots": pred.n_obs, "genes": pred.n_vars,
                "genes_missing_in_data": pred.uns["hinge"]["genes_missing_in_data"]}
     if not args.no_png:
@@ -299,9 +299,7 @@ def cmd_predict_slide(args) -> int:
     write_ome_tiff(prediction, out / "maps.ome.tif")
     write_ome_tiff(prediction, out / "uncertainty.ome.tif", which="std")
     tiles = prediction.to_adata()
-    tmp = out / ".tiles.h5ad.tmp"
-    tiles.write_h5ad(tmp)
-    tmp.replace(out / "tiles.h5ad")
+    atomic_write(out / "tiles.h5ad", lambda tmp: tiles.write_h5ad(tmp))
     print(json.dumps({"out": str(out), "tiles": len(prediction.grid),
                       "raster": list(prediction.grid.shape), "genes": len(prediction.genes),
                       **prediction.params}, indent=1, default=str))

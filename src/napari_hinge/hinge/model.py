@@ -30,6 +30,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from napari_hinge._files import replace_dir
 from napari_hinge.scfm.base import GeneTokenBackbone, save_backbone
 from napari_hinge.training import load_safetensors
 
@@ -333,7 +334,7 @@ class HingeModel(nn.Module):
             if include_backbone and not _reuse_backbone(directory, meta["backbone_digest"],
                                                         tmp / "backbone"):
                 _save_backbone(self.backbone, tmp / "backbone")
-            _replace_dir(tmp, directory)
+            replace_dir(tmp, directory)  # a kill at any moment leaves a loadable model
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -416,16 +417,3 @@ def _resolve_backbone(saved: Path, ref: str | None, directory: Path) -> GeneToke
             errors.append(f"{source}: {exc}")
     raise ValueError(f"cannot rebuild the backbone of {directory} (tried {errors or 'nothing'}); "
                      f"pass backbone= to HingeModel.load")
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move folder ``src`` onto ``dst``; an existing ``dst`` is removed only after the swap."""
-    old = None
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(dst, old)
-    os.replace(src, dst)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
