@@ -63,16 +63,15 @@ def read_spatial_layers(path):
         return spatial_layer_data(read_spatial(p))
     # A folder of legacy-ST sections: each section with an H&E under its spots (all in one
     # pixel frame would overlap, so only the first is visible); expression-only sections
-    # have no image to sit on and are skipped (open their count table to see one).
-    layers = []
-    for section in sections:
-        adata = read_her2st(p, section)
-        if "slide_path" not in adata.uns["napari_hinge"]:
-            continue
-        first = not layers
-        for data, kwargs, kind in spatial_layer_data(adata, name=section):
-            layers.append((data, {**kwargs, "visible": first}, kind))
-    if not layers:
+    # have no image to sit on and are skipped before their counts are read (open their
+    # count table to see one).
+    shown = list_her2st_sections(p, with_image=True)
+    if not shown:
         raise ValueError(f"{p}: none of its {len(sections)} sections has an H&E image; "
                          "open one section's count table instead")
+    layers = []
+    for section in shown:
+        first = not layers
+        for data, kwargs, kind in spatial_layer_data(read_her2st(p, section), name=section):
+            layers.append((data, {**kwargs, "visible": first}, kind))
     return layers

@@ -299,6 +299,27 @@ def test_list_her2st_sections(shared_data):
     assert len(sections) == 30
     assert {"A1", "C2", "C6", "H3"} <= set(sections)
     assert "B1" not in sections
+    assert list_her2st_sections(shared_data / "her2st_subset", with_image=True) == [
+        "C2", "C3", "C4", "C5", "C6"]
+
+
+def test_folder_reader_reads_only_sections_with_an_image(shared_data, monkeypatch):
+    """Opening a her2st folder must not parse the count tables of the 25 sections it does not
+    show (that made opening the folder take minutes)."""
+    from napari_hinge import _reader
+    from napari_hinge.io import spatial
+
+    read = []
+    real = spatial.read_her2st
+
+    def recording(folder, section, **kwargs):
+        read.append(section)
+        return real(folder, section, **kwargs)
+
+    monkeypatch.setattr(spatial, "read_her2st", recording)
+    layers = _reader.read_spatial_layers(shared_data / "her2st_subset")
+    assert read == ["C2", "C3", "C4", "C5", "C6"]
+    assert [kw["name"] for _, kw, _ in layers[:2]] == ["C2 H&E", "C2 spots"]
 
 
 # ------------------------------------------------------------------------------------------

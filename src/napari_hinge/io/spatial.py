@@ -1051,8 +1051,16 @@ def _her2st_files(folder: Path, section: str) -> dict[str, Path | None]:
     )
 
 
-def list_her2st_sections(folder: str | Path) -> list[str]:
-    """Sections of a her2st-layout folder that have both a count table and a spot file."""
+def list_her2st_sections(folder: str | Path, *, with_image: bool = False) -> list[str]:
+    """Sections of a her2st-layout folder that have both a count table and a spot file.
+
+    Parameters
+    ----------
+    folder
+        The her2st-layout folder (flat or the almaan/her2st repository layout).
+    with_image
+        Only the sections with an H&E image (looked up by name; no count table is read).
+    """
     folder = Path(folder)
     out = []
     for cdir, sdir in (
@@ -1066,7 +1074,10 @@ def list_her2st_sections(folder: str | Path) -> list[str]:
                 s = f.name.split(".")[0]
                 if (sdir / f"{s}_selection.tsv").is_file():
                     out.append(s)
-    return sorted(set(out))
+    out = sorted(set(out))
+    if with_image:
+        out = [s for s in out if _her2st_files(folder, s)["image"] is not None]
+    return out
 
 
 def read_her2st(
