@@ -102,8 +102,12 @@ def downstream_hinge(setups: dict, test_x, test_y, genes: list[str], args):
     names = [genes[i] for i in keep]
     runs = {}
     for name, (X, Y, _G, real) in setups.items():
+        # synthetic tiles have no spot neighbours: the first-round HINGE (no context, no prior)
+        # that the README's C2L figures were measured with
         model, _ = run_to_end(fit_hinge_arrays(X, Y[:, keep], names, epochs=args.hinge_epochs,
-                                               seed=args.seed, val_samples=0))
+                                               seed=args.seed, val_samples=0, context_um=None,
+                                               center_sections=False, prior=None,
+                                               predict_variance=False, calibrate=False))
         res = sample(model, normalize_features(model, test_x), n_samples=4, reveal_steps=10,
                      seed=args.seed)
         runs[name] = {**scores(res.mean.numpy(), test_y[:, keep]), "n_train": int(len(Y)),

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from napari_hinge.hinge.pipeline import load_model, normalize_features
+from napari_hinge.hinge.pipeline import load_model, model_inputs
 from napari_hinge.hinge.sampler import sample
 from napari_hinge.metrics import expression_scores
 
@@ -74,8 +74,9 @@ def held_out(model, section: str):
 
     enc = get_encoder(model.config.encoder)
     (sec,) = load_her2st_sections(DATA, [section], encoder=enc, side_px=HER2ST_PATCH_PX)
-    return normalize_features(model, sec.features), panel_targets(sec.adata, model.config.genes,
-                                                                   sec.targets)
+    coords = sec.adata.obsm["spatial"] * sec.adata.uns["napari_hinge"]["microns_per_pixel"]
+    return model_inputs(model, sec.features, coords), panel_targets(sec.adata, model.config.genes,
+                                                                    sec.targets)
 
 
 def main(argv=None) -> dict:

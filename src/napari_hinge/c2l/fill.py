@@ -213,12 +213,14 @@ def expression_from_neighbours(adata, genes: Sequence[str], xy, *, k: int = 6,
 
 
 def expression_from_hinge(model, slide_path, xy, genes: Sequence[str], *, side_px: int,
-                          n_samples: int = 4, seed: int = 0, progress=None) -> np.ndarray:
+                          mpp: float | None = None, n_samples: int = 4, seed: int = 0,
+                          progress=None) -> np.ndarray:
     """Mean of HINGE samples at positions ``xy`` (from the real H&E under each tile), over the
-    local model's ``genes`` (KeyError naming those the HINGE model does not predict)."""
+    local model's ``genes`` (KeyError naming those the HINGE model does not predict). ``mpp``
+    (µm per pixel) places the tiles for a model with neighbour context."""
     from napari_hinge.encoders import get_encoder
     from napari_hinge.features import encode_spots
-    from napari_hinge.hinge.pipeline import normalize_features
+    from napari_hinge.hinge.pipeline import model_inputs
     from napari_hinge.hinge.sampler import sample
 
     hgenes = list(model.config.genes)
@@ -235,7 +237,13 @@ def expression_from_hinge(model, slide_path, xy, genes: Sequence[str], *, side_p
         raise ValueError("the HINGE model records no encoder")
     feats = encode_spots(slide_path, np.asarray(xy, float), encoder=get_encoder(
         model.config.encoder), side_px=int(side_px), progress=progress)
-    res = sample(model, normalize_features(model, feats), n_samples=n_samples, seed=seed)
+    coords = None
+    if model.config.context_um:
+        if not mpp:
+            raise ValueError(f"{slide_path}: the pixel size is needed to place the tiles for "
+                             "the HINGE model's neighbour context")
+        coords = np.asarray(xy, float) * float(mpp)
+    res = sample(model, model_inputs(model, feats, coords), n_samples=n_samples, seed=seed)
     mean = res.mean.numpy()
     return mean[:, [hgenes.index(g) for g in genes]].astype(np.float32)
 
@@ -336,7 +344,8 @@ def fill_region_iter(local: LocalModel, slide, adata, *, region=None, n_spacings
         from napari_hinge.patches import patch_side_px
 
         expression = expression_from_hinge(hinge_model, slide_path, layout.centers_xy, genes,
-                                           side_px=patch_side_px(adata), seed=seed)
+                                           side_px=patch_side_px(adata),
+                                           mpp=mpp, seed=seed)
     else:
         raise ValueError(f"unknown expression source {source!r}; use 'neighbours' or 'hinge'")
     init = None
