@@ -740,10 +740,10 @@ def test_legacy_st_on_pyramid_tiff_slide(shared_data):
 def test_cli_spatial_info(shared_data, tmp_path, capsys):
     import argparse
 
-    from napari_hinge.io import spatial
+    from napari_hinge.io import cli
 
     parser = argparse.ArgumentParser()
-    spatial.register(parser.add_subparsers(dest="command"))
+    cli.register(parser.add_subparsers(dest="command"))
 
     def run(*argv):
         args = parser.parse_args(["spatial-info", *map(str, argv)])

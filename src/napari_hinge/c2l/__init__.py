@@ -11,10 +11,31 @@ the DDIM sampler with classifier-free guidance.
 
 from __future__ import annotations
 
-from .central import CentralConfig, CentralModel
-from .fill import FillResult, as_training_pairs, fill_region, fill_region_iter
-from .local import LocalConfig, LocalModel, build_local
-from .train import train_autoencoder, train_central, train_local
+import importlib
+
+# Public names -> the submodule that defines them, imported on first use (PEP 562) so that
+# ``import napari_hinge.c2l.cli`` (the command line's --help) does not import torch.
+_EXPORTS = {
+    "CentralConfig": "central",
+    "CentralModel": "central",
+    "FillResult": "fill",
+    "as_training_pairs": "fill",
+    "fill_region": "fill",
+    "fill_region_iter": "fill",
+    "LocalConfig": "local",
+    "LocalModel": "local",
+    "build_local": "local",
+    "train_autoencoder": "train",
+    "train_central": "train",
+    "train_local": "train",
+}
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+
 
 __all__ = [
     "CentralConfig",

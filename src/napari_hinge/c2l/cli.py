@@ -25,11 +25,12 @@ from napari_hinge.cli import run_with_bar
 
 
 def _train_args(p: argparse.ArgumentParser, steps: int, lr: float, ema: float) -> None:
-    p.add_argument("--steps", type=int, default=steps)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=lr)
+    p.add_argument("--steps", type=int, default=steps,
+                   help=f"optimiser steps (default {steps})")
+    p.add_argument("--batch-size", type=int, default=32, help="patches per step (default 32)")
+    p.add_argument("--lr", type=float, default=lr, help=f"AdamW learning rate (default {lr:g})")
     p.add_argument("--ema", type=float, default=ema, help="EMA decay of the weights")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--checkpoints", type=Path, default=None,
                    help="checkpoint folder (default: OUT.checkpoints)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
@@ -62,7 +63,8 @@ def register(subparsers) -> None:
     p.add_argument("--central", default="shipped", help="central model folder or 'shipped'")
     p.add_argument("--genes", help="comma-separated panel or a file with one gene per line "
                                    "(default: the panel rule on this section, --n-genes)")
-    p.add_argument("--n-genes", type=int, default=50)
+    p.add_argument("--n-genes", type=int, default=50,
+                   help="panel size when --genes is not given (default 50)")
     p.add_argument("--fraction", type=float, default=1.0,
                    help="use this random fraction of the spots (few-shot adaptation)")
     _train_args(p, steps=600, lr=1e-3, ema=0.99)
@@ -92,10 +94,11 @@ def register(subparsers) -> None:
     p.add_argument("--independent-tiles", action="store_true",
                    help="sample each tile on its own (about 3x faster, seams show) instead of "
                         "the region as one seamless canvas")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-tiles", type=int, default=2000)
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--device", default=None)
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--max-tiles", type=int, default=2000,
+                   help="refuse regions that need more tiles than this (default 2000)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
+    p.add_argument("--device", default=None, help="cpu, cuda, mps (default: best)")
     p.set_defaults(func=cmd_synthesize)
 
 

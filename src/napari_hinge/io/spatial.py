@@ -54,7 +54,6 @@ __all__ = [
     "read_legacy_st",
     "read_spaceranger",
     "read_spatial",
-    "register",
     "summary",
     "validate_spatial",
 ]
@@ -1383,44 +1382,3 @@ def summary(adata: AnnData) -> str:
     if extra:
         lines.append(f"annotations {', '.join(extra)}")
     return "\n".join(lines)
-
-
-def register(subparsers) -> None:
-    """Add ``spatial-info``: read any spatial dataset, print a summary, optionally save h5ad."""
-    p = subparsers.add_parser(
-        "spatial-info",
-        help="read spatial data (Space Ranger outs/, her2st folder, .h5ad) and describe it",
-        description="Read spatial transcriptomics data into the napari-hinge AnnData "
-        "convention, report problems, print a summary and optionally write it as .h5ad.",
-    )
-    p.add_argument("path", help="Space Ranger outs/ folder, her2st-layout folder or file, .h5ad")
-    p.add_argument("--section", help="her2st section (e.g. C3) when the folder holds several")
-    p.add_argument("--slide", help="Space Ranger: the full-resolution H&E the spots belong to")
-    p.add_argument("--mpp", type=float, help="microns per pixel of the slide (override)")
-    p.add_argument("-o", "--output", help="write the AnnData here (.h5ad)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
-    p.set_defaults(func=_cmd_spatial_info)
-
-
-def _cmd_spatial_info(args) -> int:
-    import sys
-
-    kwargs = {k: getattr(args, k) for k in ("section", "slide", "mpp") if getattr(args, k)}
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", SpatialDataWarning)
-        adata = read_spatial(args.path, **kwargs)
-    for w in caught:
-        if issubclass(w.category, SpatialDataWarning):
-            print(f"warning: {w.message}", file=sys.stderr)
-    print(summary(adata))
-    if args.output:
-        out = Path(args.output)
-        if out.suffix != ".h5ad":
-            raise SpatialDataError(f"{out}: output must end in .h5ad")
-        if out.exists() and not args.overwrite:
-            raise SpatialDataError(f"{out} exists; pass --overwrite to replace it")
-        from napari_hinge.training import atomic_write
-
-        atomic_write(out, lambda tmp: adata.write_h5ad(tmp))
-        print(f"wrote {out}")
-    return 0

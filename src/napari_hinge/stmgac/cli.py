@@ -18,11 +18,14 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, help="output .h5ad (written atomically)")
     p.add_argument("--preset", default="dlpfc", help="STMGAC preset (default: dlpfc)")
     p.add_argument("--epochs", type=int, default=None, help="training epochs (preset default)")
-    p.add_argument("--seed", type=int, default=3407)
-    p.add_argument("--method", choices=("gmm", "leiden"), default="gmm")
+    p.add_argument("--seed", type=int, default=3407, help="random seed (default 3407)")
+    p.add_argument("--method", choices=("gmm", "leiden"), default="gmm",
+                   help="clustering of the latent: Gaussian mixture (tied covariance, "
+                   "default) or Leiden with the resolution searched to K")
     p.add_argument("--refine", dest="refine", action="store_true", default=None,
                    help="30-NN spatial majority vote (preset default)")
-    p.add_argument("--no-refine", dest="refine", action="store_false")
+    p.add_argument("--no-refine", dest="refine", action="store_false",
+                   help="no spatial majority vote")
     p.add_argument("--labels-tif", default=None,
                    help="also write the domains as a uint8/uint16 label TIFF over the spots' "
                    "pixel frame (each spot a disc of its true diameter)")
