@@ -4,8 +4,9 @@
    shipped weights) and writes ``hinge_C3.h5ad``, ``hinge_C3.png`` and the scores.
 2. With a display it opens napari with the sample (H&E under its spots, coloured by ERBB2),
    the "Slide & spots" widget and the HINGE dock with the shipped model. Headless
-   (``--headless``, run under Xvfb by ``make demo``) it renders the same scene plus a
-   predicted map over the H&E, writes the screenshots and a ``summary.json`` into ``--out``.
+   (``--headless``) it renders the same scene plus a predicted map over the H&E, writes the
+   screenshots and a ``summary.json`` into ``--out``; without a display it starts its own
+   Xvfb (or says in one line how to get one).
 """
 
 from __future__ import annotations
@@ -22,7 +23,18 @@ def register(subparsers) -> None:
     parser.add_argument("--out", type=Path, default=Path("demo_out"), help="output folder")
     parser.add_argument("--headless", action="store_true",
                         help="render, write screenshots + summary, and exit")
-    parser.set_defaults(func=lambda args: run_demo(args.out, headless=args.headless))
+    parser.set_defaults(func=_cmd_demo)
+
+
+def _cmd_demo(args) -> int:
+    from napari_hinge._display import NoDisplayError, has_display, virtual_display
+
+    # Checked before the minute of prediction, so a missing display fails at once.
+    if not args.headless and not has_display():
+        raise NoDisplayError("no display to open napari on (DISPLAY is not set): pass "
+                             "--headless to write screenshots and a summary into --out")
+    with virtual_display():
+        return run_demo(args.out, headless=args.headless)
 
 
 def _screenshot(viewer, path: Path) -> dict:
@@ -121,11 +133,8 @@ def run_demo(out: Path, *, headless: bool) -> int:
 
 
 if __name__ == "__main__":
-    import argparse
     import sys
 
-    sub = argparse.ArgumentParser(prog="python -m napari_hinge.demo").add_subparsers()
-    register(sub)
-    parser = sub.choices["demo"]
-    args = parser.parse_args(sys.argv[1:])
-    sys.exit(args.func(args))
+    from napari_hinge.cli import main
+
+    sys.exit(main(["demo", *sys.argv[1:]]))
