@@ -362,14 +362,62 @@ def test_tl_domains_end_to_end(dlpfc_crop, fast_preset):
     assert "domain" not in ad.obs  # copy=True leaves the input alone
     assert list(out.obs["domain"].cat.categories) == ["0", "1", "2", "3"]
     assert out.obsm["X_stmgac"].shape == (ad.n_obs, 16)
-    den = out.layers["stmgac_denoised"]
+    # denoised expression only for the model's genes, named by gene (no NaN spots x all genes)
+    assert "stmgac_denoised" not in out.layers
+    den = out.obsm["stmgac_denoised"]
     hv = out.var["stmgac_denoised_gene"].to_numpy()
-    assert den.shape == ad.shape and hv.sum() == 1000
-    assert np.isfinite(den[:, hv]).all() and np.isnan(den[:, ~hv]).all()
+    assert den.shape == (ad.n_obs, 1000) and hv.sum() == 1000
+    assert set(den.columns) == set(out.var_names[hv]) and (den.index == out.obs_names).all()
+    assert np.isfinite(den.to_numpy()).all() and den.to_numpy().dtype == np.float32
     params = out.uns["domain"]["params"]
     assert params["seed"] == 3 and params["epochs"] == 15 and params["refine"] is True
     assert events[-1].kind == "done" and events[-1].metrics["result"] is out
     assert sum(e.kind == "epoch" for e in events) == 15
+
+
+def test_tl_domains_progress_bar(dlpfc_crop, fast_preset, capsys):
+    ad = dlpfc_crop[:200].copy()
+    tl.domains(ad, n_domains=3, preset=fast_preset, epochs=4, seed=0)
+    err = capsys.readouterr().err
+    assert "STMGAC" in err and "4/4" in err and "loss=" in err
+    tl.domains(ad, n_domains=3, preset=fast_preset, epochs=4, seed=0, progress=False)
+    assert capsys.readouterr().err == ""
+
+
+def test_preset_follows_the_data(dlpfc, shared_data):
+    from napari_hinge.io.spatial import read_her2st
+    from napari_hinge.stmgac.presets import preset_for, resolve_preset
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        her2st = read_her2st(shared_data / "her2st_subset", "A1", images=False)
+    assert preset_for(dlpfc) == "dlpfc" and preset_for(her2st) == "legacy_st"
+    # an h5ad without the reader's format: the spot diameter in µm decides
+    moved = her2st.copy()
+    moved.uns["napari_hinge"] = {**moved.uns["napari_hinge"], "format": "h5ad",
+                                 "microns_per_pixel": 0.5, "spot_diameter_px": 200.0}
+    assert preset_for(moved) == "legacy_st"
+    assert resolve_preset("auto", dlpfc) == "dlpfc" and resolve_preset("hm", dlpfc) == "hm"
+
+
+def test_ground_truth_found_and_scored(dlpfc, shared_data):
+    from napari_hinge.stmgac.labels import domain_scores, ground_truth
+
+    folder = shared_data / "dlpfc_visium_lowres" / "151673"
+    bare = dlpfc.copy()
+    del bare.obs["layer"]
+    truth, source = ground_truth(bare, folder)
+    assert source.endswith("layer_labels.tsv") and truth.notna().all()
+    assert (truth == dlpfc.obs["layer"].astype(str)).all()
+    assert ground_truth(bare) == (None, "")
+    with pytest.raises(KeyError, match="neither an obs column"):
+        ground_truth(bare, folder, "nope")
+    ad = bare.copy()
+    ad.obs["domain"] = pd.Categorical(dlpfc.obs["layer"].astype(str))
+    perfect = domain_scores(ad, truth)
+    assert perfect["ari"] == pytest.approx(1.0) and perfect["n_truth_classes"] == 7
+    ad.obs["domain"] = pd.Categorical(np.random.default_rng(0).integers(0, 7, ad.n_obs))
+    assert abs(domain_scores(ad, truth)["ari"]) < 0.02
 
 
 def test_tl_domains_bad_input(dlpfc_crop, fast_preset):
@@ -395,7 +443,7 @@ def test_tl_domains_bad_input(dlpfc_crop, fast_preset):
         tl.domains(nanx, n_domains=3, preset=fast_preset, epochs=1)
 
 
-def test_cli_domains(shared_data, tmp_path):
+def test_cli_domains(shared_data, tmp_path, capsys):
     import anndata as ad_mod
     import tifffile
 
@@ -405,16 +453,24 @@ def test_cli_domains(shared_data, tmp_path):
     cli.register(parser.add_subparsers(dest="command"))
     counts = shared_data / "her2st_subset" / "counts" / "A1.tsv.gz"
     out, tif = tmp_path / "a1.h5ad", tmp_path / "a1.tif"
+    # the default preset is 'auto': legacy_st on this legacy-ST section
     args = parser.parse_args(["domains", str(counts), "--k", "4", "--out", str(out),
-                              "--preset", "legacy_st", "--epochs", "5", "--labels-tif", str(tif),
-                              "--scale", "0.05"])
+                              "--epochs", "5", "--labels-tif", str(tif), "--scale", "0.05"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert args.func(args) == 0
+    printed = capsys.readouterr().out
     res = ad_mod.read_h5ad(out)
     assert res.obs["domain"].nunique() <= 4 and "X_stmgac" in res.obsm
+    assert res.uns["domain"]["params"]["preset"] == "legacy_st" and "preset legacy_st" in printed
+    # A1 carries pathologist labels: the CLI scores against them and records the scores
+    scores = res.uns["domain"]["scores"]
+    assert scores["truth"] == "obs['pathology_label']" and -1 <= scores["ari"] <= 1
+    assert f"ARI {scores['ari']:.3f}  NMI {scores['nmi']:.3f}" in printed
+    assert not res.layers and res.obsm["stmgac_denoised"].shape[1] < res.n_vars
     labels = tifffile.imread(tif)
     assert labels.dtype == np.uint8 and labels.max() <= 4 and labels.max() > 0
+    assert "0 = background" in printed
     bad = parser.parse_args(["domains", str(tmp_path / "none"), "--k", "4", "--out", str(out)])
     with pytest.raises(FileNotFoundError):
         bad.func(bad)

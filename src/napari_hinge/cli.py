@@ -37,31 +37,11 @@ COMMAND_MODULES = list(dict.fromkeys(module for module, _ in COMMANDS.values()))
 def run_with_bar(gen, desc: str, *, unit: str = "step"):
     """Drive a TrainEvent generator with a tqdm bar on stderr (loss and validation loss
     as postfix); returns ``(the generator's return value, the last event)``."""
-    from tqdm.auto import tqdm
-
+    from napari_hinge._progress import EventBar
     from napari_hinge.training import run_to_end
 
-    bar = None
-
-    def show(event) -> None:
-        nonlocal bar
-        if bar is None:
-            bar = tqdm(total=event.total_steps, desc=desc, unit=unit, file=sys.stderr,
-                       dynamic_ncols=True)
-        bar.n = min(event.step, event.total_steps)
-        postfix = {}
-        if event.loss is not None:
-            postfix["loss"] = f"{event.loss:.4f}"
-        if event.val_loss is not None:
-            postfix["val"] = f"{event.val_loss:.4f}"
-        bar.set_postfix(postfix, refresh=False)
-        bar.refresh()
-
-    try:
-        return run_to_end(gen, show)
-    finally:
-        if bar is not None:
-            bar.close()
+    with EventBar(desc, unit=unit) as bar:
+        return run_to_end(gen, bar)
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:

@@ -19,14 +19,14 @@ from .training import StopToken, TrainEvent
 # ----------------------------------------------------------------------------------------
 
 DOMAIN_LATENT_KEY = "X_stmgac"
-DOMAIN_DENOISED_LAYER = "stmgac_denoised"
+DOMAIN_DENOISED_KEY = "stmgac_denoised"
 
 
 def domains_iter(
     adata,
     *,
     n_domains: int,
-    preset="dlpfc",
+    preset="auto",
     epochs: int | None = None,
     seed: int = 3407,
     refine: bool | None = None,
@@ -52,10 +52,10 @@ def domains_iter(
     from .stmgac.graph import gcn_normalize, knn_adjacency, to_torch
     from .stmgac.labels import _coords
     from .stmgac.preprocess import preprocess
-    from .stmgac.presets import get_preset
+    from .stmgac.presets import get_preset, resolve_preset
     from .stmgac.train import train_stmgac
 
-    p = get_preset(preset)
+    p = get_preset(resolve_preset(preset, adata))
     refine = p.refine if refine is None else bool(refine)
     n_domains = int(n_domains)
     if n_domains < 1:
@@ -101,11 +101,13 @@ def domains_iter(
     target.obs[key_added] = pd.Categorical([str(v) for v in labels], categories=cats)
     target.obsm[DOMAIN_LATENT_KEY] = latent
     if denoised:
-        # A dense (spots x all genes) float32 layer: NaN outside the model's genes.
-        full = np.full((target.n_obs, target.n_vars), np.nan, dtype=np.float32)
-        full[:, pre.hvg_index] = pre.to_expression(model.denoise(xt, adj).float().cpu().numpy())
-        target.layers[DOMAIN_DENOISED_LAYER] = full
-        target.var[f"{DOMAIN_DENOISED_LAYER}_gene"] = np.isin(
+        # Only the model's genes (spots x HVGs, a DataFrame named by gene): a spots x all-genes
+        # layer would be NaN almost everywhere and make the h5ad ~10x larger.
+        values = pre.to_expression(model.denoise(xt, adj).float().cpu().numpy())
+        target.obsm[DOMAIN_DENOISED_KEY] = pd.DataFrame(
+            values.astype(np.float32, copy=False), index=target.obs_names,
+            columns=target.var_names[pre.hvg_index].astype(str))
+        target.var[f"{DOMAIN_DENOISED_KEY}_gene"] = np.isin(
             np.arange(target.n_vars), pre.hvg_index
         )
     unit = f"counts per {pre.target_sum:g}"
@@ -122,11 +124,11 @@ def domains_iter(
         "clustering": info,
         "training": {k: v for k, v in summary.items() if isinstance(v, (int, float))},
         "latent_key": DOMAIN_LATENT_KEY,
-        "denoised_layer": DOMAIN_DENOISED_LAYER if denoised else "",
+        "denoised_key": DOMAIN_DENOISED_KEY if denoised else "",
         "denoised_space": (
-            f"{unit} of the {pre.genes.size} seurat_v3 HVGs (var['{DOMAIN_DENOISED_LAYER}_gene']),"
-            f" decoded from the model's {pre.input} input and mapped back through the "
-            "PCA loadings and the z-score; NaN for the other genes"
+            f"obsm['{DOMAIN_DENOISED_KEY}']: {unit} of the {pre.genes.size} seurat_v3 HVGs "
+            f"(its columns; var['{DOMAIN_DENOISED_KEY}_gene']), decoded from the model's "
+            f"{pre.input} input and mapped back through the PCA loadings and the z-score"
         ),
     }
     counts = np.bincount(labels, minlength=n_domains)
@@ -141,7 +143,7 @@ def domains(
     adata,
     *,
     n_domains: int,
-    preset="dlpfc",
+    preset="auto",
     epochs: int | None = None,
     seed: int = 3407,
     refine: bool | None = None,
@@ -151,7 +153,7 @@ def domains(
     layer: str | None = None,
     denoised: bool = True,
     stop: StopToken | None = None,
-    progress: Callable[[TrainEvent], None] | None = None,
+    progress: bool | Callable[[TrainEvent], None] = True,
     device=None,
     copy: bool = False,
 ):
@@ -164,9 +166,11 @@ def domains(
     n_domains
         K, the number of domains.
     preset
-        A name from :func:`napari_hinge.stmgac.presets.available_presets` or a ``Preset``.
+        A name from :func:`napari_hinge.stmgac.presets.available_presets`, a ``Preset``, or
+        'auto': 'legacy_st' on legacy-ST data, 'dlpfc' otherwise
+        (:func:`~napari_hinge.stmgac.presets.preset_for`).
     epochs
-        Training epochs (default: the preset's, 500 for 'dlpfc').
+        Training epochs (default: the preset's, 500 for 'dlpfc' and 'legacy_st').
     seed
         Seeds initialisation, masking, triplets and the mixture; recorded in ``uns``.
     refine
@@ -176,18 +180,19 @@ def domains(
         (resolution searched until K clusters).
     key_added
         ``obs[key_added]`` gets the domains (categorical '0'..'K-1'), ``uns[key_added]`` the
-        parameters. The latent goes to ``obsm['X_stmgac']``, the denoised expression to
-        ``layers['stmgac_denoised']`` (see ``uns[key_added]['denoised_space']``).
+        parameters. The latent goes to ``obsm['X_stmgac']``, the denoised expression of the
+        genes the model was trained on to ``obsm['stmgac_denoised']`` (a DataFrame, one column
+        per gene; see ``uns[key_added]['denoised_space']``).
     layer
         Layer holding the raw counts (default ``X``).
     denoised
-        Write ``layers['stmgac_denoised']`` (dense spots x genes float32; turn off for
-        very large data).
+        Write ``obsm['stmgac_denoised']`` (spots x the model's genes, float32).
     stop
         A :class:`~napari_hinge.training.StopToken`; when requested, nothing is written and
         None is returned.
     progress
-        Called with every :class:`~napari_hinge.training.TrainEvent`.
+        True: a progress bar over the epochs on stderr (tqdm, with the loss); False: silent;
+        a callable: called with every :class:`~napari_hinge.training.TrainEvent` instead.
     copy
         Work on and return a copy instead of writing into ``adata``.
 
@@ -195,16 +200,24 @@ def domains(
     -------
     The AnnData copy when ``copy=True``, else None.
     """
+    from ._progress import EventBar
+
     result = None
-    for ev in domains_iter(
-        adata, n_domains=n_domains, preset=preset, epochs=epochs, seed=seed, refine=refine,
-        method=method, covariance_type=covariance_type, key_added=key_added, layer=layer,
-        denoised=denoised, stop=stop, device=device, copy=copy,
-    ):
-        if progress is not None:
-            progress(ev)
-        if ev.kind == "done":
-            result = ev.metrics["result"]
+    bar = EventBar("STMGAC", unit="epoch") if progress is True else None
+    on_event = bar if bar is not None else (progress or None)
+    try:
+        for ev in domains_iter(
+            adata, n_domains=n_domains, preset=preset, epochs=epochs, seed=seed, refine=refine,
+            method=method, covariance_type=covariance_type, key_added=key_added, layer=layer,
+            denoised=denoised, stop=stop, device=device, copy=copy,
+        ):
+            if on_event is not None and (bar is None or ev.kind == "epoch"):
+                on_event(ev)
+            if ev.kind == "done":
+                result = ev.metrics["result"]
+    finally:
+        if bar is not None:
+            bar.close()
     return result if copy else None
 
 

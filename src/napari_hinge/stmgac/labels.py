@@ -166,3 +166,78 @@ def domain_table(adata, key: str = "domain", *, n_markers: int = 5, layer: str |
         rows.append({"domain": str(name), "label": i + 1, "n_spots": k,
                      "fraction": k / max(n, 1), "top_markers": ", ".join(map(str, top))})
     return pd.DataFrame(rows).set_index("domain")
+
+
+# Expert labels the data may carry: obs columns the readers write (her2st pathologist labels)
+# or that DLPFC-style tables name, and label tables found beside the counts (DLPFC layout).
+TRUTH_COLUMNS = ("pathology_label", "layer", "ground_truth")
+TRUTH_FILES = ("layer_labels.tsv",)
+NOT_A_LABEL = ("", "nan", "undetermined")  # spots left out of the scores
+
+
+def ground_truth(adata, data=None, truth: str | None = None) -> tuple[pd.Series | None, str]:
+    """Expert labels for the spots of ``adata`` and where they came from.
+
+    Parameters
+    ----------
+    adata
+        The spots.
+    data
+        The path the spots were read from; a ``layer_labels.tsv`` in it (or beside it) is used
+        when ``obs`` holds no labels.
+    truth
+        An ``obs`` column or a tab-separated file (first column the spot ids, last the labels);
+        default: the first of ``TRUTH_COLUMNS`` in ``obs``, else a ``TRUTH_FILES`` table.
+
+    Returns
+    -------
+    ``(labels as strings indexed like obs, NaN where unlabelled; source)``, or ``(None, '')``
+    when there are none.
+    """
+    from pathlib import Path
+
+    def from_file(path: Path) -> pd.Series:
+        table = pd.read_csv(path, sep="\t", index_col=0)
+        if table.shape[1] < 1:
+            raise ValueError(f"{path}: expected spot ids and a label column")
+        col = table.iloc[:, -1].reindex(adata.obs_names)
+        if col.notna().sum() == 0:
+            raise ValueError(f"{path}: none of its spot ids matches the data's")
+        return col
+
+    if truth is not None:
+        if truth in adata.obs:
+            labels, source = adata.obs[truth], f"obs['{truth}']"
+        elif Path(truth).is_file():
+            labels, source = from_file(Path(truth)), truth
+        else:
+            raise KeyError(f"--truth {truth!r} is neither an obs column "
+                           f"({', '.join(map(str, adata.obs.columns)) or 'none'}) nor a file")
+    else:
+        column = next((c for c in TRUTH_COLUMNS if c in adata.obs), None)
+        labels, source = (adata.obs[column], f"obs['{column}']") if column else (None, "")
+        if labels is None and data is not None:
+            data = Path(data)
+            folders = [data] if data.is_dir() else []
+            folders += [data.parent, data.parent.parent]
+            found = next((f / n for f in folders for n in TRUTH_FILES if (f / n).is_file()), None)
+            if found is None:
+                return None, ""
+            labels, source = from_file(found), str(found)
+    if labels is None:
+        return None, ""
+    text = labels.astype(object).where(labels.notna(), None).map(
+        lambda v: None if v is None or str(v).strip().lower() in NOT_A_LABEL else str(v))
+    return pd.Series(text.to_numpy(), index=adata.obs_names, dtype=object), source
+
+
+def domain_scores(adata, truth: pd.Series, key: str = "domain") -> dict:
+    """ARI and NMI of ``obs[key]`` against ``truth`` over the labelled spots."""
+    from ..metrics import ari, nmi
+
+    keep = truth.notna().to_numpy() & adata.obs[key].notna().to_numpy()
+    if keep.sum() < 2:
+        raise ValueError(f"only {int(keep.sum())} spots carry a label; cannot score domains")
+    t, p = truth.to_numpy()[keep].astype(str), adata.obs[key].to_numpy()[keep].astype(str)
+    return {"ari": ari(t, p), "nmi": nmi(t, p), "n_labelled": int(keep.sum()),
+            "n_truth_classes": int(len(set(t)))}

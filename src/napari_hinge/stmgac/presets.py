@@ -144,8 +144,39 @@ def _build(name: str, entry: dict, overrides: dict | None = None) -> Preset:
     return Preset(**data)
 
 
+# preset="auto" (the default of tl.domains, the CLI and the widget) picks from the data.
+AUTO_PRESET = "auto"
+
+
 def available_presets() -> list[str]:
     return sorted(PRESETS)
+
+
+def preset_for(adata) -> str:
+    """The preset that fits the spots of ``adata``: 'legacy_st' for legacy ST (100 µm spots,
+    a few hundred per section), 'dlpfc' for Visium and anything else.
+
+    Read from ``uns['napari_hinge']``: the reader's format, else the spot diameter in µm.
+    """
+    from napari_hinge._convention import LEGACY_ST_SPOT_UM, META_KEY, VISIUM_SPOT_UM
+
+    meta = adata.uns.get(META_KEY, {})
+    if meta.get("format") == "legacy_st":
+        return "legacy_st"
+    mpp, diameter = meta.get("microns_per_pixel"), meta.get("spot_diameter_px")
+    if mpp and diameter:
+        spot_um = float(mpp) * float(diameter)
+        # nearer to the legacy-ST spot than to the Visium one
+        if abs(spot_um - LEGACY_ST_SPOT_UM) < abs(spot_um - VISIUM_SPOT_UM):
+            return "legacy_st"
+    return "dlpfc"
+
+
+def resolve_preset(name: str | Preset, adata) -> str | Preset:
+    """``name``, or :func:`preset_for` ``adata`` when it is 'auto'."""
+    if isinstance(name, str) and name.lower() == AUTO_PRESET:
+        return preset_for(adata)
+    return name
 
 
 def get_preset(name: str | Preset, **overrides) -> Preset:
