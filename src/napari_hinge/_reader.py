@@ -4,10 +4,26 @@ raise clear errors (napari shows them) for files that claim a format but are bro
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 # Files that are only ever slides (the spatial reader's "*" pattern also sees them).
 SLIDE_ONLY_SUFFIXES = (".svs", ".ndpi", ".tif", ".tiff", ".btf", ".jpg", ".jpeg", ".png")
+
+
+def in_microns(layers: list) -> list:
+    """Return ``layers``; when one is in µm, switch the current viewer's scale bar on (napari
+    takes its unit from the layers' ``units``, µm here).
+
+    npe2 readers are given no viewer, so this asks napari for the current one, and only when
+    napari is already running (calling a reader from a script imports no napari).
+    """
+    napari = sys.modules.get("napari")
+    if napari is not None and any(kw.get("units") for _, kw, _ in layers):
+        viewer = napari.current_viewer()
+        if viewer is not None:
+            viewer.scale_bar.visible = True
+    return layers
 
 
 def _single_path(path) -> Path | None:
@@ -34,8 +50,8 @@ def read_slide(path):
 
     p = _single_path(path)
     if is_map_tiff(p):  # a map the package wrote (float values, not colours)
-        return [map_layer_data(read_map(p))]
-    return [slide_layer_data(open_slide(p))]
+        return in_microns([map_layer_data(read_map(p))])
+    return in_microns([slide_layer_data(open_slide(p))])
 
 
 def get_spatial_reader(path):
@@ -60,7 +76,7 @@ def read_spatial_layers(path):
     p = _single_path(path)
     sections = list_her2st_sections(p) if p.is_dir() else []
     if len(sections) <= 1:
-        return spatial_layer_data(read_spatial(p))
+        return in_microns(spatial_layer_data(read_spatial(p)))
     # A folder of legacy-ST sections: each section with an H&E under its spots (all in one
     # pixel frame would overlap, so only the first is visible); expression-only sections
     # have no image to sit on and are skipped before their counts are read (open their
@@ -74,4 +90,4 @@ def read_spatial_layers(path):
         first = not layers
         for data, kwargs, kind in spatial_layer_data(read_her2st(p, section), name=section):
             layers.append((data, {**kwargs, "visible": first}, kind))
-    return layers
+    return in_microns(layers)

@@ -77,6 +77,7 @@ def run_demo(out: Path, *, headless: bool) -> int:
 
     from napari_hinge._layers import slide_layer_data, spatial_layer_data
     from napari_hinge._sample_data import SAMPLE_GENE
+    from napari_hinge._widgets._viewer import show_scale_bar
     from napari_hinge._widgets.hinge import HingeWidget
     from napari_hinge._widgets.slide_spots import SlideSpotsWidget
     from napari_hinge.datasets import cmu_slide_path, load_her2st_sample
@@ -93,11 +94,13 @@ def run_demo(out: Path, *, headless: bool) -> int:
     viewer.window._qt_window.resize(1600, 1000)
     for data, kwargs, kind in spatial_layer_data(adata, name=SAMPLE_LAYER):
         getattr(viewer, f"add_{kind}")(data, **kwargs)
+    show_scale_bar(viewer)
     widget = SlideSpotsWidget(viewer)
     viewer.window.add_dock_widget(widget, name="Slide & spots", area="right")
     widget.select_gene(SAMPLE_GENE)
     hinge = HingeWidget(viewer)
-    viewer.window.add_dock_widget(hinge, name="HINGE", area="right")
+    # as a tab beside Slide & spots: stacked, the two overflow a 1080 px screen
+    viewer.window.add_dock_widget(hinge, name="HINGE", area="right", tabify=True)
     hinge.predict.set_model("shipped")
     viewer.reset_view()
     QApplication.processEvents()

@@ -28,6 +28,7 @@ from qtpy.QtWidgets import (
 
 from napari_hinge._layers import UNITS
 from napari_hinge._widgets._jobs import JobPanel
+from napari_hinge._widgets._viewer import dock_as_tab
 from napari_hinge._widgets.slide_spots import refill_combo, spot_layers
 
 if TYPE_CHECKING:
@@ -76,15 +77,21 @@ def domain_job(adata, shape, *, n_domains, preset, epochs, seed, refine, mode, s
 class DomainsWidget(QWidget):
     def __init__(self, napari_viewer: napari.Viewer) -> None:
         super().__init__()
-        from napari_hinge.stmgac.presets import available_presets, get_preset
+        from napari_hinge.stmgac.presets import (
+            DEFAULT_PRESET,
+            available_presets,
+            get_preset,
+            preset_for,
+        )
 
         self.viewer = napari_viewer
         self._get_preset = get_preset
+        self._preset_for = preset_for
         self.layer_box = QComboBox()
         self.k_box = QSpinBox(minimum=2, maximum=250, value=7)
         self.preset_box = QComboBox()
         self.preset_box.addItems(available_presets())
-        self.preset_box.setCurrentText("dlpfc")
+        self.preset_box.setCurrentText(DEFAULT_PRESET)
         self.epochs_box = QSpinBox(minimum=1, maximum=5000)
         self.seed_box = QSpinBox(minimum=0, maximum=2**31 - 1, value=3407)
         self.refine_box = QCheckBox("spatial majority vote")
@@ -96,6 +103,27 @@ class DomainsWidget(QWidget):
         self.show_all_button = QPushButton("Show all domains")
         self.save_h5ad_button = QPushButton("Save .h5ad…")
         self.save_tiff_button = QPushButton("Save labels .tif…")
+        for button in (self.show_all_button, self.save_h5ad_button, self.save_tiff_button):
+            button.setEnabled(False)  # until there are domains to show or save
+        self.layer_box.setToolTip("the spots to cluster (layers opened by napari-hinge)")
+        self.k_box.setToolTip("number of domains K the latent is clustered into")
+        self.preset_box.setToolTip(
+            "STMGAC settings per kind of data; chosen from the spots when they change: "
+            "legacy_st for legacy ST (100 µm spots), dlpfc for Visium")
+        self.epochs_box.setToolTip("training epochs (the preset's by default; fewer is faster "
+                                   "and coarser)")
+        self.seed_box.setToolTip("random seed: the same seed gives the same domains")
+        self.refine_box.setToolTip("relabel each spot by the majority of its 30 nearest spots "
+                                   "(smoother domains)")
+        self.mode_box.setToolTip("disc: each spot painted at its true diameter; voronoi: "
+                                 "every pixel takes its nearest spot's domain")
+        self.run_button.setToolTip("train STMGAC and cluster (runs in the background; Cancel "
+                                   "keeps your data as it was)")
+        self.legend.setToolTip("click a domain to show it alone")
+        self.save_h5ad_button.setToolTip("the spots with obs['domain'], the latent and the "
+                                         "denoised expression")
+        self.save_tiff_button.setToolTip("the label raster in µm: pixel value = domain + 1, "
+                                         "0 = background")
         self.summary = QLabel("")
         self.summary.setWordWrap(True)
 
@@ -129,13 +157,31 @@ class DomainsWidget(QWidget):
         self.save_tiff_button.clicked.connect(lambda: self._ask_and_save("tif"))
         self.viewer.layers.events.inserted.connect(self._refresh_layers)
         self.viewer.layers.events.removed.connect(self._refresh_layers)
+        self.layer_box.currentTextChanged.connect(self._on_layer)
         self.labels_layer = None
         self._spots_layer = None
+        self._docked = False
         self._on_preset(self.preset_box.currentText())
         self._refresh_layers()
 
+    def showEvent(self, event) -> None:
+        super().showEvent(event)
+        if not self._docked:
+            self._docked = True
+            dock_as_tab(self)
+
     def _refresh_layers(self, event=None) -> None:
+        before = self.layer_box.currentText()
         refill_combo(self.layer_box, [layer.name for layer in spot_layers(self.viewer)])
+        self.run_button.setEnabled(self.layer_box.count() > 0 and not self.jobs.running)
+        if self.layer_box.currentText() != before:
+            self._on_layer(self.layer_box.currentText())
+
+    def _on_layer(self, name: str) -> None:
+        """New spots: the preset that fits them (legacy ST or Visium)."""
+        if name in self.viewer.layers:
+            self.preset_box.setCurrentText(
+                self._preset_for(self.viewer.layers[name].metadata["adata"]))
 
     def _on_preset(self, name: str) -> None:
         preset = self._get_preset(name)
@@ -181,6 +227,8 @@ class DomainsWidget(QWidget):
         if mpp:
             kwargs["units"] = UNITS
         self.labels_layer = self.viewer.add_labels(labels, **kwargs)
+        for button in (self.show_all_button, self.save_h5ad_button, self.save_tiff_button):
+            button.setEnabled(True)
         self._fill_legend(table)
         params = adata.uns[DOMAIN_KEY]["params"]
         self.summary.setText(

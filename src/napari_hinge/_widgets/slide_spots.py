@@ -23,6 +23,7 @@ from qtpy.QtWidgets import (
 )
 
 from napari_hinge._layers import GENE_TRANSFORMS, gene_values, robust_limits
+from napari_hinge._widgets._viewer import dock_as_tab, title_colorbar
 
 if TYPE_CHECKING:
     import napari
@@ -37,6 +38,12 @@ def spot_layers(viewer) -> list:
         layer for layer in viewer.layers
         if layer._type_string == "points" and "adata" in layer.metadata
     ]
+
+
+def slide_layers(viewer) -> list:
+    """Image layers of slides opened by this plugin (they record their slide path)."""
+    return [layer for layer in viewer.layers
+            if layer._type_string == "image" and "slide_path" in layer.metadata]
 
 
 def refill_combo(box, names: list[str]) -> None:
@@ -64,6 +71,7 @@ def color_spots_by_gene(layer, gene: str, *, transform: str = GENE_TRANSFORMS[0]
     layer.face_contrast_limits = limits
     layer.face_colorbar.visible = True
     layer.metadata["colored_by"] = gene
+    layer.metadata["colored_as"] = transform
     layer.refresh()
     return limits
 
@@ -76,15 +84,27 @@ class SlideSpotsWidget(QWidget):
         self.layer_box = QComboBox()
         self.info = QLabel("Open a slide with spots (File > Open, or a sample).")
         self.info.setWordWrap(True)
-        self.mpp_box = QDoubleSpinBox(decimals=4, minimum=0.01, maximum=100.0, singleStep=0.05)
+        # 0 stands for "not known" (a real slide's pixel size is never 0)
+        self.mpp_box = QDoubleSpinBox(decimals=4, minimum=0.0, maximum=100.0, singleStep=0.05)
+        self.mpp_box.setSpecialValueText("unknown")
         self.mpp_box.setSuffix(" µm/px")
+        self.mpp_box.setToolTip("micrometres per level-0 pixel of the slide; 'unknown' when the "
+                                "file does not record it (JPEG/PNG): type it, then Set")
         self.mpp_button = QPushButton("Set pixel size")
+        self.mpp_button.setToolTip("apply this pixel size to the spots and the slide under them "
+                                   "(layers are then drawn in µm)")
+        self.layer_box.setToolTip("the spots layer to describe and colour")
         self.search = QLineEdit(placeholderText="search genes…")
         self.gene_list = QListWidget()
+        self.search.setToolTip("type part of a gene name to narrow the list")
+        self.gene_list.setToolTip("click a gene to colour the spots by it")
         self.transform_box = QComboBox()
         self.transform_box.addItems(GENE_TRANSFORMS)
+        self.transform_box.setToolTip("log1p(counts per 10k): library-size normalised, the "
+                                      "scale HINGE predicts on; raw counts: as measured")
         self.cmap_box = QComboBox()
         self.cmap_box.addItems(COLORMAPS)
+        self.cmap_box.setToolTip("colormap of the spots (colour range: 1st-99th percentile)")
         self.status = QLabel("")
 
         form = QFormLayout()
@@ -111,12 +131,27 @@ class SlideSpotsWidget(QWidget):
         self.viewer.layers.events.inserted.connect(self._refresh_layers)
         self.viewer.layers.events.removed.connect(self._refresh_layers)
         self._refresh_layers()
+        self._docked = False
+
+    def showEvent(self, event) -> None:
+        super().showEvent(event)
+        if not self._docked:
+            self._docked = True
+            dock_as_tab(self)
 
     # -- state -------------------------------------------------------------------------
     @property
     def layer(self):
         name = self.layer_box.currentText()
         return self.viewer.layers[name] if name in self.viewer.layers else None  # noqa: SIM401
+
+    @property
+    def slide_layer(self):
+        """The slide the pixel size applies to when no spots are open (the selected slide
+        layer, else the first)."""
+        slides = slide_layers(self.viewer)
+        active = self.viewer.layers.selection.active
+        return active if active in slides else (slides[0] if slides else None)
 
     def _refresh_layers(self, event=None) -> None:
         refill_combo(self.layer_box, [layer.name for layer in spot_layers(self.viewer)])
@@ -126,12 +161,15 @@ class SlideSpotsWidget(QWidget):
         layer = self.layer
         if layer is None:
             self.gene_list.clear()
+            self.status.setText("")
+            self._show_slide_only()
             return
+        self.mpp_button.setEnabled(True)
         adata = layer.metadata["adata"]
         mpp = layer.metadata.get("microns_per_pixel")
         diameter = layer.metadata.get("spot_diameter_px")
+        self.mpp_box.setValue(mpp or 0.0)
         if mpp:
-            self.mpp_box.setValue(mpp)
             size = f"{mpp:.4g} µm/px"
             spot = f"spot Ø {diameter:.1f} px = {diameter * mpp:.0f} µm" if diameter else ""
         else:
@@ -141,6 +179,19 @@ class SlideSpotsWidget(QWidget):
             f"{adata.n_obs} spots × {adata.n_vars} genes\n{size}\n{spot}".strip()
         )
         self._fill_genes()
+
+    def _show_slide_only(self) -> None:
+        """No spots: show the pixel size of the slide that is open (or that there is none)."""
+        slide = self.slide_layer
+        self.mpp_button.setEnabled(slide is not None)
+        if slide is None:
+            self.mpp_box.setValue(0.0)
+            self.info.setText("Open a slide with spots (File > Open, or a sample).")
+            return
+        mpp = slide.metadata.get("microns_per_pixel")
+        self.mpp_box.setValue(mpp or 0.0)
+        size = f"{mpp:.4g} µm/px" if mpp else "pixel size unknown: set it below"
+        self.info.setText(f"{slide.name}: no spots\n{size}")
 
     def _fill_genes(self, text: str | None = None) -> None:
         layer = self.layer
@@ -168,6 +219,7 @@ class SlideSpotsWidget(QWidget):
         )
         self.status.setText(f"{layer.name}: {gene} ({self.transform_box.currentText()}), "
                             f"colour range {lo:.3g}–{hi:.3g}")
+        title_colorbar(self.viewer, f"{gene}: {self.transform_box.currentText()}")
 
     def _on_gene(self, gene: str) -> None:
         if gene:
@@ -179,17 +231,20 @@ class SlideSpotsWidget(QWidget):
             self.select_gene(layer.metadata["colored_by"])
 
     def _apply_mpp(self) -> None:
-        """Set the pixel size of the spots and of the slide they sit on (same pixels)."""
-        layer = self.layer
-        if layer is None:
-            return
+        """Set the pixel size of the spots and of the slide they sit on (same pixels), or of
+        the slide alone when no spots are open."""
+        layer = self.layer if self.layer is not None else self.slide_layer
         mpp = float(self.mpp_box.value())
+        if layer is None or mpp <= 0:
+            self.status.setText("type a pixel size above 0 first")
+            return
         slide_path = layer.metadata.get("slide_path")
         for other in self.viewer.layers:
             if other is layer or (slide_path and other.metadata.get("slide_path") == slide_path):
                 other.scale = (mpp, mpp)
                 other.units = ("µm", "µm")
                 other.metadata["microns_per_pixel"] = mpp
-        layer.metadata["adata"].uns.setdefault("napari_hinge", {})["microns_per_pixel"] = mpp
+        if "adata" in layer.metadata:
+            layer.metadata["adata"].uns.setdefault("napari_hinge", {})["microns_per_pixel"] = mpp
         self._on_layer()
         self.viewer.reset_view()

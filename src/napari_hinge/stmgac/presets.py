@@ -144,8 +144,10 @@ def _build(name: str, entry: dict, overrides: dict | None = None) -> Preset:
     return Preset(**data)
 
 
-# preset="auto" (the default of tl.domains, the CLI and the widget) picks from the data.
+# preset="auto" (the default of tl.domains, the CLI and the widget) picks from the data;
+# DEFAULT_PRESET when the data say nothing (Visium-like).
 AUTO_PRESET = "auto"
+DEFAULT_PRESET = "dlpfc"
 
 
 def available_presets() -> list[str]:
@@ -169,7 +171,7 @@ def preset_for(adata) -> str:
         # nearer to the legacy-ST spot than to the Visium one
         if abs(spot_um - LEGACY_ST_SPOT_UM) < abs(spot_um - VISIUM_SPOT_UM):
             return "legacy_st"
-    return "dlpfc"
+    return DEFAULT_PRESET
 
 
 def resolve_preset(name: str | Preset, adata) -> str | Preset:
