@@ -207,8 +207,8 @@ Command (repository root, data in `../shared/data`):
   batch {a.batch_size}, {a.epochs} epochs, MultiStepLR x0.2 at 50 % and 87.5 % of the epochs,
   grad clip 1.0, seed {a.seed}, 10 % of the training spots for validation (and calibration);
   the final weights are shipped (best validation epoch {summary.get('best_epoch')}).
-  {train_s:.0f} s on {torch.get_num_threads()} shared CPU threads, torch {torch.__version__}. Folder size
-  {size / 2**20:.2f} MiB.
+  {train_s:.0f} s on {torch.get_num_threads()} shared CPU threads, torch {torch.__version__}.
+  Folder size {size / 2**20:.2f} MiB.
 
 ## Validation
 

@@ -34,7 +34,7 @@ from qtpy.QtWidgets import (
 from napari_hinge._layers import UNITS, gene_values, robust_limits
 from napari_hinge._widgets._jobs import JobPanel
 from napari_hinge._widgets.slide_spots import refill_combo, spot_layers
-from napari_hinge.hinge.pipeline import RECIPE, SAMPLER
+from napari_hinge.hinge.defaults import RECIPE, SAMPLER
 
 if TYPE_CHECKING:
     import napari

@@ -29,7 +29,7 @@ def _data_args(parser: argparse.ArgumentParser, *, many: bool = False) -> None:
 
 
 def _sampler_args(parser: argparse.ArgumentParser) -> None:
-    from .pipeline import SAMPLER
+    from .defaults import SAMPLER
 
     parser.add_argument("--model", default="shipped",
                         help="model folder written by 'train' (default: the shipped weights)")
@@ -44,8 +44,8 @@ def _sampler_args(parser: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers) -> None:
-    from .pipeline import RECIPE
-    from .pipeline import SAMPLER as RECIPE_SAMPLER
+    from .defaults import RECIPE
+    from .defaults import SAMPLER as RECIPE_SAMPLER
 
     p = subparsers.add_parser("train", help="train HINGE on spatial datasets",
                               description="Train HINGE (frozen backbone, SoftAdaLN modulation).")

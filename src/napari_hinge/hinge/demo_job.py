@@ -139,7 +139,8 @@ def run_hinge_demo(out_dir, *, n_samples: int | None = None, reveal_steps: int |
     """
     from napari_hinge.datasets import load_her2st_sample
 
-    from .pipeline import SAMPLER, evaluate, load_model, predict_spots
+    from .defaults import SAMPLER
+    from .pipeline import evaluate, load_model, predict_spots
 
     n_samples = SAMPLER["n_samples"] if n_samples is None else n_samples
     reveal_steps = SAMPLER["reveal_steps"] if reveal_steps is None else reveal_steps

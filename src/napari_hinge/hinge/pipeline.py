@@ -32,6 +32,7 @@ from napari_hinge._convention import META_KEY, SPATIAL_KEY, library_size
 from napari_hinge.features import center_per_group, context_features
 from napari_hinge.training import StopToken, TrainEvent
 
+from .defaults import RECIPE, SAMPLER
 from .model import HingeConfig, HingeModel
 
 DEFAULT_ENCODER = "efficientnet-lite0"
@@ -40,14 +41,6 @@ SHIPPED_MODEL = "shipped"
 MIN_UMI = 100
 FEATURE_NORM_FILE = "feature_norm.safetensors"
 VALUE_TRANSFORMS = ("log1p_cp10k", "log2p1")
-# The HINGE recipe users get by default (library, CLI, widget); benchmarks/hinge_her2st.py
-# ablates each entry (README, "Expression from histology: HINGE").
-RECIPE = {"context_um": 300.0, "center_sections": True, "prior": "ridge",
-          "predict_variance": True, "residual_scale": 0.5}
-# Sampler defaults of library, CLI and widget: 10 reveal steps score as all 50 (README,
-# "Sampling") at a fifth of the time; a slide map has many more positions than a section
-# has spots, so it draws fewer samples per position.
-SAMPLER = {"n_samples": 8, "reveal_steps": 10, "slide_samples": 4}
 
 
 # ---------------------------------------------------------------------------------------------
