@@ -1,0 +1,65 @@
+"""The README's command lines keep working: every ``napari-hinge`` line of its bash blocks
+parses with the real parser (options that exist, required ones given), and the fast ones
+(``spatial-info``, ``--help``) run as written from the repository root."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+from napari_hinge import cli
+
+README = REPO / "README.md"
+FAST = ("spatial-info",)  # seconds each; the others train or predict for minutes
+
+
+def readme_commands() -> list[list[str]]:
+    """The argv of each ``napari-hinge ...`` line in the README's bash blocks (comments cut)."""
+    blocks = re.findall(r"```bash\n(.*?)```", README.read_text(), flags=re.S)
+    lines = [line.split("  #")[0].strip() for block in blocks for line in block.splitlines()]
+    return [shlex.split(line)[1:] for line in lines if line.startswith("napari-hinge ")]
+
+
+COMMANDS = readme_commands()
+
+
+def _id(argv: list[str]) -> str:
+    return " ".join(argv)[:60]
+
+
+def test_the_readme_has_command_lines():
+    assert {argv[0] for argv in COMMANDS} >= {"spatial-info", "domains", "demo"}
+
+
+@pytest.mark.parametrize("argv", COMMANDS, ids=_id)
+def test_readme_command_parses(argv):
+    parser = cli.build_parser(argv[0])
+    if "--help" in argv or "-h" in argv:
+        with pytest.raises(SystemExit) as done:
+            parser.parse_args(argv)
+        assert done.value.code == 0
+        return
+    args = parser.parse_args(argv)
+    assert args.command == argv[0] and callable(args.func)
+
+
+@pytest.mark.parametrize("argv", [a for a in COMMANDS if a[0] in FAST] or [None], ids=str)
+def test_fast_readme_command_runs_as_written(argv):
+    if argv is None:
+        pytest.skip("no fast command in the README")
+    done = subprocess.run([sys.executable, "-m", "napari_hinge.cli", *argv], cwd=REPO,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "spots" in done.stdout
+
+
+@pytest.mark.parametrize("command", sorted({argv[0] for argv in COMMANDS}))
+def test_readme_command_help(command):
+    done = subprocess.run([sys.executable, "-m", "napari_hinge.cli", command, "--help"],
+                          cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0 and f"usage: napari-hinge {command}" in done.stdout
