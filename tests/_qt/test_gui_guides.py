@@ -52,6 +52,19 @@ def test_empty_viewer_has_nothing_to_act_on(make_napari_viewer):
         assert control.toolTip(), control
 
 
+def test_c2l_controls_have_tooltips(make_napari_viewer):
+    from qtpy.QtWidgets import QAbstractButton, QAbstractSpinBox, QComboBox
+
+    from napari_hinge._widgets.c2l import C2LWidget
+
+    widget = C2LWidget(make_napari_viewer())
+    controls = widget.findChildren((QAbstractSpinBox, QComboBox, QAbstractButton))
+    missing = [type(c).__name__ + ":" + (c.text() if hasattr(c, "text") else "")
+               for c in controls if not c.toolTip() and c.parent() is not widget.jobs
+               and not widget.jobs.isAncestorOf(c)]
+    assert controls and not missing, missing
+
+
 def test_preset_follows_the_spots(make_napari_viewer, shared_data):
     viewer = make_napari_viewer()
     widget = DomainsWidget(viewer)

@@ -36,6 +36,7 @@ from qtpy.QtWidgets import (
 
 from napari_hinge._layers import UNITS
 from napari_hinge._widgets._jobs import JobPanel
+from napari_hinge._widgets._viewer import dock_as_tab
 from napari_hinge._widgets.slide_spots import refill_combo, spot_layers
 
 if TYPE_CHECKING:
@@ -129,6 +130,24 @@ class C2LWidget(QWidget):
         self.run_button = QPushButton("Fill region")
         self.pairs_button = QPushButton("Use as training pairs")
         self.pairs_button.setEnabled(False)
+        self.load_local.setToolTip("use a local model folder written by napari-hinge "
+                                   "c2l-adapt (else one is adapted on the spots)")
+        self.adapt_steps.setToolTip("training steps when a local model is adapted on the spots")
+        self.n_genes.setToolTip("genes that condition the local model (the top N by variance)")
+        self.slide_box.setToolTip("the slide the tiles are drawn on")
+        self.spots_box.setToolTip("the measured spots (their expression conditions the tiles)")
+        self.region_box.setToolTip("a Shapes layer with the region to fill, or tissue far "
+                                   "from the spots")
+        self.source_box.setToolTip("expression of the new tiles: interpolated from the "
+                                   "neighbouring spots, or predicted by HINGE from the H&E")
+        self.guidance.setToolTip("classifier-free guidance: higher follows the expression "
+                                 "more closely, 0 ignores it")
+        self.steps.setToolTip("DDIM sampling steps (fewer is faster and coarser)")
+        self.seed.setToolTip("random seed: the same seed gives the same tiles")
+        self.run_button.setToolTip("generate the tiles (in the background; Cancel keeps what "
+                                   "you had)")
+        self.pairs_button.setToolTip("hand the generated tiles and their expression on as "
+                                     "synthetic training pairs (after a fill)")
         self.jobs = JobPanel()
         self.info = QLabel("")
         self.info.setWordWrap(True)
@@ -168,6 +187,13 @@ class C2LWidget(QWidget):
         self.viewer.layers.events.inserted.connect(self._refresh)
         self.viewer.layers.events.removed.connect(self._refresh)
         self._refresh()
+        self._docked = False
+
+    def showEvent(self, event) -> None:
+        super().showEvent(event)
+        if not self._docked:
+            self._docked = True
+            dock_as_tab(self)
 
     def _on_ended(self) -> None:
         self.run_button.setEnabled(True)
