@@ -86,8 +86,10 @@ def read_spatial_layers(path):
         raise ValueError(f"{p}: none of its {len(sections)} sections has an H&E image; "
                          "open one section's count table instead")
     layers = []
-    for section in shown:
-        first = not layers
+    # Last section first: napari selects the layer it adds last, which must be the visible
+    # first section's spots (not a hidden one), and puts it on top of the layer list.
+    for section in reversed(shown):
+        visible = section == shown[0]
         for data, kwargs, kind in spatial_layer_data(read_her2st(p, section), name=section):
-            layers.append((data, {**kwargs, "visible": first}, kind))
+            layers.append((data, {**kwargs, "visible": visible}, kind))
     return in_microns(layers)

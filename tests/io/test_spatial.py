@@ -318,8 +318,10 @@ def test_folder_reader_reads_only_sections_with_an_image(shared_data, monkeypatc
 
     monkeypatch.setattr(spatial, "read_her2st", recording)
     layers = _reader.read_spatial_layers(shared_data / "her2st_subset")
-    assert read == ["C2", "C3", "C4", "C5", "C6"]
-    assert [kw["name"] for _, kw, _ in layers[:2]] == ["C2 H&E", "C2 spots"]
+    assert sorted(read) == ["C2", "C3", "C4", "C5", "C6"]
+    # the visible section comes last (napari selects the last layer it adds)
+    assert [kw["name"] for _, kw, _ in layers[-2:]] == ["C2 H&E", "C2 spots"]
+    assert [kw["visible"] for _, kw, _ in layers] == [False] * 8 + [True, True]
 
 
 # ------------------------------------------------------------------------------------------
