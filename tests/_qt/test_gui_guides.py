@@ -93,6 +93,7 @@ def test_docks_open_as_tabs_and_fit_1080(make_napari_viewer):
     viewer = make_napari_viewer(show=True)
     viewer.open_sample(PLUGIN, "her2st_C3")
     window = viewer.window._qt_window
+    viewer.camera.zoom = 1e-4  # far out: docking must re-fit the tissue to the new canvas
     # as napari's Plugins menu adds them: one after the other, without tabify
     for widget, name in ((SlideSpotsWidget(viewer), "Slide & spots"),
                          (DomainsWidget(viewer), "Domains"),
@@ -106,3 +107,6 @@ def test_docks_open_as_tabs_and_fit_1080(make_napari_viewer):
     tabbed = set(window.tabifiedDockWidgets(docks["Slide & spots"]))
     assert {docks["Domains"], docks["C2L"]} <= tabbed
     assert window.minimumSizeHint().height() <= 1080
+    zoom = viewer.camera.zoom
+    viewer.reset_view()
+    assert zoom > 1e-3 and viewer.camera.zoom == pytest.approx(zoom, rel=0.05)

@@ -71,9 +71,10 @@ class _DockWatcher(QObject):
         tabify_plugin_docks(self.window)
 
 
-def dock_as_tab(widget) -> None:
+def dock_as_tab(widget, viewer=None) -> None:
     """Call from a dock widget's first ``showEvent``: tabify it with the other napari-hinge
-    docks and keep doing so for docks opened later."""
+    docks and keep doing so for docks opened later; with ``viewer``, re-fit the view to the
+    canvas the new dock left (else the tissue sits half under it)."""
     dock = _dock_of(widget)
     if dock is None or not isinstance(dock.parent(), QMainWindow):
         return
@@ -81,3 +82,5 @@ def dock_as_tab(widget) -> None:
     if window.findChild(_DockWatcher) is None:
         window.installEventFilter(_DockWatcher(window))
     tabify_plugin_docks(window)
+    if viewer is not None and len(viewer.layers):
+        QTimer.singleShot(0, viewer.reset_view)  # once Qt has resized the canvas

@@ -193,7 +193,7 @@ class C2LWidget(QWidget):
         super().showEvent(event)
         if not self._docked:
             self._docked = True
-            dock_as_tab(self)
+            dock_as_tab(self, self.viewer)
 
     def _on_ended(self) -> None:
         self.run_button.setEnabled(True)

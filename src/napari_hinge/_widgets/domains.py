@@ -168,7 +168,7 @@ class DomainsWidget(QWidget):
         super().showEvent(event)
         if not self._docked:
             self._docked = True
-            dock_as_tab(self)
+            dock_as_tab(self, self.viewer)
 
     def _refresh_layers(self, event=None) -> None:
         before = self.layer_box.currentText()

@@ -137,7 +137,7 @@ class SlideSpotsWidget(QWidget):
         super().showEvent(event)
         if not self._docked:
             self._docked = True
-            dock_as_tab(self)
+            dock_as_tab(self, self.viewer)
 
     # -- state -------------------------------------------------------------------------
     @property
