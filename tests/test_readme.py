@@ -4,7 +4,7 @@ parses with the real parser (options that exist, required ones given), and the f
 
 from __future__ import annotations
 
-import re
+import importlib.util
 import shlex
 import subprocess
 import sys
@@ -18,11 +18,19 @@ README = REPO / "README.md"
 FAST = ("spatial-info",)  # seconds each; the others train or predict for minutes
 
 
+def _first_hour():
+    """scripts/first_hour.py, which owns how the README is cut into steps."""
+    spec = importlib.util.spec_from_file_location("first_hour", REPO / "scripts" / "first_hour.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def readme_commands() -> list[list[str]]:
-    """The argv of each ``napari-hinge ...`` line in the README's bash blocks (comments cut)."""
-    blocks = re.findall(r"```bash\n(.*?)```", README.read_text(), flags=re.S)
-    lines = [line.split("  #")[0].strip() for block in blocks for line in block.splitlines()]
-    return [shlex.split(line)[1:] for line in lines if line.startswith("napari-hinge ")]
+    """The argv of each ``napari-hinge ...`` line in the README's bash blocks."""
+    steps = _first_hour().readme_steps(README)
+    return [shlex.split(s["code"])[1:] for s in steps
+            if s["kind"] == "bash" and s["code"].startswith("napari-hinge ")]
 
 
 COMMANDS = readme_commands()
