@@ -443,7 +443,7 @@ def test_polygon_tiles_and_placement():
         tiles_in_polygon(poly[:2], side_px=10.0)
 
 
-def test_fill_region_end_to_end(trained_local, sample, slide):
+def test_fill_region_end_to_end(trained_local, sample, slide, capsys):
     xy = np.asarray(sample.obsm["spatial"], float)
     x0, y0 = xy.min(0)
     side = 112.0 / sample.uns["napari_hinge"]["microns_per_pixel"]
@@ -480,8 +480,12 @@ def test_fill_region_end_to_end(trained_local, sample, slide):
     from napari_hinge import tl
 
     spots = sample.copy()
+    capsys.readouterr()
     via_tl = tl.synthesize(spots, trained_local, region=poly, steps=3, guidance=2.0)
     np.testing.assert_array_equal(via_tl.mosaic, res.mosaic)
+    assert "C2L-ST fill" in capsys.readouterr().err  # a progress bar by default
+    tl.synthesize(spots.copy(), trained_local, region=poly, steps=1, progress=False)
+    assert capsys.readouterr().err == ""
     assert spots.uns["c2l"]["n_tiles"] == 4 and spots.uns["c2l"]["genes"] == trained_local.genes
     # editing the real H&E under the tiles instead of generating from noise
     edit = fill_region(trained_local, slide, sample, region=poly, steps=3, strength=0.3)

@@ -246,7 +246,7 @@ def predict(adata, model="shipped", *, key_added: str = "hinge", **kwargs):
 
 
 def synthesize(adata, local, *, slide=None, region=None, key_added: str = "c2l",
-               **kwargs):
+               progress: bool = True, **kwargs):
     """Generate H&E tiles conditioned on expression over a region of ``adata``'s slide.
 
     ``local`` is an adapted :class:`~napari_hinge.c2l.local.LocalModel` or its folder;
@@ -254,12 +254,15 @@ def synthesize(adata, local, *, slide=None, region=None, key_added: str = "c2l",
     level-0 polygon, or ``None`` for tissue far from the measured spots. Records the run's
     parameters in ``uns[key_added]`` and returns the
     :class:`~napari_hinge.c2l.fill.FillResult` (mosaic, per-tile patches and conditioning
-    expression); the remaining keywords go to :func:`napari_hinge.c2l.fill.fill_region_iter`.
+    expression); ``progress`` shows a bar over the sampling steps on stderr (tqdm); the remaining
+    keywords go to :func:`napari_hinge.c2l.fill.fill_region_iter`.
     """
     from ._convention import META_KEY
-    from .c2l.fill import fill_region
+    from ._progress import EventBar
+    from .c2l.fill import fill_region_iter
     from .c2l.local import LocalModel
     from .io.slides import open_slide
+    from .training import run_to_end
 
     if not isinstance(local, LocalModel):
         local = LocalModel.load(local)
@@ -269,6 +272,8 @@ def synthesize(adata, local, *, slide=None, region=None, key_added: str = "c2l",
             raise ValueError("the AnnData names no slide (uns['napari_hinge']['slide_path']); "
                              "pass slide=")
         slide = open_slide(meta["slide_path"], mpp=meta.get("microns_per_pixel"))
-    result = fill_region(local, slide, adata, region=region, **kwargs)
+    with EventBar("C2L-ST fill", unit="step") as bar:
+        result, _ = run_to_end(fill_region_iter(local, slide, adata, region=region, **kwargs),
+                               bar if progress else None)
     adata.uns[key_added] = dict(result.params)
     return result
