@@ -443,7 +443,7 @@ def test_tl_domains_bad_input(dlpfc_crop, fast_preset):
         tl.domains(nanx, n_domains=3, preset=fast_preset, epochs=1)
 
 
-def test_cli_domains(shared_data, tmp_path, capsys):
+def test_cli_domains(shared_data, tmp_path, capsys, monkeypatch):
     import anndata as ad_mod
     import tifffile
 
@@ -474,3 +474,11 @@ def test_cli_domains(shared_data, tmp_path, capsys):
     bad = parser.parse_args(["domains", str(tmp_path / "none"), "--k", "4", "--out", str(out)])
     with pytest.raises(FileNotFoundError):
         bad.func(bad)
+    # without --out: a named results folder, not the working folder
+    monkeypatch.chdir(tmp_path)
+    args = parser.parse_args(["domains", str(counts), "--k", "3", "--epochs", "2"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert args.func(args) == 0
+    assert ad_mod.read_h5ad(tmp_path / "domains_out" / "A1.h5ad").n_obs == res.n_obs
+    assert "wrote domains_out/A1.h5ad" in capsys.readouterr().out

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+# Where results go without --out: a named folder, not loose files in the working folder.
+RESULTS_DIR = Path("domains_out")
 LABELS_TIF_ENCODING = ("pixel value = domain + 1 (domain d of obs['domain'] is painted d + 1); "
                        "0 = background (no spot)")
 
@@ -23,7 +25,9 @@ def register(subparsers) -> None:
     )
     p.add_argument("data", help="Space Ranger folder, legacy-ST counts file or .h5ad")
     p.add_argument("--k", type=int, required=True, help="number of domains K")
-    p.add_argument("--out", required=True, help="output .h5ad (written atomically)")
+    p.add_argument("--out", default=None,
+                   help=f"output .h5ad, written atomically (default: {RESULTS_DIR}/NAME.h5ad, "
+                   "NAME from DATA)")
     p.add_argument("--preset", default=AUTO_PRESET, choices=(AUTO_PRESET, *sorted(PRESETS)),
                    metavar="PRESET",
                    help="STMGAC preset: auto (legacy_st on legacy-ST data, dlpfc otherwise; the "
@@ -59,7 +63,7 @@ def run(args) -> int:
     data = Path(args.data)
     if not data.exists():
         raise FileNotFoundError(f"{data} does not exist")
-    out = Path(args.out)
+    out = Path(args.out) if args.out else RESULTS_DIR / f"{data.name.split('.')[0]}.h5ad"
     if out.suffix != ".h5ad":
         raise ValueError(f"--out must end in .h5ad, got {out}")
     adata = read_spatial(data)
