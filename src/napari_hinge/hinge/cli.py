@@ -37,7 +37,7 @@ def _sampler_args(parser: argparse.ArgumentParser) -> None:
                         help="samples per spot (S; their spread is the uncertainty)")
     parser.add_argument("--reveal-steps", type=int, default=SAMPLER["reveal_steps"],
                         help="reverse steps, 1..T=50 (fewer is faster; 10 scores as 50)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="sampler seed (same seed, same maps)")
     parser.add_argument("--augment", action="store_true",
                         help="sample over the 8 dihedral views of each patch")
     parser.add_argument("--device", default=None, help="cpu, cuda, mps (default: best)")
@@ -64,23 +64,25 @@ def register(subparsers) -> None:
     p.add_argument("--variance", action=argparse.BooleanOptionalAction,
                    default=RECIPE["predict_variance"],
                    help="variance head: samples spread, calibrated intervals")
-    p.add_argument("--encoder", default="efficientnet-lite0")
+    p.add_argument("--encoder", default="efficientnet-lite0",
+                   help="patch encoder: efficientnet-lite0 (ships), uni, conch, uni+conch")
     p.add_argument("--encoder-weights", help="weights file of a user-supplied encoder")
     p.add_argument("--backbone", default="builtin",
                    help="'builtin', a backbone folder/checkpoint, or 'random'")
-    p.add_argument("--epochs", type=int, default=40)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--epochs", type=int, default=40, help="training epochs")
+    p.add_argument("--batch-size", type=int, default=32, help="spots per optimiser step")
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
     p.add_argument("--ada-rank", type=int, default=32,
                    help="rank of the low-rank SoftAdaLN heads (0 = full heads, the paper)")
     p.add_argument("--no-augment", action="store_true", help="no dihedral feature views")
-    p.add_argument("--val-fraction", type=float, default=0.1)
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--val-fraction", type=float, default=0.1,
+                   help="spots held out for validation and for the interval calibration")
+    p.add_argument("--seed", type=int, default=42, help="seed of split, batches and noise")
     p.add_argument("--checkpoints", type=Path, default=None,
                    help="checkpoint folder (default: OUT.checkpoints)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT model")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, help="cpu, cuda, mps (default: best)")
     p.set_defaults(func=cmd_train)
 
     p = subparsers.add_parser("predict", help="predict expression on spots with HINGE")
@@ -89,7 +91,7 @@ def register(subparsers) -> None:
     p.add_argument("--out", type=Path, required=True, help=".h5ad to write")
     p.add_argument("--png", type=Path, default=None,
                    help="picture of the top genes (default: OUT with .png)")
-    p.add_argument("--no-png", action="store_true")
+    p.add_argument("--no-png", action="store_true", help="do not write the picture")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     p.set_defaults(func=cmd_predict)
 
@@ -109,7 +111,7 @@ def register(subparsers) -> None:
     _sampler_args(p)
     p.add_argument("--genes", help="comma-separated genes or a file (default: all the model's)")
     p.add_argument("--stride", type=float, default=None,
-                   help="µm between tile centres (default: 112, about one spot)")
+                   help="µm between tile centres (default: 112, the patch side)")
     p.add_argument("--mpp", type=float, default=None, help="µm per pixel when the file lacks it")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.set_defaults(func=cmd_predict_slide, samples=RECIPE_SAMPLER["slide_samples"])
