@@ -482,3 +482,15 @@ def test_cli_domains(shared_data, tmp_path, capsys, monkeypatch):
         assert args.func(args) == 0
     assert ad_mod.read_h5ad(tmp_path / "domains_out" / "A1.h5ad").n_obs == res.n_obs
     assert "wrote domains_out/A1.h5ad" in capsys.readouterr().out
+
+
+def test_an_empty_domain_is_reported_not_silent():
+    """Two tight groups of spots, three domains asked: the answer says one came out empty."""
+    from napari_hinge.stmgac.cluster import cluster_latent
+
+    rng = np.random.default_rng(0)
+    latent = np.r_[rng.normal(0, 0.01, (10, 4)), rng.normal(5, 0.01, (10, 4))]
+    with pytest.warns(UserWarning, match="3 domains asked, 2 found"):
+        labels, info = cluster_latent(latent, 3, coords=rng.random((20, 2)), refine=True,
+                                      refine_k=10)
+    assert info["n_found"] == len(np.unique(labels)) == 2

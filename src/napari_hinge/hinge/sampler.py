@@ -13,8 +13,8 @@ variance head (``config.predict_variance``) draws each revealed gene from
 samples spread as the model believes they should. The prediction is the mean over samples of
 the revealed genes' conditional means (``x0_hat`` when revealed: the same mean with less Monte
 Carlo noise than the mean of the drawn values), their standard deviation the uncertainty. A
-model with a prior (``config.prior``) samples the residual: the prior of the spot (mean over
-its views) is added to every sample.
+model with a prior (``config.prior``) samples the residual: every sample is the spot's prior
+(of the mean of its views) plus ``config.residual_scale`` times the sampled residual.
 """
 
 from __future__ import annotations

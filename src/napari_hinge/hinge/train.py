@@ -164,7 +164,7 @@ def train_hinge(model: HingeModel, train_features, train_targets, *, val_fractio
         (N, G) prior of each training spot for a model with a prior (``config.prior``): the
         network learns ``targets - prior_values``. Pass out-of-fold values (the prior fitted
         without the spot's section), so the residuals look like those of unseen spots; default:
-        the model's own prior of the spot (mean over its views).
+        the model's own prior of the spot's view 0.
     device
         Training device (default: :func:`napari_hinge.device.default_device`).
 
@@ -183,7 +183,7 @@ def train_hinge(model: HingeModel, train_features, train_targets, *, val_fractio
     if model.config.prior is not None:
         if prior_values is None:
             with torch.no_grad():
-                prior_values = model.prior_mean(feats.mean(0))
+                prior_values = model.prior_mean(feats[0])
         prior_values = torch.as_tensor(np.asarray(prior_values), dtype=torch.float32)
         if prior_values.shape != targets.shape:
             raise ValueError(f"prior_values must be {tuple(targets.shape)}, got "

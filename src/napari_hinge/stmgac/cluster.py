@@ -9,6 +9,8 @@ clustering, scikit-learn from k-means), so labels can differ slightly.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 from sklearn.mixture import GaussianMixture
 
@@ -145,4 +147,11 @@ def cluster_latent(
             raise ValueError("spatial refinement needs spot coordinates")
         labels = refine_labels(coords, labels, refine_k)
         info["refine_k"] = int(refine_k)
+    found = int(np.unique(labels).size)
+    info["n_found"] = found
+    if found < n_clusters:
+        # a mixture component (or a refined-away domain) can end up with no spot: say so
+        # instead of handing back fewer domains than asked as if all were there
+        warnings.warn(f"{n_clusters} domains asked, {found} found on {len(labels)} spots "
+                      f"({n_clusters - found} came out empty); try a smaller K", stacklevel=2)
     return labels, info
