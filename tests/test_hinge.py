@@ -20,7 +20,7 @@ from napari_hinge.hinge.model import HingeConfig, HingeModel, state_digest
 from napari_hinge.hinge.sampler import sample
 from napari_hinge.hinge.schedule import GAMMAS, MaskSchedule, masked_diffusion_loss
 from napari_hinge.hinge.softadaln import Ada6Head, SoftAdaLNBlock, SoftPreNorm
-from napari_hinge.hinge.train import gene_pearson, split_groups, train_hinge, validation_loss
+from napari_hinge.hinge.train import split_groups, train_hinge, validation_loss
 from napari_hinge.scfm.base import BackboneConfig, GeneTokenBackbone, MHABlock
 from napari_hinge.scfm.builtin import BuiltinBackbone
 from napari_hinge.scfm.cellfm import CellFMBackbone
@@ -524,10 +524,3 @@ def test_training_input_errors(her2st, tmp_path):
         next(train_hinge(model, feats, x, checkpoint_dir=tmp_path, resume=True))
     with pytest.raises(ValueError, match="aug_ratio"):
         next(train_hinge(model, feats, x, aug_ratio=2))
-
-
-def test_gene_pearson():
-    rng = np.random.default_rng(0)
-    true = rng.standard_normal((50, 3))
-    pred = np.stack([true[:, 0], -true[:, 1], np.ones(50)], 1)
-    assert np.allclose(gene_pearson(pred, true), [1, -1, 0])

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from napari_hinge.device import autocast, default_device
+from napari_hinge.metrics import gene_pearson
 from napari_hinge.training import (
     StopToken,
     TrainEvent,
@@ -38,18 +39,6 @@ from napari_hinge.training import (
 from .model import HingeModel
 from .sampler import sample
 from .schedule import masked_diffusion_loss, revealed_gaussian_nll
-
-
-def gene_pearson(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
-    """Pearson r per gene (column) over spots; a constant column scores 0."""
-    pred = np.asarray(pred, dtype=np.float64)
-    true = np.asarray(true, dtype=np.float64)
-    p = pred - pred.mean(0)
-    q = true - true.mean(0)
-    den = np.sqrt((p**2).sum(0) * (q**2).sum(0))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        r = (p * q).sum(0) / den
-    return np.where(den > 1e-12, r, 0.0)
 
 
 def _check_inputs(model: HingeModel, features, targets) -> tuple[torch.Tensor, torch.Tensor]:
