@@ -226,23 +226,31 @@ def domains(
 # ----------------------------------------------------------------------------------------
 
 
-def predict(adata, model="shipped", *, key_added: str = "hinge", **kwargs):
+def predict(adata, model="shipped", *, key_added: str = "hinge", progress: bool = True,
+            **kwargs):
     """Predict a HINGE model's genes on every spot of ``adata`` from its H&E.
 
     ``model`` is a :class:`~napari_hinge.hinge.model.HingeModel`, a model folder or
     ``'shipped'``. Writes ``obsm[f'{key_added}_mean']``/``[f'{key_added}_std']`` and
     ``uns[key_added]`` and returns an AnnData over the model's genes (mean in ``X``,
     ``layers['std']`` (calibrated), ``layers['lower_80']``/``['upper_80']`` (and 95),
-    ``layers['measured']``); the keywords (``n_samples``, ``reveal_steps``, ``seed``, ...;
-    defaults in :data:`napari_hinge.hinge.pipeline.SAMPLER`) go to
+    ``layers['measured']``); ``progress`` shows a bar over the spots on stderr (tqdm); the
+    keywords (``n_samples``, ``reveal_steps``, ``seed``, ...; defaults in
+    :data:`napari_hinge.hinge.defaults.SAMPLER`) go to
     :func:`napari_hinge.hinge.pipeline.predict_spots`.
     """
+    from ._progress import EventBar
     from .hinge.model import HingeModel
     from .hinge.pipeline import load_model, predict_spots
 
     if not isinstance(model, HingeModel):
         model = load_model(model)
-    return predict_spots(model, adata, key_added=key_added, **kwargs)
+    if not progress:
+        return predict_spots(model, adata, key_added=key_added, **kwargs)
+    with EventBar("HINGE", unit="spot") as bar:
+        return predict_spots(model, adata, key_added=key_added,
+                             progress=lambda done, total: bar(TrainEvent("step", 0, done, total)),
+                             **kwargs)
 
 
 def synthesize(adata, local, *, slide=None, region=None, key_added: str = "c2l",

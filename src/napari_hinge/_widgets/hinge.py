@@ -33,6 +33,7 @@ from qtpy.QtWidgets import (
 
 from napari_hinge._layers import UNITS, gene_values, robust_limits
 from napari_hinge._widgets._jobs import JobPanel
+from napari_hinge._widgets._viewer import show_scale_bar, title_colorbar
 from napari_hinge._widgets.slide_spots import refill_combo, spot_layers
 from napari_hinge.hinge.defaults import RECIPE, SAMPLER
 
@@ -140,12 +141,20 @@ class PredictWidget(QWidget):
         self.model_label.setWordWrap(True)
         self.choose_model = QPushButton("Model folder…")
         self.use_shipped = QPushButton("Shipped model")
+        self.use_shipped.setToolTip("the weights that ship with the plugin (her2st patient C, "
+                                    "275 genes, calibrated uncertainty)")
         self.slide_box = QComboBox()
         self.genes = GenePicker()
         self.stride_box = QDoubleSpinBox(decimals=1, minimum=5.0, maximum=5000.0, value=112.0)
         self.stride_box.setSuffix(" µm")
+        self.stride_box.setToolTip("distance between map positions (default: the measured "
+                                   "spots' pitch); halving it quadruples the work")
         self.samples_box = QSpinBox(minimum=1, maximum=64, value=SAMPLER["slide_samples"])
+        self.samples_box.setToolTip("samples per tile: their mean is the map, their spread the "
+                                    "uncertainty; more samples, smoother uncertainty, slower")
         self.steps_box = QSpinBox(minimum=1, maximum=50, value=SAMPLER["reveal_steps"])
+        self.steps_box.setToolTip("reverse diffusion steps (of T = 50): 10 score as 50 on "
+                                  "held-out spots at a fifth of the time")
         self.run_button = QPushButton("Predict")
         self.jobs = JobPanel()
         self.scores = QLabel("")
@@ -278,6 +287,9 @@ class PredictWidget(QWidget):
                 text = ", ".join(f"{g} {r:.2f}" for g, r in scores.items())
                 self.scores.setText(f"Pearson r at the {spots.metadata['adata'].n_obs} measured "
                                     f"spots: {text} (mean {np.mean(list(scores.values())):.2f})")
+        if prediction.genes:  # the colorbar shown is the first map's: name it
+            title_colorbar(self.viewer, f"{prediction.genes[0]}: log1p(counts per 10k)")
+            show_scale_bar(self.viewer)
         self.last_prediction = prediction
         self.save_button.setEnabled(True)
         self.layers_added.emit(added)
