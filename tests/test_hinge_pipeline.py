@@ -314,3 +314,24 @@ def _ridge_on_the_shipped_split(summary, shared_data) -> float:
     ok = pred.var["measured"].to_numpy(bool)
     measured = np.asarray(pred.layers["measured"])
     return float(gene_pearson(ridge.predict(Xs)[keep][:, ok], measured[keep][:, ok]).mean())
+
+
+def test_data_unlike_the_training_is_warned_about(c2):
+    """Mouse-style symbols, or few of the model's genes measured: a warning names it."""
+    import anndata as ad
+    import pandas as pd
+
+    from napari_hinge.hinge.pipeline import warn_if_unlike_training
+
+    genes = ["ERBB2", "CD74", "B2M", "EPCAM"]
+    mouse = ad.AnnData(np.zeros((3, 3), np.float32),
+                       var=pd.DataFrame(index=["Erbb2", "Cd74", "Actb"]))
+    with pytest.warns(UserWarning, match="mouse symbols"):
+        warn_if_unlike_training(mouse, genes, missing=genes)
+    with pytest.warns(UserWarning, match="only 1 of the model's 4 genes"):
+        warn_if_unlike_training(c2, genes, missing=genes[1:])
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_if_unlike_training(c2, genes, missing=[])  # human data, all measured: silent

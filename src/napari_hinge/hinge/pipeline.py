@@ -21,6 +21,7 @@ the model folder (``feature_norm.safetensors``, written by :func:`save_model`).
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -647,6 +648,7 @@ def predict_spots(model: HingeModel, adata, *, features=None,
     vt = model.config.value_transform if model.config.value_transform in VALUE_TRANSFORMS \
         else "log1p_cp10k"
     measured, missing = transform_values(adata, genes, value_transform=vt)
+    warn_if_unlike_training(adata, genes, missing)
     params = {"genes": genes, "n_samples": int(n_samples),
               "reveal_steps": None if reveal_steps is None else int(reveal_steps),
               "seed": int(seed), "augment": bool(augment), "encoder": model.config.encoder,
@@ -669,6 +671,25 @@ def predict_spots(model: HingeModel, adata, *, features=None,
         out.uns["spatial"] = adata.uns["spatial"]
     out.uns[key_added] = params
     return out
+
+
+def warn_if_unlike_training(adata, genes: Sequence[str], missing: Sequence[str]) -> None:
+    """Warn when the data looks unlike what a model was trained on: mouse-style gene symbols
+    (``Erbb2``) for a model of human ones, or fewer than half of its genes measured (the
+    prediction still runs: it comes from the image; only the scoring is partial)."""
+    import re
+
+    human = [g for g in genes if re.fullmatch(r"[A-Z0-9-]+", g)]
+    names = [str(v) for v in adata.var_names[:2000]]
+    mouse = [v for v in names if re.fullmatch(r"[A-Z][a-z0-9]+[a-z][a-z0-9-]*", v)]
+    if len(human) > 0.8 * len(genes) and len(mouse) > 0.5 * max(1, len(names)):
+        warnings.warn(f"{_name(adata)}: the data's genes look like mouse symbols ({mouse[0]}, "
+                      f"...) and the model's like human ones ({human[0]}, ...): the model was "
+                      "trained on human tissue", stacklevel=3)
+    if genes and len(missing) > 0.5 * len(genes):
+        warnings.warn(f"{_name(adata)}: only {len(genes) - len(missing)} of the model's "
+                      f"{len(genes)} genes are measured here; comparisons with the measurement "
+                      "cover those only", stacklevel=3)
 
 
 def evaluate(pred, adata=None, *, min_umi: int = MIN_UMI, **predict_kwargs) -> dict:
