@@ -112,6 +112,18 @@ def select_gene_panel(
     return [genes[i] for i in order]
 
 
+def with_included(panel: Sequence[str], include: Sequence[str], train_adatas: Sequence
+                  ) -> list[str]:
+    """``panel`` followed by the genes of ``include`` it lacks (e.g. markers a pathologist asks
+    for); each must be measured in every training section (KeyError naming those that are
+    not)."""
+    lacking = sorted({g for g in include for a in train_adatas if g not in a.var_names})
+    if lacking:
+        raise KeyError(f"{len(lacking)} requested genes are not measured in every training "
+                       f"section: {', '.join(lacking[:20])}")
+    return list(panel) + [g for g in dict.fromkeys(include) if g not in panel]
+
+
 def panel_targets(adata, genes: Sequence[str], targets: np.ndarray | None = None) -> np.ndarray:
     """Targets ``(n_spots, len(genes))``; a gene absent from the section's table counts 0."""
     if targets is None:
@@ -273,10 +285,7 @@ def make_fold(
     genes = select_gene_panel(
         [s.adata for s in train], n_genes, min_frac=min_frac, targets=[s.targets for s in train]
     )
-    lacking = sorted({g for g in include for s in train if g not in s.adata.var_names})
-    if lacking:
-        raise KeyError(f"not measured in every training section: {', '.join(lacking)}")
-    genes += [g for g in dict.fromkeys(include) if g not in genes]
+    genes = with_included(genes, include, [s.adata for s in train])
 
     def stack(secs):
         feats = [s.features if s.features.ndim == 2 else s.features[0] for s in secs]

@@ -215,16 +215,12 @@ def select_panel(datasets: Sequence, n_genes: int, *, include: Sequence[str] = (
     genes of ``include`` (e.g. :data:`napari_hinge.expression.BREAST_MARKERS`) that the rule
     left out and that every section measures (KeyError naming those some section lacks).
     Genes outside the backbone's vocabulary get learned tokens (:class:`HingeModel`)."""
-    from napari_hinge.expression import select_gene_panel
+    from napari_hinge.expression import select_gene_panel, with_included
 
     adatas = list(datasets)
     targets = [transform_values(a)[0] for a in adatas]
     panel = select_gene_panel(adatas, n_genes, min_frac=min_frac, targets=targets)
-    lacking = sorted({g for g in include for a in adatas if g not in a.var_names})
-    if lacking:
-        raise KeyError(f"{len(lacking)} requested genes are not measured in every training "
-                       f"section: {', '.join(lacking[:20])}")
-    return panel + [g for g in dict.fromkeys(include) if g not in panel]
+    return with_included(panel, include, adatas)
 
 
 def build_model(genes: Sequence[str], feature_dim: int, *, backbone=DEFAULT_BACKBONE,
