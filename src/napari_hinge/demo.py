@@ -1,6 +1,6 @@
 """The main job on the shipped sample: ``make demo`` / ``napari-hinge demo``.
 
-1. HINGE predicts the 50-gene panel on the shipped her2st section C3 (held out from the
+1. HINGE predicts the shipped model's genes on the shipped her2st section C3 (held out from the
    shipped weights) and writes ``hinge_C3.h5ad``, ``hinge_C3.png`` and the scores.
 2. With a display it opens napari with the sample (H&E under its spots, coloured by ERBB2),
    the "Slide & spots" widget and the HINGE dock with the shipped model. Headless
