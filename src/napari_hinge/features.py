@@ -170,7 +170,7 @@ def context_features(features: np.ndarray, coords_um: np.ndarray, *, radius_um: 
 
 
 def center_per_group(features: np.ndarray, groups: np.ndarray | None = None) -> np.ndarray:
-    """Subtract each group's mean feature vector (over its spots and views): ``(..., N, F)``.
+    """Subtract each group's mean feature vector (over its spots, per view): ``(..., N, F)``.
 
     A section's stain and scanner shift every feature of every spot alike; removing the
     section mean keeps what differs *within* the section, which is what a spatial map shows
@@ -184,5 +184,6 @@ def center_per_group(features: np.ndarray, groups: np.ndarray | None = None) -> 
     out = f.copy()
     for g in np.unique(labels):
         sel = labels == g
-        out[..., sel, :] -= f[..., sel, :].reshape(-1, f.shape[-1]).mean(0)
+        # each view on its own mean: a test spot, seen in one view, is centred the same way
+        out[..., sel, :] -= f[..., sel, :].mean(axis=-2, keepdims=True)
     return out

@@ -428,12 +428,13 @@ def fit_hinge_arrays(features, targets, genes: Sequence[str], *, encoder: str = 
     prior_values = None
     if model.config.prior == "ridge":
         ridge = fit_ridge_prior(model, inputs, targets, groups)
-        prior_values = ridge.oof_predictions_
+        oof = ridge.oof_predictions_
         # residuals centred per section: a section's mean level is not what a map shows
+        prior_values = oof.copy()
         labels = np.zeros(len(targets)) if groups is None else np.asarray(groups)
         for g in np.unique(labels):
             sel = labels == g
-            prior_values[sel] += (targets[sel] - prior_values[sel]).mean(0)
+            prior_values[sel] += (targets[sel] - oof[sel]).mean(0)
     if milestones is None:
         milestones = tuple(sorted({max(1, round(epochs * f)) for f in (20 / 40, 35 / 40)}))
     gen = train_hinge(model, inputs, targets,
@@ -447,9 +448,10 @@ def fit_hinge_arrays(features, targets, genes: Sequence[str], *, encoder: str = 
             done = event
             _, val_idx = split_groups(targets.shape[0], val_fraction, seed)
             if calibrate and len(val_idx) >= 10:
+                # with the plain out-of-fold prior: a new section's level is not known either
                 model.calibration = calibrate_on(model, inputs[:, val_idx], targets[val_idx],
                                                  None if prior_values is None
-                                                 else prior_values[val_idx], seed=seed)
+                                                 else oof[val_idx], seed=seed)
                 done.metrics["calibration_spots"] = int(len(val_idx))
             if checkpoint_dir is not None:
                 save_model(model.cpu(), Path(checkpoint_dir) / "final")
