@@ -12,7 +12,7 @@ from pathlib import Path
 
 from napari_hinge.errors import disk_full_error, is_disk_full
 
-__all__ = ["atomic_write", "replace_dir"]
+__all__ = ["atomic_write", "atomic_write_dir", "replace_dir"]
 
 
 def atomic_write(path: str | os.PathLike, write) -> Path:
@@ -40,6 +40,27 @@ def atomic_write(path: str | os.PathLike, write) -> Path:
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
+
+
+def atomic_write_dir(directory: str | os.PathLike, write) -> Path:
+    """The folder twin of :func:`atomic_write`: ``write(tmp_dir)`` fills a temporary folder
+    beside ``directory``, which :func:`replace_dir` then swaps in; a full disk raises
+    ``errno.ENOSPC`` naming ``directory``, and no temporary folder is left."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp",
+                                dir=directory.parent))
+    try:
+        write(tmp)
+        replace_dir(tmp, directory)
+    except Exception as exc:
+        if is_disk_full(exc):
+            raise disk_full_error(directory) from exc
+        raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return directory
 
 
 _RENAME_EXCHANGE = 2

@@ -84,3 +84,16 @@ def dock_as_tab(widget, viewer=None) -> None:
     tabify_plugin_docks(window)
     if viewer is not None and len(viewer.layers):
         QTimer.singleShot(0, viewer.reset_view)  # once Qt has resized the canvas
+
+
+class TabbedDock:
+    """Mixin for the plugin's dock widgets (put it before the Qt base): on the widget's first
+    show, :func:`dock_as_tab` with its ``self.viewer``."""
+
+    _docked = False
+
+    def showEvent(self, event) -> None:
+        super().showEvent(event)
+        if not self._docked:
+            self._docked = True
+            dock_as_tab(self, self.viewer)

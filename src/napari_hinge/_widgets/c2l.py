@@ -36,7 +36,7 @@ from qtpy.QtWidgets import (
 
 from napari_hinge._layers import UNITS
 from napari_hinge._widgets._jobs import JobPanel
-from napari_hinge._widgets._viewer import dock_as_tab
+from napari_hinge._widgets._viewer import TabbedDock
 from napari_hinge._widgets.slide_spots import refill_combo, spot_layers
 
 if TYPE_CHECKING:
@@ -89,7 +89,7 @@ def adapt_job(stop, adata, *, central="shipped", n_genes: int = 50, steps: int =
     return None if stop.requested else model
 
 
-class C2LWidget(QWidget):
+class C2LWidget(TabbedDock, QWidget):
     """Fill sparse regions of a slide with gene-conditioned synthetic H&E."""
 
     #: emitted with the new mosaic layer when a fill finished
@@ -187,13 +187,6 @@ class C2LWidget(QWidget):
         self.viewer.layers.events.inserted.connect(self._refresh)
         self.viewer.layers.events.removed.connect(self._refresh)
         self._refresh()
-        self._docked = False
-
-    def showEvent(self, event) -> None:
-        super().showEvent(event)
-        if not self._docked:
-            self._docked = True
-            dock_as_tab(self, self.viewer)
 
     def _on_ended(self) -> None:
         self.run_button.setEnabled(True)

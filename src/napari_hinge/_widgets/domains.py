@@ -28,7 +28,7 @@ from qtpy.QtWidgets import (
 
 from napari_hinge._layers import UNITS
 from napari_hinge._widgets._jobs import JobPanel
-from napari_hinge._widgets._viewer import dock_as_tab
+from napari_hinge._widgets._viewer import TabbedDock
 from napari_hinge._widgets.slide_spots import refill_combo, spot_layers
 
 if TYPE_CHECKING:
@@ -74,7 +74,7 @@ def domain_job(adata, shape, *, n_domains, preset, epochs, seed, refine, mode, s
     return result, labels, domain_table(result, DOMAIN_KEY), scale
 
 
-class DomainsWidget(QWidget):
+class DomainsWidget(TabbedDock, QWidget):
     def __init__(self, napari_viewer: napari.Viewer) -> None:
         super().__init__()
         from napari_hinge.stmgac.presets import (
@@ -160,15 +160,8 @@ class DomainsWidget(QWidget):
         self.layer_box.currentTextChanged.connect(self._on_layer)
         self.labels_layer = None
         self._spots_layer = None
-        self._docked = False
         self._on_preset(self.preset_box.currentText())
         self._refresh_layers()
-
-    def showEvent(self, event) -> None:
-        super().showEvent(event)
-        if not self._docked:
-            self._docked = True
-            dock_as_tab(self, self.viewer)
 
     def _refresh_layers(self, event=None) -> None:
         before = self.layer_box.currentText()

@@ -23,7 +23,7 @@ from qtpy.QtWidgets import (
 )
 
 from napari_hinge._layers import GENE_TRANSFORMS, gene_values, robust_limits
-from napari_hinge._widgets._viewer import dock_as_tab, title_colorbar
+from napari_hinge._widgets._viewer import TabbedDock, title_colorbar
 
 if TYPE_CHECKING:
     import napari
@@ -76,7 +76,7 @@ def color_spots_by_gene(layer, gene: str, *, transform: str = GENE_TRANSFORMS[0]
     return limits
 
 
-class SlideSpotsWidget(QWidget):
+class SlideSpotsWidget(TabbedDock, QWidget):
     def __init__(self, napari_viewer: napari.Viewer) -> None:
         super().__init__()
         self.viewer = napari_viewer
@@ -131,13 +131,6 @@ class SlideSpotsWidget(QWidget):
         self.viewer.layers.events.inserted.connect(self._refresh_layers)
         self.viewer.layers.events.removed.connect(self._refresh_layers)
         self._refresh_layers()
-        self._docked = False
-
-    def showEvent(self, event) -> None:
-        super().showEvent(event)
-        if not self._docked:
-            self._docked = True
-            dock_as_tab(self, self.viewer)
 
     # -- state -------------------------------------------------------------------------
     @property

@@ -189,37 +189,23 @@ def save_module(module: nn.Module, config: dict, directory: str | os.PathLike,
     that saves into the path it is given) into a new folder beside ``directory``, then swap it
     in (:func:`~napari_hinge._files.replace_dir`): the files always belong together, and a
     kill or a full disk leaves the old model (or none) at the path, never a mix."""
-    import shutil
-    import tempfile
-
     from safetensors.torch import save_file
 
-    from napari_hinge._files import replace_dir
-    from napari_hinge.errors import disk_full_error, is_disk_full
+    from napari_hinge._files import atomic_write_dir
 
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
     if extra:
         state.update({k: v.detach().cpu().contiguous() for k, v in extra.items()})
     if half:
         state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp",
-                                dir=directory.parent))
-    try:
+
+    def write(tmp: Path) -> None:
         for name, save in (subfolders or {}).items():
             save(tmp / name)
         save_file(state, str(tmp / WEIGHTS_FILE))
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
-        replace_dir(tmp, directory)
-    except Exception as exc:
-        if is_disk_full(exc):
-            raise disk_full_error(directory) from exc
-        raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return directory
+
+    return atomic_write_dir(directory, write)
 
 
 def read_config(directory: Path, *, expect_kind: str) -> dict:

@@ -22,7 +22,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -30,7 +29,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from napari_hinge._files import replace_dir
+from napari_hinge._files import atomic_write_dir
 from napari_hinge.scfm.base import GeneTokenBackbone, save_backbone
 from napari_hinge.training import load_safetensors
 
@@ -320,9 +319,8 @@ class HingeModel(nn.Module):
         directory = Path(directory)
         if include_backbone is None:
             include_backbone = self.config.backbone_ref not in NAMED_BACKBONES
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-        try:
+
+        def write(tmp: Path) -> None:
             (tmp / "config.json").write_text(json.dumps(asdict(self.config), indent=2))
             state = {k: v.detach().cpu().contiguous()
                      for k, v in self.trainable_state_dict().items()}
@@ -334,11 +332,9 @@ class HingeModel(nn.Module):
             if include_backbone and not _reuse_backbone(directory, meta["backbone_digest"],
                                                         tmp / "backbone"):
                 _save_backbone(self.backbone, tmp / "backbone")
-            replace_dir(tmp, directory)  # a kill at any moment leaves a loadable model
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-        return directory
+
+        # a kill at any moment leaves a loadable model; a full disk names the folder
+        return atomic_write_dir(directory, write)
 
     @classmethod
     def load(cls, directory: str | os.PathLike, *, backbone: GeneTokenBackbone | None = None,
