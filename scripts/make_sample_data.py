@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from napari_hinge.io.spatial import read_her2st, read_legacy_st
+from napari_hinge.io.legacy_st import read_her2st, read_legacy_st
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "src" / "napari_hinge" / "sample_data"

@@ -129,7 +129,7 @@ def _visium(tmp: Path) -> Path:
 
 def _edit_h5(edit: Callable[[h5py.Group], None]) -> Callable[[Path], Action]:
     def build(tmp: Path) -> Action:
-        from napari_hinge.io.spatial import read_spaceranger
+        from napari_hinge.io.spaceranger import read_spaceranger
 
         outs = _visium(tmp)
         h5 = outs / "filtered_feature_bc_matrix.h5"
@@ -168,7 +168,7 @@ def _data_short(g):
 
 def _scalefactors(key: str, value) -> Callable[[Path], Action]:
     def build(tmp: Path) -> Action:
-        from napari_hinge.io.spatial import read_spaceranger
+        from napari_hinge.io.spaceranger import read_spaceranger
 
         outs = _visium(tmp)
         sf_file = outs / "spatial" / "scalefactors_json.json"
@@ -185,7 +185,7 @@ def _scalefactors(key: str, value) -> Callable[[Path], Action]:
 
 def _positions(edit: Callable[[list[str]], list[str]]) -> Callable[[Path], Action]:
     def build(tmp: Path) -> Action:
-        from napari_hinge.io.spatial import read_spaceranger
+        from napari_hinge.io.spaceranger import read_spaceranger
 
         outs = _visium(tmp)
         pos = next((outs / "spatial").glob("tissue_positions*.csv"))
@@ -208,13 +208,13 @@ def _mtx(edit: Callable[[Path], Path]) -> Callable[[Path], Action]:
     """The real CytAssist Matrix Market folder with one file damaged."""
 
     def build(tmp: Path) -> Action:
-        from napari_hinge.io.spatial import _read_10x_mtx
+        from napari_hinge.io.spaceranger import read_10x_mtx
 
         folder = tmp / "filtered_feature_bc_matrix"
         shutil.copytree(CYTASSIST / "filtered_feature_bc_matrix", folder,
                         copy_function=shutil.copyfile)
         named = edit(folder)
-        return Action(lambda: _read_10x_mtx(folder), named)
+        return Action(lambda: read_10x_mtx(folder), named)
 
     return build
 
@@ -259,7 +259,7 @@ def _legacy(edit_spots=None, edit_counts=None) -> Callable[[Path], Action]:
     """her2st C2 (real counts and spots), one of the two files damaged."""
 
     def build(tmp: Path) -> Action:
-        from napari_hinge.io.spatial import read_legacy_st
+        from napari_hinge.io.legacy_st import read_legacy_st
 
         spots, counts = tmp / "C2_selection.tsv", tmp / "C2.tsv.gz"
         shutil.copyfile(HER2ST / "spots" / "C2_selection.tsv", spots)
@@ -303,7 +303,8 @@ def _h5ad(edit: Callable, *, expect_check=None) -> Callable[[Path], Action]:
     """The C2 section written as h5ad by the package, then edited."""
 
     def build(tmp: Path) -> Action:
-        from napari_hinge.io.spatial import read_h5ad, read_her2st
+        from napari_hinge.io.h5ad import read_h5ad
+        from napari_hinge.io.legacy_st import read_her2st
 
         adata = read_her2st(HER2ST, "C2", images=False)[:80, :50].copy()
         path = tmp / "c2.h5ad"
@@ -555,7 +556,7 @@ def _snapshot(path: Path) -> dict:
 
 
 def _old_h5ad(tmp: Path) -> Path:
-    from napari_hinge.io.spatial import read_her2st
+    from napari_hinge.io.legacy_st import read_her2st
 
     path = tmp / "out" / "spots.h5ad"
     path.parent.mkdir()
@@ -565,7 +566,7 @@ def _old_h5ad(tmp: Path) -> Path:
 
 def _save_spots(path: Path):
     from napari_hinge._writer import write_spots_h5ad
-    from napari_hinge.io.spatial import read_her2st
+    from napari_hinge.io.legacy_st import read_her2st
 
     adata = read_her2st(HER2ST, "C2", images=False)[:30, :20].copy()
     return write_spots_h5ad(str(path), None, {"metadata": {"adata": adata}})
@@ -705,7 +706,7 @@ def _maps_round_trip(tmp: Path) -> Action:
 def _h5ad_from_other_folder(tmp: Path) -> Action:
     """spatial-info --output with a relative slide path, reopened from another folder."""
     from napari_hinge.cli import main
-    from napari_hinge.io.spatial import read_h5ad
+    from napari_hinge.io.h5ad import read_h5ad
 
     work = tmp / "work"
     shutil.copytree(HER2ST, work / "her2st", copy_function=shutil.copyfile,
@@ -884,19 +885,19 @@ def _seed_counts() -> bytes:
 
 
 def _parse_spots(path: Path):
-    from napari_hinge.io.spatial import _read_st_spots
+    from napari_hinge.io.legacy_st import _read_st_spots
 
     return _read_st_spots(path)
 
 
 def _parse_positions(path: Path):
-    from napari_hinge.io.spatial import _read_positions
+    from napari_hinge.io.spaceranger import _read_positions
 
     return _read_positions(path.parent)
 
 
 def _parse_counts(path: Path):
-    from napari_hinge.io.spatial import _read_st_counts
+    from napari_hinge.io.legacy_st import _read_st_counts
 
     return _read_st_counts(path)
 

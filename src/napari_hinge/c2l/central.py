@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from napari_hinge.geometry import FIELD_OF_VIEW_UM
+
 from .autoencoder import AutoencoderConfig, PatchAutoencoder
 from .schedule import NoiseSchedule, ddim_sample, from_uint8, to_uint8
 from .unet import UNet, UNetConfig
@@ -38,7 +40,7 @@ class CentralConfig:
     unet: UNetConfig = field(default_factory=UNetConfig)
     timesteps: int = 1000
     #: tissue side of one patch in µm (resampled to ``unet.image_size`` pixels)
-    patch_um: float = 112.0
+    patch_um: float = FIELD_OF_VIEW_UM
     prediction: str = "v"
     #: latent model: the autoencoder whose code the UNet works on (None: pixel space)
     autoencoder: AutoencoderConfig | None = None

@@ -15,9 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from napari_hinge.geometry import FIELD_OF_VIEW_UM
 from napari_hinge.training import StopToken, TrainEvent
-
-PATCH_UM = 112.0  # the HINGE/Stem patch: max(spot diameter, 112 µm); tiles have no spot
 
 
 @dataclass
@@ -118,8 +117,8 @@ def predict_slide_iter(model, slide, *, stride_um: float | None = None,
     if unknown:
         raise KeyError(unknown_genes_message(unknown, all_genes))
     gene_idx = [all_genes.index(g) for g in genes]
-    side_px = int(round(PATCH_UM / mpp))
-    stride_px = (stride_um or PATCH_UM) / mpp
+    side_px = int(round(FIELD_OF_VIEW_UM / mpp))  # tiles have no spot: the field of view
+    stride_px = (stride_um or FIELD_OF_VIEW_UM) / mpp
     grid = tile_grid(tissue_mask(slide), slide.shape, stride_px=stride_px,
                      min_tissue=min_tissue)
     encoder = resolve_encoder(model.config.encoder)
@@ -155,7 +154,8 @@ def predict_slide_iter(model, slide, *, stride_um: float | None = None,
                                          genes=genes)["std"]
         yield TrainEvent("step", 0, n_batches + b + 1, 2 * n_batches,
                          metrics={"phase": "sample", "tiles": sl.stop, "of": n})
-    params = {"stride_um": float(stride_px * mpp), "patch_um": PATCH_UM, "n_samples": n_samples,
+    params = {"stride_um": float(stride_px * mpp), "patch_um": FIELD_OF_VIEW_UM,
+              "n_samples": n_samples,
               "reveal_steps": reveal_steps, "seed": seed, "encoder": model.config.encoder,
               "n_tiles": n, "min_tissue": min_tissue,
               "value_transform": model.config.value_transform,
