@@ -189,3 +189,31 @@ def write_ome_tiff(prediction: SlidePrediction, path: str | Path, *, which: str 
     return atomic_write(path, lambda tmp: tifffile.imwrite(
         tmp, data, ome=True, metadata=metadata, compression="zlib",
         photometric="minisblack"))
+
+
+def compare_with_spots(prediction: SlidePrediction, adata
+                       ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """The predicted map at measured spots (the tile whose cell holds each spot) against
+    their measurements.
+
+    Returns ``values`` (gene -> per-spot prediction, NaN where the map has no tile) and
+    ``scores`` (gene -> Pearson r over the spots with a value, for genes ``adata`` measures,
+    on the log1p CP10k scale the model predicts).
+    """
+    from napari_hinge._convention import SPATIAL_KEY
+    from napari_hinge._layers import gene_values
+    from napari_hinge.metrics import gene_pearson
+
+    rows, cols, inside = prediction.grid.grid.cell_of(adata.obsm[SPATIAL_KEY])
+    raster = prediction.raster("mean")
+    values, scores = {}, {}
+    for i, gene in enumerate(prediction.genes):
+        predicted = np.full(adata.n_obs, np.nan, np.float32)
+        predicted[inside] = raster[i, rows[inside], cols[inside]]
+        values[gene] = predicted
+        if gene in adata.var_names:
+            ok = np.isfinite(predicted)
+            if ok.sum() > 2:
+                measured = gene_values(adata, gene)
+                scores[gene] = float(gene_pearson(predicted[ok, None], measured[ok, None])[0])
+    return values, scores
