@@ -8,7 +8,7 @@
   ``spot_diameter_px`` (float, in the same pixels),
   ``slide_path`` (str; absent when the data has no image),
   ``source`` (str: the file or folder that was read),
-  ``format`` (str: 'spaceranger', 'legacy_st', 'h5ad').
+  ``format`` (str: 'spaceranger', 'legacy_st', 'h5ad', 'xenium', 'merscope', 'cosmx').
 - ``adata.var_names``: unique gene symbols (:func:`unique_var`), ``var['gene_ids']`` the
   Ensembl ids where the source has them.
 - ``adata.uns['spatial'][library_id]`` = ``{'images', 'scalefactors', 'metadata'}`` in

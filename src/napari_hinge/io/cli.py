@@ -15,10 +15,12 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "spatial-info",
         help="read spatial data (Space Ranger outs/, her2st folder, .h5ad) and describe it",
-        description="Read spatial transcriptomics data into the napari-hinge AnnData "
-        "convention, report problems, print a summary and optionally write it as .h5ad.",
+        description="Read spatial transcriptomics data (Space Ranger outs/, her2st folder, "
+        ".h5ad; Xenium, MERSCOPE, CosMx with the spatialdata extra) into the napari-hinge "
+        "AnnData convention, report problems, print a summary and optionally write it as .h5ad.",
     )
-    p.add_argument("path", help="Space Ranger outs/ folder, her2st-layout folder or file, .h5ad")
+    p.add_argument("path", help="Space Ranger outs/ folder, her2st-layout folder or file, .h5ad, "
+                   "Xenium / MERSCOPE / CosMx output folder (these need the spatialdata extra)")
     p.add_argument("--section", help="her2st section (e.g. C3) when the folder holds several")
     p.add_argument("--slide", help="Space Ranger: the full-resolution H&E the spots belong to")
     p.add_argument("--mpp", type=float, help="microns per pixel of the slide (override)")

@@ -8,6 +8,9 @@ format                what is read                                reader
                       Visium HD ``binned_outputs``)
 ``legacy_st``         her2st-layout folders and count tables      :mod:`~.io.legacy_st`
 ``h5ad``              ``.h5ad`` with ``obsm['spatial']``          :mod:`~.io.h5ad`
+``xenium``,           Xenium, MERSCOPE, CosMx output folders      :mod:`~.io.spatialdata`
+``merscope``,         (through the optional spatialdata-io)
+``cosmx``
 ====================  ==========================================  ===========================
 
 Every reader ends with :func:`~napari_hinge.io.validate.validate_spatial`: problems that make
@@ -21,6 +24,7 @@ from pathlib import Path
 
 from anndata import AnnData
 
+from . import spatialdata
 from .h5ad import read_h5ad
 from .legacy_st import list_her2st_sections, read_her2st
 from .spaceranger import has_counts, read_spaceranger
@@ -30,7 +34,8 @@ __all__ = ["detect_spatial_format", "read_spatial"]
 
 
 def detect_spatial_format(path: str | Path) -> str | None:
-    """Which reader handles ``path``: 'spaceranger', 'legacy_st', 'h5ad' or None.
+    """Which reader handles ``path``: 'spaceranger', 'legacy_st', 'h5ad', 'xenium',
+    'merscope', 'cosmx' or None.
 
     Cheap: it only looks at names and folder listings (for napari's reader hook).
     """
@@ -55,13 +60,14 @@ def detect_spatial_format(path: str | Path) -> str | None:
             return "spaceranger"
     if list_her2st_sections(p):
         return "legacy_st"
-    return None
+    return spatialdata.detect(p)
 
 
 _READER_OPTIONS = {
     "spaceranger": {"slide", "mpp", "library_id", "bin_size"},
     "legacy_st": {"section", "mpp", "images"},
     "h5ad": set(),
+    **{fmt: {"mpp"} for fmt in spatialdata.READERS},
 }
 
 
@@ -72,10 +78,12 @@ def read_spatial(path: str | Path, **kwargs) -> AnnData:
     ----------
     path
         A Space Ranger ``outs`` folder, a ``.h5ad``, a her2st-layout folder (pass
-        ``section=``; optional when it holds one section) or one of its ``counts/<s>.tsv.gz``.
+        ``section=``; optional when it holds one section) or one of its ``counts/<s>.tsv.gz``,
+        a Xenium, MERSCOPE or CosMx output folder.
     **kwargs
         Options of the matching reader: ``slide``, ``mpp``, ``library_id``, ``bin_size``
-        (Space Ranger); ``section``, ``mpp``, ``images`` (legacy ST); none for ``.h5ad``.
+        (Space Ranger); ``section``, ``mpp``, ``images`` (legacy ST); none for ``.h5ad``;
+        ``mpp`` for Xenium, MERSCOPE and CosMx (read through the optional spatialdata-io).
     """
     p = Path(path)
     if not p.exists():
@@ -84,7 +92,8 @@ def read_spatial(path: str | Path, **kwargs) -> AnnData:
     if fmt is None:
         raise SpatialDataError(
             f"{p}: not a recognised spatial dataset (expected a Space Ranger outs/ folder, a "
-            "her2st-layout folder with counts/ and spots/, or a .h5ad file)"
+            "her2st-layout folder with counts/ and spots/, a .h5ad file, or a Xenium, MERSCOPE "
+            "or CosMx output folder)"
         )
     unknown = set(kwargs) - _READER_OPTIONS[fmt]
     if unknown:
@@ -96,6 +105,8 @@ def read_spatial(path: str | Path, **kwargs) -> AnnData:
         return read_spaceranger(p, **kwargs)
     if fmt == "h5ad":
         return read_h5ad(p)
+    if fmt in spatialdata.READERS:
+        return spatialdata.READERS[fmt](p, **kwargs)
     if p.is_file():  # legacy_st: one section's count table
         section = p.name.split(".")[0]
         root = p.parent.parent
