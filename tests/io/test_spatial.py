@@ -15,7 +15,7 @@ import scipy.sparse as sp
 from napari_hinge._convention import META_KEY, SPATIAL_KEY, VISIUM_SPOT_UM
 from napari_hinge.io.h5ad import read_h5ad
 from napari_hinge.io.legacy_st import list_her2st_sections, read_her2st, read_legacy_st
-from napari_hinge.io.spaceranger import read_spaceranger
+from napari_hinge.io.spaceranger import POSITION_COLUMNS, read_spaceranger
 from napari_hinge.io.spatial import detect_spatial_format, read_spatial
 from napari_hinge.io.validate import SpatialDataError, SpatialDataWarning, validate_spatial
 
@@ -622,14 +622,7 @@ def test_spaceranger2_layout_mtx_and_header_positions_match_h5(tiny, tmp_path):
     feats.to_csv(mtx / "features.tsv.gz", sep="\t", header=False, index=False)
     pd.Series(bcs).to_csv(mtx / "barcodes.tsv.gz", header=False, index=False)
     pos = pd.read_csv(outs / "spatial" / "tissue_positions_list.csv", header=None)
-    pos.columns = [
-        "barcode",
-        "in_tissue",
-        "array_row",
-        "array_col",
-        "pxl_row_in_fullres",
-        "pxl_col_in_fullres",
-    ]
+    pos.columns = POSITION_COLUMNS
     (outs / "spatial" / "tissue_positions_list.csv").unlink()
     pos.to_csv(outs / "spatial" / "tissue_positions.csv", index=False)
 

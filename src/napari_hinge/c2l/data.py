@@ -24,7 +24,7 @@ import numpy as np
 from napari_hinge._convention import META_KEY, SPATIAL_KEY
 from napari_hinge.geometry import FIELD_OF_VIEW_UM, MIN_UMI
 
-PATCH_UM = FIELD_OF_VIEW_UM
+PATCH_UM = FIELD_OF_VIEW_UM  # the tissue side of a C2L patch: the shared field of view
 PATCH_PX = 64
 
 

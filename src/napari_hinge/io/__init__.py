@@ -7,7 +7,7 @@ module                      owns
 :mod:`.io.spaceranger`      Space Ranger outs/ (Visium, CytAssist, Visium HD); 10x counts
 :mod:`.io.legacy_st`        legacy ST / her2st folders and count tables
 :mod:`.io.h5ad`             any .h5ad with obsm['spatial']
-:mod:`.io.spatialdata`      Xenium, Visium HD, CosMx, MERSCOPE through spatialdata-io (extra)
+:mod:`.io.spatialdata`      Xenium, MERSCOPE, CosMx through spatialdata-io (optional extra)
 :mod:`.io.validate`         the checks every reader ends with; SpatialDataError / Warning
 :mod:`.io.images`           image size from a header, small overviews for uns['spatial']
 :mod:`.io.slides`           whole-slide images, lazily (pyramids, pixel size)

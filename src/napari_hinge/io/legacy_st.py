@@ -239,14 +239,8 @@ def read_legacy_st(
                     }
                 }
     adata.uns[META_KEY] = meta
-    return validate_spatial(
-        adata,
-        source=counts,
-        image_shape=image_shape,
-        counts_source=counts,
-        coords_source=spots_path,
-        image_source=image,
-    )
+    return validate_spatial(adata, source=counts, image_shape=image_shape, counts_source=counts,
+                            coords_source=spots_path, image_source=image)
 
 
 def _her2st_files(folder: Path, section: str) -> dict[str, Path | None]:

@@ -1,10 +1,10 @@
 """Space Ranger 1.x/2.x/3.x ``outs/`` folders (Visium, CytAssist, Visium HD bins) -> the
 AnnData convention of :mod:`napari_hinge._convention`.
 
-Counts are read by scanpy (:func:`scanpy.read_10x_h5`) or anndata's Matrix Market reader (the
-one :func:`scanpy.read_10x_mtx` calls, file by file so that an error names its file); on top
-of them stay only the checks scanpy does not make (a self-consistent sparse matrix: scipy
-trusts the indices, and out-of-range ones corrupt memory later) and the convention.
+HDF5 counts are read by :func:`scanpy.read_10x_h5`; on top stay only the checks scanpy does
+not make (a self-consistent sparse matrix: scipy trusts the indices, and out-of-range ones
+corrupt memory later) and the convention. Matrix Market folders are parsed here
+(:func:`read_10x_mtx` says why).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from .validate import (
     find_file,
     match_ids,
     numeric_columns,
+    open_text,
     validate_spatial,
     warn,
 )
@@ -132,11 +133,12 @@ def _check_10x_h5(path: Path) -> dict:
 
 def read_10x_mtx(folder: str | Path) -> tuple[sp.csr_matrix, pd.Index, pd.DataFrame, dict]:
     """Counts, barcodes and ``var`` of a 10x Matrix Market folder (``matrix.mtx[.gz]``,
-    ``features.tsv[.gz]`` or 1.x ``genes.tsv[.gz]``, ``barcodes.tsv[.gz]``).
+    ``features.tsv[.gz]`` or 1.x ``genes.tsv[.gz]``, ``barcodes.tsv[.gz]``), each error naming
+    its file.
 
-    The matrix is read by :func:`anndata.io.read_mtx` (what :func:`scanpy.read_10x_mtx` calls;
-    scipy's Matrix Market reader checks the header against the entries), the two tables by
-    pandas, each error naming its file.
+    Not :func:`scanpy.read_10x_mtx`: it only accepts Space Ranger's exact file names (not a
+    gunzipped folder), cannot say which file is broken, and its Matrix Market reader (scipy's)
+    crashes on some damaged files (see below).
     """
     folder = Path(folder)
     mtx = find_file(folder, "matrix.mtx.gz", "matrix.mtx")
@@ -153,14 +155,33 @@ def read_10x_mtx(folder: str | Path) -> tuple[sp.csr_matrix, pd.Index, pd.DataFr
     ]
     if missing:
         raise FileNotFoundError(f"{folder}: missing {', '.join(missing)}")
-    from anndata.io import read_mtx
-
     try:
-        X = sp.csr_matrix(read_mtx(mtx, dtype="float32").X.T)
-    except (*TEXT_ERRORS, TypeError, IndexError, OverflowError) as err:
+        with open_text(mtx) as fh:
+            header = fh.readline()
+            if not header.startswith("%%MatrixMarket"):
+                raise ValueError("no %%MatrixMarket header")
+            line = fh.readline()
+            while line.startswith("%"):
+                line = fh.readline()
+            n_feat, n_bc, nnz = (int(v) for v in line.split())
+            # pandas' C parser, not scipy.io.mmread (what anndata.io.read_mtx and
+            # scanpy.read_10x_mtx call): on a last entry cut short by a stray byte ("34 3 1\x02"
+            # at the end of the file) scipy 1.17's reader crashes the process, and it reads
+            # "1x" as 1
+            tab = pd.read_csv(fh, sep=" ", header=None, dtype={0: np.int64, 1: np.int64},
+                              names=["i", "j", "v"], engine="c")
+        if len(tab) != nnz:
+            raise ValueError(f"{len(tab)} entries, header says {nnz}")
+        if n_feat < 0 or n_bc < 0:
+            raise ValueError(f"negative size {n_feat} x {n_bc} in the header")
+        i, j = tab["i"].to_numpy(), tab["j"].to_numpy()
+        if len(tab) and (i.min() < 1 or i.max() > n_feat or j.min() < 1 or j.max() > n_bc):
+            raise ValueError(f"entries address rows {i.min()}..{i.max()} and columns "
+                             f"{j.min()}..{j.max()}, outside the header's {n_feat} x {n_bc}")
+        X = sp.csr_matrix((tab["v"].to_numpy(np.float32), (j - 1, i - 1)), shape=(n_bc, n_feat))
+    except TEXT_ERRORS as err:
         raise SpatialDataError(f"{mtx}: not a readable Matrix Market file ({err})",
                                path=mtx) from err
-    n_bc, n_feat = X.shape
     try:
         ftab = pd.read_csv(feats, sep="\t", header=None, dtype=str)
     except TEXT_ERRORS as err:
@@ -187,14 +208,9 @@ def read_10x_mtx(folder: str | Path) -> tuple[sp.csr_matrix, pd.Index, pd.DataFr
 # positions and scale factors
 
 
-_POS_COLS = [
-    "barcode",
-    "in_tissue",
-    "array_row",
-    "array_col",
-    "pxl_row_in_fullres",
-    "pxl_col_in_fullres",
-]
+#: The columns of tissue_positions[_list].csv (1.x files have no header row).
+POSITION_COLUMNS = ["barcode", "in_tissue", "array_row", "array_col", "pxl_row_in_fullres",
+                    "pxl_col_in_fullres"]
 
 
 def _read_positions(spatial: Path) -> tuple[pd.DataFrame, Path]:
@@ -226,13 +242,13 @@ def _read_positions(spatial: Path) -> tuple[pd.DataFrame, Path]:
             if not has_header:
                 if pos.shape[1] != 6:
                     raise ValueError(f"{pos.shape[1]} columns, expected 6")
-                pos.columns = _POS_COLS
+                pos.columns = POSITION_COLUMNS
     except TEXT_ERRORS as err:
         raise SpatialDataError(f"{path}: not a Space Ranger positions file ({err})") from err
-    missing = [c for c in _POS_COLS if c not in pos.columns]
+    missing = [c for c in POSITION_COLUMNS if c not in pos.columns]
     if missing:
         raise SpatialDataError(f"{path}: missing column(s) {', '.join(missing)}")
-    numeric_columns(pos.set_index(pos["barcode"].astype(str)), _POS_COLS[1:], path)
+    numeric_columns(pos.set_index(pos["barcode"].astype(str)), POSITION_COLUMNS[1:], path)
     pos = pos.set_index("barcode")
     pos.index = pos.index.astype(str)
     check_unique(pos.index, path)
@@ -435,11 +451,6 @@ def read_spaceranger(
         }
     }
     adata.uns[META_KEY] = meta
-    return validate_spatial(
-        adata,
-        source=outs,
-        image_shape=image_shape,
-        counts_source=counts_file,
-        coords_source=pos_file,
-        image_source=image_source,
-    )
+    return validate_spatial(adata, source=outs, image_shape=image_shape,
+                            counts_source=counts_file, coords_source=pos_file,
+                            image_source=image_source)
