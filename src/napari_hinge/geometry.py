@@ -52,9 +52,10 @@ _PIL_LOCK = threading.RLock()
 def image_pixel_limit(max_pixels: int | None = MAX_IMAGE_PIXELS):
     """Let PIL decode images up to ``max_pixels`` inside this block only.
 
-    PIL keeps its limit in one module attribute, so the old value is restored on exit and the
-    block holds a lock: other threads opening images wait instead of seeing a changed limit
-    after the block. Yields :mod:`PIL.Image`.
+    PIL keeps its limit in one module attribute: it is set on entry and the old value restored
+    on exit, under a lock so that our reads in several threads (napari workers) never restore
+    each other's value early or leave a raised one behind. Code outside these blocks sees
+    PIL's own limit. Yields :mod:`PIL.Image`.
     """
     from PIL import Image
 

@@ -20,6 +20,7 @@ from .geometry import FIELD_OF_VIEW_UM, crop_origin, image_pixel_limit
 #: The 8 dihedral transforms: k = 0..3 rotate by k*90 degrees, k = 4..7 flip then rotate.
 DIHEDRAL = range(8)
 
+
 class ArraySlide:
     """Minimal single-level slide over an in-memory RGB image (for plain images and tests)."""
 

@@ -78,7 +78,6 @@ _JPEG_MAX_PX_PER_BYTE = 1000
 _MAX_MEMORY_SHARE = 0.5
 
 
-
 @dataclass(repr=False)
 class Slide:
     """A whole-slide image opened lazily.
