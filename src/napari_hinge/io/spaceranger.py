@@ -131,6 +131,10 @@ def _check_10x_h5(path: Path) -> dict:
     return attrs
 
 
+class _MatrixTablesDisagree(Exception):
+    """The Matrix Market header's size does not match the feature and barcode tables."""
+
+
 def read_10x_mtx(folder: str | Path) -> tuple[sp.csr_matrix, pd.Index, pd.DataFrame, dict]:
     """Counts, barcodes and ``var`` of a 10x Matrix Market folder (``matrix.mtx[.gz]``,
     ``features.tsv[.gz]`` or 1.x ``genes.tsv[.gz]``, ``barcodes.tsv[.gz]``), each error naming
@@ -156,6 +160,15 @@ def read_10x_mtx(folder: str | Path) -> tuple[sp.csr_matrix, pd.Index, pd.DataFr
     if missing:
         raise FileNotFoundError(f"{folder}: missing {', '.join(missing)}")
     try:
+        ftab = pd.read_csv(feats, sep="\t", header=None, dtype=str)
+    except TEXT_ERRORS as err:
+        raise SpatialDataError(f"{feats}: not a readable features table ({err})",
+                               path=feats) from err
+    try:
+        barcodes = pd.Index(pd.read_csv(bcs, sep="\t", header=None, dtype=str)[0].to_numpy())
+    except TEXT_ERRORS as err:
+        raise SpatialDataError(f"{bcs}: not a readable barcode list ({err})", path=bcs) from err
+    try:
         with open_text(mtx) as fh:
             header = fh.readline()
             if not header.startswith("%%MatrixMarket"):
@@ -164,6 +177,8 @@ def read_10x_mtx(folder: str | Path) -> tuple[sp.csr_matrix, pd.Index, pd.DataFr
             while line.startswith("%"):
                 line = fh.readline()
             n_feat, n_bc, nnz = (int(v) for v in line.split())
+            if n_feat != len(ftab) or n_bc != len(barcodes):  # before sizing anything by it
+                raise _MatrixTablesDisagree(n_feat, n_bc)
             # pandas' C parser, not scipy.io.mmread (what anndata.io.read_mtx and
             # scanpy.read_10x_mtx call): on a last entry cut short by a stray byte ("34 3 1\x02"
             # at the end of the file) scipy 1.17's reader crashes the process, and it reads
@@ -179,23 +194,15 @@ def read_10x_mtx(folder: str | Path) -> tuple[sp.csr_matrix, pd.Index, pd.DataFr
             raise ValueError(f"entries address rows {i.min()}..{i.max()} and columns "
                              f"{j.min()}..{j.max()}, outside the header's {n_feat} x {n_bc}")
         X = sp.csr_matrix((tab["v"].to_numpy(np.float32), (j - 1, i - 1)), shape=(n_bc, n_feat))
-    except TEXT_ERRORS as err:
-        raise SpatialDataError(f"{mtx}: not a readable Matrix Market file ({err})",
-                               path=mtx) from err
-    try:
-        ftab = pd.read_csv(feats, sep="\t", header=None, dtype=str)
-    except TEXT_ERRORS as err:
-        raise SpatialDataError(f"{feats}: not a readable features table ({err})",
-                               path=feats) from err
-    try:
-        barcodes = pd.Index(pd.read_csv(bcs, sep="\t", header=None, dtype=str)[0].to_numpy())
-    except TEXT_ERRORS as err:
-        raise SpatialDataError(f"{bcs}: not a readable barcode list ({err})", path=bcs) from err
-    if len(ftab) != n_feat or len(barcodes) != n_bc:
+    except _MatrixTablesDisagree as err:
+        n_feat, n_bc = err.args
         raise SpatialDataError(
             f"{folder}: matrix is {n_feat} features x {n_bc} barcodes but {feats.name} has "
             f"{len(ftab)} rows and {bcs.name} {len(barcodes)}"
-        )
+        ) from None
+    except (*TEXT_ERRORS, OverflowError) as err:  # OverflowError: a 40-digit index
+        raise SpatialDataError(f"{mtx}: not a readable Matrix Market file ({err})",
+                               path=mtx) from err
     names = ftab[1] if ftab.shape[1] > 1 else ftab[0]
     ftype = ftab[2] if ftab.shape[1] > 2 else None
     var = unique_var(
