@@ -32,13 +32,14 @@ def c2(shared_data):
         return read_her2st(shared_data / "her2st_subset", "C2", images=False)
 
 
-def test_pil_limit_only_inside_our_reads(shared_data):
+def test_pil_limit_only_inside_our_reads(shared_data, monkeypatch):
     """her2st JPEGs (92 Mpx) exceed PIL's default limit: our reads open them without a
     warning, and afterwards the process has PIL's own limit back (patches.py used to switch
     it off for the whole session)."""
     from napari_hinge.patches import ArraySlide
 
-    default = Image.MAX_IMAGE_PIXELS
+    default = int(1024 * 1024 * 1024 // 4 // 3)  # PIL's own (~89 Mpx)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", default)
     jpg = shared_data / "her2st_subset" / "images" / "C2_HE.jpg"
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)

@@ -113,7 +113,6 @@ def test_compare_with_spots_reads_the_tile_under_each_spot(model, slide, shared_
     values, scores = compare_with_spots(prediction, spots)
     assert sorted(values) == ["ERBB2", "GRB7"] and sorted(scores) == ["ERBB2", "GRB7"]
     grid = prediction.grid
-    tile_of = {(r, c): i for i, (r, c) in enumerate(zip(grid.rows, grid.cols, strict=True))}
     xy = spots.obsm["spatial"]
     hits = 0
     for j, (x, y) in enumerate(xy):
@@ -123,9 +122,7 @@ def test_compare_with_spots_reads_the_tile_under_each_spot(model, slide, shared_
         if len(near):
             hits += 1
             assert values["GRB7"][j] == pytest.approx(prediction.mean[near[0], 0])
-        else:
-            assert np.isnan(values["GRB7"][j]) or tile_of.get(
-                (int(np.rint((y - grid.origin_xy[1]) / grid.stride_px)),
-                 int(np.rint((x - grid.origin_xy[0]) / grid.stride_px)))) is not None
+        else:  # its cell is off the tissue: no tile, no value
+            assert np.isnan(values["GRB7"][j])
     assert hits > 0.8 * spots.n_obs
     assert all(-1 <= r <= 1 for r in scores.values())
