@@ -11,7 +11,8 @@ steps (comparable across epochs) and, optionally, the gene-wise Pearson r of a c
 Checkpoints: ``checkpoint_dir/last.pt`` after every epoch (trainable weights, optimiser,
 scheduler, RNG, history; written atomically) and ``checkpoint_dir/best/`` (a full
 :meth:`HingeModel.save` folder) whenever the validation loss improves. ``resume=True``
-continues from ``last.pt`` and gives the same weights as an uninterrupted run.
+continues from ``last.pt`` and gives the same weights as an uninterrupted run. Numbering,
+resume rules and the device rule are the trainer contract of :mod:`napari_hinge.training`.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from napari_hinge.metrics import gene_pearson
 from napari_hinge.training import (
     StopToken,
     TrainEvent,
-    load_checkpoint,
+    data_fingerprint,
+    open_checkpoint,
     rng_state,
     save_checkpoint,
     seed_everything,
@@ -137,8 +139,9 @@ def train_hinge(model: HingeModel, train_features, train_targets, *, val_fractio
         Where ``last.pt`` and ``best/`` go (None: no checkpoints, no resume). Without validation
         spots ``best/`` holds the latest epoch's model.
     resume
-        Continue from ``checkpoint_dir/last.pt``. Without it an existing ``last.pt`` is never
-        overwritten (FileExistsError).
+        Continue from ``checkpoint_dir/last.pt`` (FileNotFoundError without one; InputError
+        when it was written with other settings or data). Without it an existing ``last.pt``
+        is never overwritten (FileExistsError).
     stop
         Checked between steps; when requested a 'stopped' event is yielded and the generator
         returns (the last completed epoch's checkpoint stays).
@@ -166,7 +169,7 @@ def train_hinge(model: HingeModel, train_features, train_targets, *, val_fractio
     if epochs < 1 or batch_size < 1 or val_every < 1:
         raise ValueError("epochs, batch_size and val_every must be >= 1")
     stop = stop or StopToken()
-    device = default_device(str(device) if device is not None else None)
+    device = default_device(device)
     feats, targets = _check_inputs(model, train_features, train_targets)
     K, N, _ = feats.shape
     if model.config.prior is not None:
@@ -183,16 +186,14 @@ def train_hinge(model: HingeModel, train_features, train_targets, *, val_fractio
     if not 1 <= aug_ratio <= K:
         raise ValueError(f"aug_ratio must be in 1..{K} (the number of feature views)")
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    last_path = ckpt_dir / "last.pt" if ckpt_dir is not None else None
-    if resume and last_path is None:
-        raise ValueError("resume=True needs checkpoint_dir")
-    if resume and not last_path.is_file():
-        raise FileNotFoundError(f"cannot resume: {last_path} does not exist")
-    if not resume and last_path is not None and last_path.exists():
-        raise FileExistsError(f"{last_path} exists; pass resume=True to continue that run or "
-                              f"choose another checkpoint_dir")
-
     train_idx, val_idx = split_groups(N, val_fraction, seed)
+    settings = {"config": asdict(model.config), "epochs": epochs, "batch_size": batch_size,
+                "lr": lr, "milestones": list(milestones), "gamma": gamma,
+                "warmup_epochs": warmup_epochs, "grad_clip": grad_clip, "seed": seed,
+                "aug_ratio": aug_ratio, "val_idx": val_idx,
+                "data": data_fingerprint(feats, absolute_targets, prior_values)}
+    last_path, ck = open_checkpoint(ckpt_dir, resume=resume, settings=settings)
+
     model.to(device)
     model.train()
     params = model.trainable_parameters()
@@ -207,13 +208,7 @@ def train_hinge(model: HingeModel, train_features, train_targets, *, val_fractio
     history: list[dict] = []
     best_val, best_epoch, start_epoch = math.inf, 0, 1
 
-    if resume:
-        ck = load_checkpoint(last_path)
-        if ck.get("genes") != list(model.config.genes):
-            raise ValueError(f"{last_path} was written for another gene panel")
-        if not np.array_equal(ck.get("val_idx"), val_idx):
-            raise ValueError(f"{last_path} used another train/validation split (different data "
-                             f"or seed)")
+    if ck is not None:
         try:
             model.load_trainable_state_dict(ck["model"])
         except (KeyError, RuntimeError) as exc:
@@ -283,7 +278,8 @@ def train_hinge(model: HingeModel, train_features, train_targets, *, val_fractio
                              seed=seed + 2, device=device)
                 # the sampler adds the model's prior; score with the out-of-fold one
                 with torch.no_grad():
-                    own = model.prior_mean(val_feats.mean(0).to(device)).cpu()
+                    z = model.standardize(val_feats.to(device)).mean(0)
+                    own = model.prior_mean(z, standardized=True).cpu()
                 pred = res.mean - own + prior_values[val_idx]
                 record["val_pcc"] = float(gene_pearson(pred.numpy(),
                                                        absolute_targets[val_idx].numpy()).mean())
@@ -299,8 +295,7 @@ def train_hinge(model: HingeModel, train_features, train_targets, *, val_fractio
                 "model": {k: v.detach().cpu() for k, v in model.trainable_state_dict().items()},
                 "optimizer": opt.state_dict(), "scheduler": lr_sched.state_dict(),
                 "epoch": epoch, "rng": rng_state(), "best_val": best_val,
-                "best_epoch": best_epoch, "history": history, "genes": list(model.config.genes),
-                "val_idx": val_idx, "seed": seed, "config": asdict(model.config),
+                "best_epoch": best_epoch, "history": history, "settings": settings,
             })
         yield TrainEvent("epoch", epoch, step, total_steps, loss=record["train_loss"],
                          val_loss=val_loss,
