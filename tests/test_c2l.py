@@ -327,7 +327,7 @@ def test_local_save_load_round_trip(trained_local, tmp_path):
     e = np.tile(trained_local.expr_mean.numpy(), (2, 1))
     np.testing.assert_array_equal(trained_local.sample(e, steps=2, seed=3),
                                   back.sample(e, steps=2, seed=3))
-    with pytest.raises(ValueError, match="expected 'c2l-local'"):
+    with pytest.raises(ValueError, match="not a 'c2l-local' model"):
         LocalModel.load(tmp_path / "local" / "central")
 
 

@@ -60,6 +60,8 @@ class EventBar:
                              file=sys.stderr, dynamic_ncols=True)
         self._bar.n = min(event.step, event.total_steps)
         postfix = {}
+        if event.epoch is not None:  # training
+            postfix["epoch"] = event.epoch
         if event.loss is not None:
             postfix["loss"] = f"{event.loss:.4f}"
         if event.val_loss is not None:

@@ -138,11 +138,18 @@ class ModelFormat:
         this contract, converted by :mod:`napari_hinge.upgrade`).
     config
         The dataclass serialised under ``"config"``.
+    title
+        How messages name the model (default: ``kind``).
     """
 
     kind: str
     version: int
     config: type
+    title: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.title or self.kind
 
     # -- writing ---------------------------------------------------------------------------
     def save(self, directory: str | os.PathLike, config, tensors: dict, *,
@@ -182,11 +189,11 @@ class ModelFormat:
         """The checked ``config.json`` of a folder of this kind and version."""
         directory = Path(directory)
         if not directory.is_dir():
-            raise FileNotFoundError(f"{self.kind} model folder not found: {directory}")
+            raise FileNotFoundError(f"{self.name} model folder not found: {directory}")
         path = directory / CONFIG_FILE
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing: {directory} is not a saved "
-                                    f"{self.kind} model")
+                                    f"{self.name} model")
         envelope = read_json(path)
         if not isinstance(envelope, dict) or "version" not in envelope:
             raise InputError(f"{directory} was saved by an earlier napari-hinge (model format "
@@ -198,7 +205,7 @@ class ModelFormat:
         if version != self.version:
             later = isinstance(version, int) and version > self.version
             raise InputError(
-                f"{directory}: {self.kind} model format {version!r}; this napari-hinge reads "
+                f"{directory}: {self.name} model format {version!r}; this napari-hinge reads "
                 f"format {self.version}" + (" (the folder is from a newer release: update "
                                             "napari-hinge)" if later else
                                             f"; {upgrade_hint(directory)}"),
@@ -219,7 +226,7 @@ class ModelFormat:
         weights = directory / WEIGHTS_FILE
         if not weights.is_file():
             raise FileNotFoundError(f"{weights} is missing: {directory} is not a saved "
-                                    f"{self.kind} model")
+                                    f"{self.name} model")
         recorded = envelope.get("weights_sha256")
         if recorded is not None and file_sha256(weights) != recorded:
             raise InputError(f"{weights} differs from the file saved with {directory}'s "

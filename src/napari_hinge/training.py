@@ -13,8 +13,10 @@ The trainer contract (HINGE, STMGAC, the C2L models):
 - Checkpoints: ``checkpoint_dir/last.pt`` (:data:`CHECKPOINT_FILE`), written atomically.
   ``resume=True`` continues it exactly (the same weights as an uninterrupted run); it needs
   the file (FileNotFoundError), and a checkpoint written with other settings (another model,
-  data split, seed, length or optimiser setting) is refused with an InputError naming them.
-  Without ``resume`` an existing checkpoint is never overwritten (FileExistsError).
+  data, split, seed or optimiser setting) is refused with an InputError naming them. Only the
+  run's length (:data:`EXTENDABLE`: ``epochs``/``steps``) may grow on a resume: the run goes
+  on to the new length along the same trajectory. Without ``resume`` an existing checkpoint is
+  never overwritten (FileExistsError).
   :func:`open_checkpoint` is the one implementation.
 - Device: ``device=None`` takes CUDA, then Apple MPS, then the CPU
   (:func:`napari_hinge.device.default_device`); every CLI has ``--device``.
@@ -43,6 +45,8 @@ from napari_hinge.errors import InputError
 #: the name trainers give the event (the same type inference jobs yield)
 TrainEvent = ProgressEvent
 CHECKPOINT_FILE = "last.pt"
+#: settings a resume may change: the run's length (a longer run starts the same way)
+EXTENDABLE = ("epochs", "steps")
 
 
 class StopToken:
@@ -155,8 +159,8 @@ def open_checkpoint(checkpoint_dir: str | os.PathLike | None, *, resume: bool,
     if not isinstance(saved, dict):
         raise InputError(f"{path}: a checkpoint without its run settings (written by an "
                          "earlier napari-hinge); it cannot be resumed exactly", path=path)
-    differ = [k for k in sorted(set(saved) | set(settings))
-              if _comparable(saved.get(k)) != _comparable(settings.get(k))]
+    differ = [k for k in sorted(set(saved) | set(settings)) if k not in EXTENDABLE
+              and _comparable(saved.get(k)) != _comparable(settings.get(k))]
     if differ:
         shown = "; ".join(f"{k}: checkpoint {_short(saved.get(k))}, now {_short(settings.get(k))}"
                           for k in differ[:6])

@@ -82,7 +82,7 @@ class CentralConfig:
         return config_from_dict(cls, data, where="C2L central config")
 
 
-FORMAT = ModelFormat("c2l-central", 2, CentralConfig)
+FORMAT = ModelFormat("c2l-central", 2, CentralConfig, title="C2L central")
 
 
 class CentralModel(nn.Module):

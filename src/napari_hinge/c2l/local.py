@@ -56,7 +56,7 @@ class LocalConfig:
         return config_from_dict(cls, data, where="C2L local config")
 
 
-FORMAT = ModelFormat("c2l-local", 2, LocalConfig)
+FORMAT = ModelFormat("c2l-local", 2, LocalConfig, title="C2L local")
 
 
 class LocalModel(nn.Module):

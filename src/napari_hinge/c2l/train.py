@@ -81,14 +81,19 @@ def _split(n: int, val_count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return np.sort(order[val_count:]), np.sort(order[:val_count])
 
 
-def _open(checkpoint_dir, resume: bool, kind: str, config: dict, *, n_train: int, steps: int,
-          batch_size: int, lr: float, ema_decay: float, seed: int, eval_every: int,
+def _run(n_train: int, steps: int, batch_size: int, lr: float, ema_decay: float, seed: int,
+         eval_every: int) -> dict:
+    """The settings every C2L trainer passes to :func:`_loop` (and records in checkpoints)."""
+    return {"n_train": int(n_train), "steps": int(steps), "batch_size": int(batch_size),
+            "lr": float(lr), "ema_decay": float(ema_decay), "seed": int(seed),
+            "eval_every": int(eval_every)}
+
+
+def _open(checkpoint_dir, resume: bool, kind: str, config: dict, run: dict,
           **more) -> tuple[Path | None, dict | None, dict]:
     """The checkpoint path, the state to resume (or None) and the run's settings, checked
     against the checkpoint's (:func:`napari_hinge.training.open_checkpoint`)."""
-    settings = {"kind": kind, "config": config, "n_train": int(n_train), "steps": int(steps),
-                "batch_size": int(batch_size), "lr": float(lr), "ema_decay": float(ema_decay),
-                "seed": int(seed), "eval_every": int(eval_every), **more}
+    settings = {"kind": kind, "config": config, **run, **more}
     path, state = open_checkpoint(checkpoint_dir, resume=resume, settings=settings)
     return path, state, settings
 
@@ -237,10 +242,9 @@ def train_autoencoder(model: PatchAutoencoder, patches: np.ndarray, *, steps: in
         with torch.no_grad():
             return float(image_loss(model.decoder(model.encoder(val_x)), val_x))
 
-    run = {"n_train": len(data), "steps": steps, "batch_size": batch_size, "lr": lr,
-           "ema_decay": ema_decay, "seed": seed, "eval_every": eval_every}
+    run = _run(len(data), steps, batch_size, lr, ema_decay, seed, eval_every)
     ckpt, state, settings = _open(checkpoint_dir, resume, "c2l-autoencoder",
-                                  model.config.to_dict(), **run)
+                                  model.config.to_dict(), run)
     trainable = dict(model.named_parameters())
     yield from _loop(model=model, trainable=trainable, loss_fn=loss_fn,
                      val_loss_fn=val_loss_fn if val_x is not None else None, weight_decay=0.0,
@@ -321,12 +325,11 @@ def refine_decoder(model: PatchAutoencoder, patches: np.ndarray, *, steps: int =
         with torch.no_grad():
             return float(image_loss(model.decoder(model.encoder(val_x)), val_x))
 
-    run = {"n_train": len(data), "steps": steps, "batch_size": batch_size, "lr": lr,
-           "ema_decay": ema_decay, "seed": seed, "eval_every": eval_every}
-    ckpt, state, settings = _open(checkpoint_dir, resume, "c2l-decoder",
-                                  model.config.to_dict(), critic_lr=float(critic_lr),
+    run = _run(len(data), steps, batch_size, lr, ema_decay, seed, eval_every)
+    ckpt, state, settings = _open(checkpoint_dir, resume, "c2l-decoder", model.config.to_dict(),
+                                  run, critic_lr=float(critic_lr),
                                   adversarial_weight=float(adversarial_weight),
-                                  critic_warmup=int(critic_warmup), **run)
+                                  critic_warmup=int(critic_warmup))
     trainable = {f"decoder.{n}": p for n, p in model.decoder.named_parameters()}
     yield from _loop(model=model, trainable=trainable, loss_fn=loss_fn,
                      val_loss_fn=val_loss_fn if val_x is not None else None, weight_decay=0.0,
@@ -352,10 +355,9 @@ def train_central(model: CentralModel, patches: np.ndarray, *, steps: int = 2000
     patches = _check_patches(patches, model.config.image_size)
     device = default_device(device)
     train_idx, val_idx = _split(len(patches), val_count, seed)
-    run = {"n_train": len(train_idx), "steps": steps, "batch_size": batch_size, "lr": lr,
-           "ema_decay": ema_decay, "seed": seed, "eval_every": eval_every}
+    run = _run(len(train_idx), steps, batch_size, lr, ema_decay, seed, eval_every)
     ckpt, state, settings = _open(checkpoint_dir, resume, "c2l-central", model.config.to_dict(),
-                                  weight_decay=float(weight_decay), **run)
+                                  run, weight_decay=float(weight_decay))
     frozen = {}
     if model.autoencoder is not None:
         if state is not None:
@@ -402,10 +404,9 @@ def train_local(model: LocalModel, patches: np.ndarray, expression: np.ndarray, 
         raise ValueError("local adaptation needs at least 2 paired spots")
     device = default_device(device)
     train_idx, val_idx = _split(len(patches), val_count, seed)
-    run = {"n_train": len(train_idx), "steps": steps, "batch_size": batch_size, "lr": lr,
-           "ema_decay": ema_decay, "seed": seed, "eval_every": eval_every}
+    run = _run(len(train_idx), steps, batch_size, lr, ema_decay, seed, eval_every)
     ckpt, state, settings = _open(checkpoint_dir, resume, "c2l-local", model.config.to_dict(),
-                                  weight_decay=float(weight_decay), **run)
+                                  run, weight_decay=float(weight_decay))
     model.to(device)
     if state is None:
         model.set_expression_stats(expression[train_idx])

@@ -141,7 +141,7 @@ def state_digest(module: nn.Module) -> str:
     return h.hexdigest()
 
 
-FORMAT = ModelFormat("hinge", 2, HingeConfig)
+FORMAT = ModelFormat("hinge", 2, HingeConfig, title="HINGE")
 
 
 class HingeModel(nn.Module):

@@ -362,9 +362,10 @@ def fit_hinge_arrays(features, targets, genes: Sequence[str], *, encoder: str = 
     reached 0.62), ``ada_rank=32`` (low-rank SoftAdaLN heads; ``None`` = the paper's full
     heads) and standardised image features (``standardize``). With
     ``checkpoint_dir`` the final model is saved to ``checkpoint_dir/final`` (with
-    :func:`save_model`); ``best/`` holds the best-validation weights.
+    :func:`save_model`); ``best/`` holds the best-validation weights. A resumed run keeps the
+    milestones of its checkpoint unless ``milestones`` is given (so ``epochs`` may grow).
     """
-    from .train import split_groups, train_hinge
+    from .train import checkpoint_milestones, split_groups, train_hinge
 
     features = np.asarray(features, dtype=np.float32)
     targets = np.asarray(targets, np.float32)
@@ -394,6 +395,9 @@ def fit_hinge_arrays(features, targets, genes: Sequence[str], *, encoder: str = 
         for g in np.unique(labels):
             sel = labels == g
             prior_values[sel] += (targets[sel] - oof[sel]).mean(0)
+    if milestones is None and resume and checkpoint_dir is not None:
+        # a resumed run keeps its schedule, also when it is made longer (--epochs)
+        milestones = checkpoint_milestones(checkpoint_dir)
     if milestones is None:
         milestones = tuple(sorted({max(1, round(epochs * f)) for f in (20 / 40, 35 / 40)}))
     gen = train_hinge(model, inputs, targets,

@@ -28,9 +28,11 @@ import torch
 from napari_hinge.device import autocast, default_device
 from napari_hinge.metrics import gene_pearson
 from napari_hinge.training import (
+    CHECKPOINT_FILE,
     StopToken,
     TrainEvent,
     data_fingerprint,
+    load_checkpoint,
     open_checkpoint,
     rng_state,
     save_checkpoint,
@@ -75,6 +77,25 @@ def split_groups(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np
         raise ValueError(f"need at least 2 spots to hold out validation spots, got {n}")
     perm = np.random.default_rng(seed).permutation(n)
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+def checkpoint_milestones(checkpoint_dir: str | Path) -> tuple[int, ...] | None:
+    """The learning-rate milestones a checkpoint folder's run was started with (None when
+    there is no readable checkpoint: the caller's error says why on resume)."""
+    path = Path(checkpoint_dir) / CHECKPOINT_FILE
+    if not path.is_file():
+        return None
+    settings = load_checkpoint(path).get("settings") or {}
+    return tuple(settings["milestones"]) if "milestones" in settings else None
+
+
+def epoch_rows(train_idx: np.ndarray, K: int, aug_ratio: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One epoch's training rows ``(views, spots)``: ``aug_ratio`` of each spot's ``K`` views
+    (without replacement), shuffled (the global torch RNG, seeded by the trainer)."""
+    views = torch.rand(len(train_idx), K).argsort(1)[:, :aug_ratio].reshape(-1)
+    spots = torch.as_tensor(train_idx).repeat_interleave(aug_ratio)
+    order = torch.randperm(len(spots))
+    return views[order], spots[order]
 
 
 @torch.no_grad()
@@ -227,11 +248,7 @@ def train_hinge(model: HingeModel, train_features, train_targets, *, val_fractio
     step = (start_epoch - 1) * steps_per_epoch
     for epoch in range(start_epoch, epochs + 1):
         warm = epoch <= warmup_epochs
-        # one (or aug_ratio) of each spot's K views, then shuffle the rows
-        views = torch.rand(len(train_idx), K).argsort(1)[:, :aug_ratio].reshape(-1)
-        spots = torch.as_tensor(train_idx).repeat_interleave(aug_ratio)
-        order = torch.randperm(n_rows)
-        views, spots = views[order], spots[order]
+        views, spots = epoch_rows(train_idx, K, aug_ratio)
         losses = []
         for b in range(steps_per_epoch):
             if stop.requested:
@@ -283,13 +300,13 @@ def train_hinge(model: HingeModel, train_features, train_targets, *, val_fractio
                 pred = res.mean - own + prior_values[val_idx]
                 record["val_pcc"] = float(gene_pearson(pred.numpy(),
                                                        absolute_targets[val_idx].numpy()).mean())
-            if val_loss < best_val:
-                best_val, best_epoch = val_loss, epoch
-                if ckpt_dir is not None:
-                    model.save(ckpt_dir / "best")
-        if not len(val_idx) and ckpt_dir is not None:
-            model.save(ckpt_dir / "best")  # nothing to compare on: best/ is the latest model
+            improved = bool(len(val_idx)) and val_loss is not None and val_loss < best_val
+        if improved:
+            best_val, best_epoch = val_loss, epoch
         history.append(record)
+        # the one place checkpoints are written; nothing to compare on: best/ is the latest
+        if ckpt_dir is not None and (improved or not len(val_idx)):
+            model.save(ckpt_dir / "best")
         if last_path is not None:
             save_checkpoint(last_path, {
                 "model": {k: v.detach().cpu() for k, v in model.trainable_state_dict().items()},

@@ -57,7 +57,7 @@ class STMGACConfig:
         return config_from_dict(cls, d, where="STMGAC config")
 
 
-FORMAT = ModelFormat("stmgac", 2, STMGACConfig)
+FORMAT = ModelFormat("stmgac", 2, STMGACConfig, title="STMGAC")
 
 
 class GCNConv(nn.Module):
