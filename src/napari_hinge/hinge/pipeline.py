@@ -277,6 +277,13 @@ def model_inputs(model: HingeModel, features, coords_um=None, groups=None) -> np
     return f
 
 
+def standardized(model: HingeModel, inputs) -> np.ndarray:
+    """:func:`model_inputs` as the network sees them (its feature standardisation applied), for
+    fitting or scoring a baseline on exactly the network's inputs."""
+    with torch.no_grad():
+        return model.standardize(torch.as_tensor(np.asarray(inputs, np.float32))).cpu().numpy()
+
+
 def coords_um_of(adata) -> np.ndarray:
     """Spot centres in µm (``obsm['spatial']`` times the slide's pixel size)."""
     mpp = adata.uns.get(META_KEY, {}).get("microns_per_pixel")
@@ -433,9 +440,7 @@ def fit_ridge_prior(model: HingeModel, inputs, targets, groups=None):
     (smoother training features than the test's)."""
     from napari_hinge.baselines import TunedRidge
 
-    with torch.no_grad():  # the ridge sees the features as the network does: standardised
-        view = model.standardize(torch.as_tensor(np.asarray(inputs)[0])).cpu().numpy()
-    ridge = TunedRidge().fit(view, targets, groups=groups)
+    ridge = TunedRidge().fit(standardized(model, np.asarray(inputs)[0]), targets, groups=groups)
     model.set_prior(*ridge.linear_map())
     return ridge
 
