@@ -300,7 +300,7 @@ def train_hinge(model: HingeModel, train_features, train_targets, *, val_fractio
                 pred = res.mean - own + prior_values[val_idx]
                 record["val_pcc"] = float(gene_pearson(pred.numpy(),
                                                        absolute_targets[val_idx].numpy()).mean())
-            improved = bool(len(val_idx)) and val_loss is not None and val_loss < best_val
+        improved = val_loss is not None and val_loss < best_val
         if improved:
             best_val, best_epoch = val_loss, epoch
         history.append(record)
