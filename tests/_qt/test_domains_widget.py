@@ -29,7 +29,7 @@ def test_domains_paint_labels_under_the_spots(dlpfc_viewer, qtbot, tmp_path):
     assert labels is not None and labels.data.dtype == np.uint8
     spots = viewer.layers["151673 spots"]
     adata = spots.metadata["adata"]
-    assert "domain" in adata.obs and adata.obsm["X_stmgac"].shape == (adata.n_obs, 16)
+    assert "domain" in adata.obs and adata.obsm["domain_latent"].shape == (adata.n_obs, 16)
     # Every spot's label lies under its centre, in world (µm) coordinates.
     codes = adata.obs["domain"].cat.codes.to_numpy() + 1
     world = spots.data * np.asarray(spots.scale)

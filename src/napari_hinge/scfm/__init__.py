@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from ..pp import transform_counts  # the backbones' value transform lives with the others
 from .base import (
     WEIGHTS_FILE,
     BackboneConfig,
@@ -30,7 +31,6 @@ from .base import (
     map_panel,
     read_config,
     save_backbone,
-    transform_counts,
 )
 from .builtin import BuiltinBackbone
 from .cellfm import CellFMBackbone, find_gene_table, load_cellfm
