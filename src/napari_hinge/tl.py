@@ -321,10 +321,14 @@ def synthesize(
 ):
     """Generate H&E tiles conditioned on expression over a region of ``adata``'s slide.
 
+    The tiles' expression comes from the measured spots around them (``source='neighbours'``)
+    or from HINGE (``source='hinge'``); the slide itself is never modified.
+
     Parameters
     ----------
     adata
-        Spots on a slide (the AnnData convention of :mod:`napari_hinge.io`).
+        The measured spots, conditioning the tiles (the AnnData convention of
+        :mod:`napari_hinge.io`).
     model
         An adapted :class:`~napari_hinge.c2l.local.LocalModel` or its folder.
     slide
