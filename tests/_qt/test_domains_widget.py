@@ -23,7 +23,7 @@ def test_domains_paint_labels_under_the_spots(dlpfc_viewer, qtbot, tmp_path):
     widget = DomainsWidget(viewer)
     widget.k_box.setValue(7)
     widget.epochs_box.setValue(20)  # a short run: this test checks the plumbing, not the ARI
-    with qtbot.waitSignal(widget.jobs.succeeded, timeout=300_000):
+    with qtbot.waitSignal(widget.jobs.succeeded, timeout=900_000):
         widget.run()
     labels = widget.labels_layer
     assert labels is not None and labels.data.dtype == np.uint8
