@@ -15,6 +15,7 @@ from collections.abc import Callable, Generator
 import numpy as np
 import pandas as pd
 
+from ._progress import ProgressEvent
 from .defaults import SAMPLER, STMGAC
 from .training import StopToken, TrainEvent
 
@@ -70,7 +71,7 @@ def domains_iter(
     coords = _coords(adata, 1.0)
     adjacency = knn_adjacency(coords, p.k)
     pre = preprocess(adata, p, layer=layer)
-    dev = default_device(device) if device is not None else torch.device("cpu")
+    dev = default_device(device)
 
     trainer = train_stmgac(pre.x, adjacency, p, n_domains=n_domains, epochs=epochs, seed=seed,
                            stop=stop, device=dev)
@@ -133,7 +134,7 @@ def domains_iter(
     }
     counts = np.bincount(labels, minlength=n_domains)
     yield TrainEvent(
-        "done", summary.get("epochs", 1) - 1, summary.get("epochs", 1), summary.get("epochs", 1),
+        "done", summary.get("epochs", 1), summary.get("epochs", 1), summary.get("epochs", 1),
         final_loss, metrics={**summary, "domain_sizes": counts.tolist(), "result": target},
     )
     return target
@@ -290,7 +291,7 @@ def predict(
     if progress:
         with EventBar("HINGE", unit="spot") as bar:
             pred = predict_spots(model, target, **options, progress=lambda done, total: bar(
-                TrainEvent("step", 0, done, total)))
+                ProgressEvent("step", None, done, total)))
     else:
         pred = predict_spots(model, target, **options)
     written = [f"{key_added}_mean", f"{key_added}_std"]
