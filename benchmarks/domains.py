@@ -33,9 +33,10 @@ import scipy.sparse as sp
 import torch
 
 from napari_hinge.metrics import ari, nmi
+from napari_hinge.pp import highly_variable_genes
 from napari_hinge.stmgac.cluster import gmm_labels, refine_labels
 from napari_hinge.stmgac.graph import gcn_normalize, knn_adjacency, to_torch
-from napari_hinge.stmgac.preprocess import counts_matrix, preprocess, seurat_v3_hvg
+from napari_hinge.stmgac.preprocess import counts_matrix, preprocess
 from napari_hinge.stmgac.presets import get_preset
 from napari_hinge.stmgac.train import train_stmgac
 from napari_hinge.training import run_to_end
@@ -82,7 +83,7 @@ def baseline_pca(adata, n_pcs: int = 30, n_hvg: int = 2000, seed: int = 0) -> np
     counts = counts_matrix(adata)
     keep = np.flatnonzero(np.asarray((counts > 0).sum(axis=0)).ravel() >= 3)
     counts = counts[:, keep]
-    hvg = seurat_v3_hvg(counts, n_hvg)
+    hvg = highly_variable_genes(counts, n_hvg)
     lib = np.asarray(counts.sum(axis=1)).ravel()
     x = (sp.diags(1e4 / np.maximum(lib, 1)) @ counts[:, hvg]).toarray()
     x = np.log1p(x)

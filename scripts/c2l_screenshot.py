@@ -8,7 +8,7 @@ the real H&E and the synthetic mosaic of the same region (``--compare``)::
     xvfb-run -a -s "-screen 0 1920x1080x24" python scripts/c2l_screenshot.py \
         --local bench_out/c2l_local_fewshot --out docs/images/c2l_fill.png
 
-``--local`` is a local model folder (``napari-hinge c2l-adapt`` or ``benchmarks/c2l.py
+``--local`` is a local model folder (``napari-hinge c2l adapt`` or ``benchmarks/c2l.py
 --save-local``); without it a local model is adapted on the sample's spots first
 (``--adapt-steps``).
 """

@@ -481,19 +481,24 @@ def test_fill_region_end_to_end(trained_local, sample, slide, capsys):
 
     spots = sample.copy()
     capsys.readouterr()
-    via_tl = tl.synthesize(spots, trained_local, region=poly, steps=3, guidance=2.0)
-    np.testing.assert_array_equal(via_tl.mosaic, res.mosaic)
+    assert tl.synthesize(spots, model=trained_local, region=poly, steps=3, guidance=2.0) is None
+    written = spots.uns["c2l"]
+    np.testing.assert_array_equal(written["mosaic"], res.mosaic)
+    np.testing.assert_array_equal(written["patches"], res.patches)
+    assert written["placement"] == {k: list(v) for k, v in res.placement().items()}
     assert "C2L-ST fill" in capsys.readouterr().err  # a progress bar by default
-    tl.synthesize(spots.copy(), trained_local, region=poly, steps=1, progress=False)
-    assert capsys.readouterr().err == ""
-    assert spots.uns["c2l"]["n_tiles"] == 4 and spots.uns["c2l"]["genes"] == trained_local.genes
+    copied = tl.synthesize(spots, model=trained_local, region=poly, steps=1, progress=False,
+                           key_added="c2l_quick", copy=True)
+    assert capsys.readouterr().err == "" and "c2l_quick" not in spots.uns
+    assert copied.uns["c2l_quick"]["params"]["steps"] == 1
+    assert written["params"]["n_tiles"] == 4 and written["genes"] == trained_local.genes
     # editing the real H&E under the tiles instead of generating from noise
     edit = fill_region(trained_local, slide, sample, region=poly, steps=3, strength=0.3)
     assert edit.params["strength"] == 0.3 and edit.mosaic.shape == res.mosaic.shape
     assert not np.array_equal(edit.patches, res.patches)
     del spots.uns["napari_hinge"]["slide_path"]
     with pytest.raises(ValueError, match="names no slide"):
-        tl.synthesize(spots, trained_local, region=poly, steps=1)
+        tl.synthesize(spots, model=trained_local, region=poly, steps=1)
 
 
 def test_canvas_windows_cover_pairs_and_blocks_of_present_tiles():

@@ -157,8 +157,25 @@ def test_fit_predict_evaluate(c2, tmp_path):
     np.testing.assert_array_equal(again.X, pred.X)  # seeded
     from napari_hinge import tl
 
-    via_tl = tl.predict(spots, model, n_samples=3, reveal_steps=5, seed=1, key_added="hz")
-    np.testing.assert_array_equal(via_tl.X, pred.X)  # the scanpy-style entry point
+    # the scanpy-style entry point: copy=True leaves the input alone and returns a copy ...
+    fresh = c2[80:120].copy()
+    via_tl = tl.predict(fresh, model=model, n_samples=3, reveal_steps=5, seed=1, key_added="tz",
+                        copy=True, progress=False)
+    assert not any(k.startswith("tz") for k in (*fresh.obsm, *fresh.uns))
+    np.testing.assert_array_equal(via_tl.obsm["tz_mean"], pred.X)
+    np.testing.assert_array_equal(via_tl.obsm["tz_std"], pred.layers["std"])
+    # ... copy=False writes into it and returns None; every key is named from key_added
+    before = set(fresh.obsm) | set(fresh.uns)
+    assert tl.predict(fresh, model=model, n_samples=3, reveal_steps=5, seed=1,
+                      key_added="tz", progress=False) is None
+    added = (set(fresh.obsm) | set(fresh.uns)) - before
+    assert added and all(k.startswith("tz") for k in added)
+    assert set(fresh.uns["tz"]["obsm_keys"]) == added - {"tz"}
+    for name in ("lower_80", "upper_95"):
+        if name in pred.layers:
+            np.testing.assert_array_equal(fresh.obsm[f"tz_{name}"], pred.layers[name])
+    assert fresh.uns["tz"]["genes"] == model.config.genes
+    assert fresh.uns["tz"]["params"]["n_samples"] == 3 and fresh.uns["tz"]["params"]["seed"] == 1
 
     scores = evaluate(pred, spots)
     assert scores["genes_scored"] == G and len(scores["pcc_per_gene"]) == G
@@ -185,25 +202,25 @@ def test_cli_train_predict_evaluate(hinge_cli, tmp_path, capsys):
 
     folder = str(her2st_sample_paths()["folder"])
     model_dir = tmp_path / "model"
-    rc = hinge_cli(["train", folder, "--section", "C3", "--out", str(model_dir),
+    rc = hinge_cli(["hinge", "train", folder, "--section", "C3", "--out", str(model_dir),
                     "--encoder", TINY, "--epochs", "2", "--n-genes", "6", "--batch-size", "32",
                     "--no-augment", "--seed", "1"])
     assert rc == 0, capsys.readouterr().err
     assert (model_dir / "config.json").is_file() and (model_dir / "model.safetensors").is_file()
     assert (tmp_path / "model.checkpoints" / "last.pt").is_file()
     # a second run must not overwrite the model nor the checkpoints
-    rc = hinge_cli(["train", folder, "--section", "C3", "--out", str(model_dir),
+    rc = hinge_cli(["hinge", "train", folder, "--section", "C3", "--out", str(model_dir),
                     "--encoder", TINY, "--epochs", "2", "--n-genes", "6"])
     assert rc == 2 and "already holds a model" in capsys.readouterr().err
     # resume: the run is complete, continuing it to 3 epochs trains one more epoch
-    rc = hinge_cli(["train", folder, "--section", "C3", "--out", str(model_dir),
+    rc = hinge_cli(["hinge", "train", folder, "--section", "C3", "--out", str(model_dir),
                     "--encoder", TINY, "--epochs", "3", "--n-genes", "6", "--batch-size", "32",
                     "--no-augment", "--seed", "1", "--resume"])
     assert rc == 0, capsys.readouterr().err
 
     out = tmp_path / "pred.h5ad"
-    rc = hinge_cli(["predict", f"{folder}:C3", "--model", str(model_dir), "--out", str(out),
-                    "--samples", "2", "--reveal-steps", "4"])
+    rc = hinge_cli(["hinge", "predict", f"{folder}:C3", "--model", str(model_dir),
+                    "--out", str(out), "--samples", "2", "--reveal-steps", "4"])
     assert rc == 0, capsys.readouterr().err
     assert out.is_file() and out.with_suffix(".png").stat().st_size > 10_000
     import anndata as ad
@@ -211,7 +228,7 @@ def test_cli_train_predict_evaluate(hinge_cli, tmp_path, capsys):
     pred = ad.read_h5ad(out)
     assert pred.n_vars == 6 and "std" in pred.layers and "spatial" in pred.obsm
     capsys.readouterr()
-    rc = hinge_cli(["evaluate", folder, "--section", "C3", "--pred", str(out),
+    rc = hinge_cli(["hinge", "evaluate", folder, "--section", "C3", "--pred", str(out),
                     "--json", str(tmp_path / "s.json")])
     assert rc == 0
     assert "pcc_mean" in capsys.readouterr().out
@@ -223,17 +240,17 @@ def test_cli_bad_input(hinge_cli, tmp_path, capsys):
     from napari_hinge.datasets import her2st_sample_paths
 
     folder = str(her2st_sample_paths()["folder"])
-    rc = hinge_cli(["train", folder, "--section", "C3", "--out", str(tmp_path / "m"),
+    rc = hinge_cli(["hinge", "train", folder, "--section", "C3", "--out", str(tmp_path / "m"),
                     "--encoder", TINY, "--genes", "CD74,B2M,NOT_IN_VOCAB_XYZ"])
     err = capsys.readouterr().err
     assert rc == 2 and "NOT_IN_VOCAB_XYZ" in err
     not_data = tmp_path / "just_a_folder"
     not_data.mkdir()
     (not_data / "notes.txt").write_text("hello")
-    rc = hinge_cli(["predict", str(not_data), "--out", str(tmp_path / "p.h5ad")])
+    rc = hinge_cli(["hinge", "predict", str(not_data), "--out", str(tmp_path / "p.h5ad")])
     err = capsys.readouterr().err
     assert rc == 2 and "not a recognised spatial dataset" in err and "just_a_folder" in err
-    rc = hinge_cli(["evaluate", folder, "--section", "C3", "--model", str(not_data)])
+    rc = hinge_cli(["hinge", "evaluate", folder, "--section", "C3", "--model", str(not_data)])
     err = capsys.readouterr().err
     assert rc == 2 and "not a saved HINGE model" in err
 

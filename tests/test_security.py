@@ -83,7 +83,7 @@ def test_hinge_train_resume(tmp_path, marker):
 
 
 def test_cli_train_resume(tmp_path, marker, monkeypatch, capsys):
-    """``napari-hinge train --resume``: one line on stderr, exit 2, no code run."""
+    """``napari-hinge hinge train --resume``: one line on stderr, exit 2, no code run."""
     from napari_hinge.datasets import her2st_sample_paths
     from napari_hinge.encoders import register_encoder
     from test_hinge_pipeline import TINY, ColourStats
@@ -93,8 +93,9 @@ def test_cli_train_resume(tmp_path, marker, monkeypatch, capsys):
     path = write_payload(tmp_path / "model.checkpoints" / "last.pt", marker)
     folder = her2st_sample_paths()["folder"]
     monkeypatch.setattr(cli, "COMMAND_MODULES", ["napari_hinge.hinge.cli"])
-    rc = cli.main(["train", str(folder), "--section", "C3", "--out", str(out), "--encoder", TINY,
-                   "--epochs", "1", "--n-genes", "4", "--no-augment", "--resume"])
+    rc = cli.main(["hinge", "train", str(folder), "--section", "C3", "--out", str(out),
+                   "--encoder", TINY, "--epochs", "1", "--n-genes", "4", "--no-augment",
+                   "--resume"])
     err = capsys.readouterr().err
     assert rc == 2 and not marker.exists()
     assert str(path) in err and "Traceback" not in err and len(err.strip().splitlines()) == 1

@@ -85,7 +85,7 @@ def test_predict_slide_command(model, shared_data, tmp_path):
 
     model_dir = save_model(model, tmp_path / "tiny")
     slide = shared_data / "wsi_small" / "her2st_C2_HE_pyramid.ome.tif"
-    rc = main(["predict-slide", str(slide), "--model", str(model_dir), "--genes",
+    rc = main(["hinge", "predict-slide", str(slide), "--model", str(model_dir), "--genes",
                "ERBB2,GRB7,CD74", "--stride", "900", "--samples", "1", "--reveal-steps", "2",
                "--out", str(tmp_path / "out")])
     assert rc == 0
@@ -93,7 +93,8 @@ def test_predict_slide_command(model, shared_data, tmp_path):
         assert tif.series[0].shape[0] == 3 and "CD74" in tif.ome_metadata
     assert (tmp_path / "out" / "uncertainty.ome.tif").is_file()
     assert (tmp_path / "out" / "tiles.h5ad").is_file()
-    assert main(["predict-slide", str(tmp_path / "missing.svs"), "--out", str(tmp_path)]) == 2
+    assert main(["hinge", "predict-slide", str(tmp_path / "missing.svs"),
+                 "--out", str(tmp_path)]) == 2
 
 
 def test_compare_with_spots_reads_the_tile_under_each_spot(model, slide, shared_data):

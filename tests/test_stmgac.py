@@ -253,7 +253,7 @@ def test_domains_stop_writes_nothing(dlpfc_crop, fast_preset):
         if ev.kind == "epoch":
             stop.request()
     assert kinds[-1] == "stopped" and "done" not in kinds
-    assert "domain" not in ad.obs and "X_stmgac" not in ad.obsm
+    assert "domain" not in ad.obs and "domain_latent" not in ad.obsm
 
 
 # -- presets -------------------------------------------------------------------------------
@@ -361,11 +361,11 @@ def test_tl_domains_end_to_end(dlpfc_crop, fast_preset):
                      copy=True, progress=events.append)
     assert "domain" not in ad.obs  # copy=True leaves the input alone
     assert list(out.obs["domain"].cat.categories) == ["0", "1", "2", "3"]
-    assert out.obsm["X_stmgac"].shape == (ad.n_obs, 16)
+    assert out.obsm["domain_latent"].shape == (ad.n_obs, 16)
     # denoised expression only for the model's genes, named by gene (no NaN spots x all genes)
-    assert "stmgac_denoised" not in out.layers
-    den = out.obsm["stmgac_denoised"]
-    hv = out.var["stmgac_denoised_gene"].to_numpy()
+    assert "domain_denoised" not in out.layers
+    den = out.obsm["domain_denoised"]
+    hv = out.var["domain_denoised_gene"].to_numpy()
     assert den.shape == (ad.n_obs, 1000) and hv.sum() == 1000
     assert set(den.columns) == set(out.var_names[hv]) and (den.index == out.obs_names).all()
     assert np.isfinite(den.to_numpy()).all() and den.to_numpy().dtype == np.float32
@@ -373,6 +373,13 @@ def test_tl_domains_end_to_end(dlpfc_crop, fast_preset):
     assert params["seed"] == 3 and params["epochs"] == 15 and params["refine"] is True
     assert events[-1].kind == "done" and events[-1].metrics["result"] is out
     assert sum(e.kind == "epoch" for e in events) == 15
+    # copy=False writes into the AnnData and returns None; every key is named from key_added
+    before = {*ad.obs, *ad.obsm, *ad.var, *ad.uns}
+    assert tl.domains(ad, n_domains=4, preset=fast_preset, epochs=15, seed=3, refine=True,
+                      key_added="dom", progress=False) is None
+    added = {*ad.obs, *ad.obsm, *ad.var, *ad.uns} - before
+    assert added == {"dom", "dom_latent", "dom_denoised", "dom_denoised_gene"}
+    np.testing.assert_array_equal(ad.obs["dom"].to_numpy(), out.obs["domain"].to_numpy())
 
 
 def test_tl_domains_progress_bar(dlpfc_crop, fast_preset, capsys):
@@ -461,13 +468,13 @@ def test_cli_domains(shared_data, tmp_path, capsys, monkeypatch):
         assert args.func(args) == 0
     printed = capsys.readouterr().out
     res = ad_mod.read_h5ad(out)
-    assert res.obs["domain"].nunique() <= 4 and "X_stmgac" in res.obsm
+    assert res.obs["domain"].nunique() <= 4 and "domain_latent" in res.obsm
     assert res.uns["domain"]["params"]["preset"] == "legacy_st" and "preset legacy_st" in printed
     # A1 carries pathologist labels: the CLI scores against them and records the scores
     scores = res.uns["domain"]["scores"]
     assert scores["truth"] == "obs['pathology_label']" and -1 <= scores["ari"] <= 1
     assert f"ARI {scores['ari']:.3f}  NMI {scores['nmi']:.3f}" in printed
-    assert not res.layers and res.obsm["stmgac_denoised"].shape[1] < res.n_vars
+    assert not res.layers and res.obsm["domain_denoised"].shape[1] < res.n_vars
     labels = tifffile.imread(tif)
     assert labels.dtype == np.uint8 and labels.max() <= 4 and labels.max() > 0
     assert "0 = background" in printed

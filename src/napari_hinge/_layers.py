@@ -134,10 +134,9 @@ def gene_values(adata, gene: str, transform: str = GENE_TRANSFORMS[0]) -> np.nda
     values = values.astype(np.float64)
     if transform == "raw counts":
         return values
-    totals = library_size(adata)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        scaled = np.where(totals > 0, values / totals * 1e4, 0.0)
-    return np.log1p(scaled)
+    from napari_hinge.pp import log1p_cp10k
+
+    return log1p_cp10k(values[:, None], library_size(adata))[:, 0].astype(np.float64)
 
 
 def robust_limits(values: np.ndarray, low: float = 1.0, high: float = 99.0) -> tuple[float, float]:

@@ -7,6 +7,8 @@ The protocol (design.md section 6) is fixed here so that every model is scored t
 - panel: genes expressed (count > 0) in at least 10% of the spots of **every** training
   section, then the top N by variance of the targets over the training spots
   (:data:`HVG_RULE`; report it with every number, it moves scores more than models do);
+  the transform and the rule are :func:`napari_hinge.pp.log1p_cp10k` and
+  :func:`napari_hinge.pp.select_gene_panel`;
 - inputs: spot-centred 160 px crops (about 112 um on these images), encoded once and cached.
 """
 
@@ -21,8 +23,17 @@ import numpy as np
 from ._convention import META_KEY, SPATIAL_KEY
 from .geometry import MIN_UMI
 
-TARGET_SUM = 1e4
-MIN_FRAC = 0.10
+# The transform and the panel rule live in napari_hinge.pp; these names stay importable here.
+from .pp import (  # noqa: F401
+    MIN_FRAC,
+    TARGET_RULE,
+    TARGET_SUM,
+    hvg_rule,
+    select_gene_panel,
+    with_included,
+)
+from .pp import log1p_cp10k as expression_targets
+
 HER2ST_PATCH_PX = 160
 HER2ST_PATIENT_C = ("C2", "C3", "C4", "C5", "C6")
 # Markers a breast pathologist asks for, measured in every her2st patient C table (PGR,
@@ -34,94 +45,7 @@ BREAST_MARKERS = (
     "COL3A1", "FN1", "PECAM1", "VWF", "PTPRC", "CD3E", "CD4", "CD8A", "CD68", "CD163",
     "MS4A1", "CD19", "CD74", "HLA-DRA", "FOXP3", "MZB1", "JCHAIN",
 )
-TARGET_RULE = "log1p(normalize_total(counts, target_sum=1e4)) over all genes"
-
-
-def hvg_rule(n_genes: int, min_frac: float = MIN_FRAC) -> str:
-    """The gene-panel rule in words (echoed into every result)."""
-    return (
-        f"genes with count>0 in >={min_frac:.0%} of spots of every training section, then "
-        f"top {n_genes} by variance of {TARGET_RULE} over training spots"
-    )
-
-
 HVG_RULE = hvg_rule(50)
-
-
-def _dense(x) -> np.ndarray:
-    return np.asarray(x.toarray() if hasattr(x, "toarray") else x, dtype=np.float64)
-
-
-def expression_targets(counts, *, target_sum: float = TARGET_SUM) -> np.ndarray:
-    """``log1p(counts / rowsum * target_sum)`` as float32 (rows with zero total stay 0)."""
-    x = _dense(counts)
-    total = x.sum(axis=1, keepdims=True)
-    scale = np.divide(target_sum, total, out=np.zeros_like(total), where=total > 0)
-    return np.log1p(x * scale).astype(np.float32)
-
-
-def select_gene_panel(
-    train_adatas: Sequence,
-    n: int,
-    *,
-    min_frac: float = MIN_FRAC,
-    targets: Sequence[np.ndarray] | None = None,
-) -> list[str]:
-    """The panel rule: expressed in >= ``min_frac`` of the spots of every training section,
-    then the top ``n`` by variance of the targets over all training spots.
-
-    Parameters
-    ----------
-    train_adatas
-        Training sections (AnnData, ``X`` = raw counts, ``var_names`` = gene symbols).
-    n
-        Panel size.
-    min_frac
-        Minimum fraction of spots with count > 0, required in each section.
-    targets
-        Per-section targets over all genes (default: :func:`expression_targets` of ``X``).
-
-    Returns
-    -------
-    Gene names, highest variance first.
-    """
-    if not train_adatas:
-        raise ValueError("select_gene_panel needs at least one training section")
-    common = None
-    for ad in train_adatas:
-        names = list(ad.var_names)
-        common = set(names) if common is None else common & set(names)
-    keep = None
-    for ad in train_adatas:
-        frac = (_dense(ad.X) > 0).mean(axis=0)
-        ok = {g for g, f in zip(ad.var_names, frac, strict=True) if f >= min_frac}
-        keep = ok if keep is None else keep & ok
-    genes = sorted(common & keep)
-    if len(genes) < n:
-        raise ValueError(
-            f"only {len(genes)} genes pass the expression filter (>= {min_frac:.0%} of spots in "
-            f"every training section); asked for {n}"
-        )
-    if targets is None:
-        targets = [expression_targets(ad.X) for ad in train_adatas]
-    stacked = np.concatenate(
-        [t[:, ad.var_names.get_indexer(genes)] for ad, t in zip(train_adatas, targets, strict=True)]
-    )
-    var = stacked.var(axis=0)
-    order = np.argsort(-var, kind="stable")[:n]
-    return [genes[i] for i in order]
-
-
-def with_included(panel: Sequence[str], include: Sequence[str], train_adatas: Sequence
-                  ) -> list[str]:
-    """``panel`` followed by the genes of ``include`` it lacks (e.g. markers a pathologist asks
-    for); each must be measured in every training section (KeyError naming those that are
-    not)."""
-    lacking = sorted({g for g in include for a in train_adatas if g not in a.var_names})
-    if lacking:
-        raise KeyError(f"{len(lacking)} requested genes are not measured in every training "
-                       f"section: {', '.join(lacking[:20])}")
-    return list(panel) + [g for g in dict.fromkeys(include) if g not in panel]
 
 
 def panel_targets(adata, genes: Sequence[str], targets: np.ndarray | None = None) -> np.ndarray:

@@ -1,8 +1,11 @@
 """Scanpy-style tools on AnnData: spatial domains (STMGAC), expression prediction, synthesis.
 
-Each tool takes the AnnData first, keyword-only options, writes under ``key_added`` and
-echoes its parameters into ``uns``. The ``*_iter`` variants are generators of
-:class:`~napari_hinge.training.TrainEvent` for GUI workers and progress bars.
+One contract for every tool, as in scanpy: the AnnData first, then keyword-only options;
+every key it writes is named from ``key_added`` (``obs[key_added]``, ``obsm[f'{key_added}_...']``,
+``uns[key_added]``); ``copy=False`` writes into the AnnData and returns None, ``copy=True``
+leaves it alone and returns an annotated copy; ``uns[key_added]['params']`` echoes the options.
+The ``*_iter`` variants are generators of :class:`~napari_hinge.training.TrainEvent` for GUI
+workers and progress bars.
 """
 
 from __future__ import annotations
@@ -13,26 +16,24 @@ import numpy as np
 import pandas as pd
 
 from ._progress import ProgressEvent
+from .defaults import SAMPLER, STMGAC
 from .training import StopToken, TrainEvent
 
 # ----------------------------------------------------------------------------------------
 # Spatial domains (STMGAC)
 # ----------------------------------------------------------------------------------------
 
-DOMAIN_LATENT_KEY = "X_stmgac"
-DOMAIN_DENOISED_KEY = "stmgac_denoised"
-
 
 def domains_iter(
     adata,
     *,
     n_domains: int,
-    preset="auto",
+    preset=STMGAC["preset"],
     epochs: int | None = None,
-    seed: int = 3407,
+    seed: int = STMGAC["seed"],
     refine: bool | None = None,
-    method: str = "gmm",
-    covariance_type: str = "tied",
+    method: str = STMGAC["method"],
+    covariance_type: str = STMGAC["covariance_type"],
     key_added: str = "domain",
     layer: str | None = None,
     denoised: bool = True,
@@ -99,18 +100,17 @@ def domains_iter(
 
     target = adata.copy() if copy else adata
     cats = [str(i) for i in range(n_domains)]
+    latent_key, denoised_key = f"{key_added}_latent", f"{key_added}_denoised"
     target.obs[key_added] = pd.Categorical([str(v) for v in labels], categories=cats)
-    target.obsm[DOMAIN_LATENT_KEY] = latent
+    target.obsm[latent_key] = latent
     if denoised:
         # Only the model's genes (spots x HVGs, a DataFrame named by gene): a spots x all-genes
         # layer would be NaN almost everywhere and make the h5ad ~10x larger.
         values = pre.to_expression(model.denoise(xt, adj).float().cpu().numpy())
-        target.obsm[DOMAIN_DENOISED_KEY] = pd.DataFrame(
+        target.obsm[denoised_key] = pd.DataFrame(
             values.astype(np.float32, copy=False), index=target.obs_names,
             columns=target.var_names[pre.hvg_index].astype(str))
-        target.var[f"{DOMAIN_DENOISED_KEY}_gene"] = np.isin(
-            np.arange(target.n_vars), pre.hvg_index
-        )
+        target.var[f"{denoised_key}_gene"] = np.isin(np.arange(target.n_vars), pre.hvg_index)
     unit = f"counts per {pre.target_sum:g}"
     if pre.log1p:
         unit = f"log1p({unit})"
@@ -119,16 +119,16 @@ def domains_iter(
         "params": {
             "n_domains": n_domains, "preset": p.name, "epochs": int(summary.get("epochs", 0)),
             "seed": int(seed), "refine": bool(refine), "clustering": method,
-            "covariance_type": covariance_type, "layer": layer or "X",
+            "covariance_type": covariance_type, "layer": layer or "X", "denoised": bool(denoised),
         },
         "preset": p.to_dict(),
         "clustering": info,
         "training": {k: v for k, v in summary.items() if isinstance(v, (int, float))},
-        "latent_key": DOMAIN_LATENT_KEY,
-        "denoised_key": DOMAIN_DENOISED_KEY if denoised else "",
+        "latent_key": latent_key,
+        "denoised_key": denoised_key if denoised else "",
         "denoised_space": (
-            f"obsm['{DOMAIN_DENOISED_KEY}']: {unit} of the {pre.genes.size} seurat_v3 HVGs "
-            f"(its columns; var['{DOMAIN_DENOISED_KEY}_gene']), decoded from the model's "
+            f"obsm['{denoised_key}']: {unit} of the {pre.genes.size} seurat_v3 HVGs "
+            f"(its columns; var['{denoised_key}_gene']), decoded from the model's "
             f"{pre.input} input and mapped back through the PCA loadings and the z-score"
         ),
     }
@@ -144,12 +144,12 @@ def domains(
     adata,
     *,
     n_domains: int,
-    preset="auto",
+    preset=STMGAC["preset"],
     epochs: int | None = None,
-    seed: int = 3407,
+    seed: int = STMGAC["seed"],
     refine: bool | None = None,
-    method: str = "gmm",
-    covariance_type: str = "tied",
+    method: str = STMGAC["method"],
+    covariance_type: str = STMGAC["covariance_type"],
     key_added: str = "domain",
     layer: str | None = None,
     denoised: bool = True,
@@ -181,13 +181,14 @@ def domains(
         (resolution searched until K clusters).
     key_added
         ``obs[key_added]`` gets the domains (categorical '0'..'K-1'), ``uns[key_added]`` the
-        parameters. The latent goes to ``obsm['X_stmgac']``, the denoised expression of the
-        genes the model was trained on to ``obsm['stmgac_denoised']`` (a DataFrame, one column
-        per gene; see ``uns[key_added]['denoised_space']``).
+        parameters. The 16-d latent goes to ``obsm[f'{key_added}_latent']``, the denoised
+        expression of the genes the model was trained on to ``obsm[f'{key_added}_denoised']``
+        (a DataFrame, one column per gene; ``var[f'{key_added}_denoised_gene']`` marks them;
+        see ``uns[key_added]['denoised_space']``).
     layer
         Layer holding the raw counts (default ``X``).
     denoised
-        Write ``obsm['stmgac_denoised']`` (spots x the model's genes, float32).
+        Write ``obsm[f'{key_added}_denoised']`` (spots x the model's genes, float32).
     stop
         A :class:`~napari_hinge.training.StopToken`; when requested, nothing is written and
         None is returned.
@@ -227,45 +228,132 @@ def domains(
 # ----------------------------------------------------------------------------------------
 
 
-def predict(adata, model="shipped", *, key_added: str = "hinge", progress: bool = True,
-            **kwargs):
+def predict(
+    adata,
+    *,
+    model="shipped",
+    key_added: str = "hinge",
+    n_samples: int = SAMPLER["n_samples"],
+    reveal_steps: int | None = SAMPLER["reveal_steps"],
+    seed: int = 0,
+    augment: bool = False,
+    features=None,
+    batch_size: int = 256,
+    device=None,
+    progress: bool = True,
+    copy: bool = False,
+):
     """Predict a HINGE model's genes on every spot of ``adata`` from its H&E.
 
-    ``model`` is a :class:`~napari_hinge.hinge.model.HingeModel`, a model folder or
-    ``'shipped'``. Writes ``obsm[f'{key_added}_mean']``/``[f'{key_added}_std']`` and
-    ``uns[key_added]`` and returns an AnnData over the model's genes (mean in ``X``,
-    ``layers['std']`` (calibrated), ``layers['lower_80']``/``['upper_80']`` (and 95),
-    ``layers['measured']``); ``progress`` shows a bar over the spots on stderr (tqdm); the
-    keywords (``n_samples``, ``reveal_steps``, ``seed``, ...; defaults in
-    :data:`napari_hinge.hinge.defaults.SAMPLER`) go to
-    :func:`napari_hinge.hinge.pipeline.predict_spots`.
+    Parameters
+    ----------
+    adata
+        Spots on a slide (the AnnData convention of :mod:`napari_hinge.io`).
+    model
+        A :class:`~napari_hinge.hinge.model.HingeModel`, a model folder or ``'shipped'``.
+    key_added
+        Writes, for the G genes of ``uns[key_added]['genes']`` (the model's, in its value
+        transform): ``obsm[f'{key_added}_mean']`` and ``[f'{key_added}_std']`` (N, G) (the
+        calibrated standard deviation when the model ships a calibration, with
+        ``[f'{key_added}_lower_80']`` / ``_upper_80`` / ``_lower_95`` / ``_upper_95``:
+        central intervals that cover on held-out spots) and ``uns[key_added]`` (genes,
+        parameters, the keys written).
+    n_samples, reveal_steps, seed
+        Sampler settings (defaults: :data:`napari_hinge.hinge.defaults.SAMPLER`).
+    augment
+        Sample over the 8 dihedral views of each spot's patch.
+    features
+        Precomputed ``(N, F)`` image features (default: encoded with the model's encoder,
+        cached on disk).
+    progress
+        A progress bar over the spots on stderr (tqdm); False: silent.
+    copy
+        Work on and return a copy instead of writing into ``adata``.
+
+    Returns
+    -------
+    The annotated copy when ``copy=True``, else None. The per-gene AnnData of
+    :func:`napari_hinge.hinge.pipeline.predict_spots` (with the measured values beside the
+    prediction) is what the command line and the widgets use.
     """
     from ._progress import EventBar
     from .hinge.model import HingeModel
     from .hinge.pipeline import load_model, predict_spots
 
+    source = model if isinstance(model, str) else (
+        "HingeModel" if isinstance(model, HingeModel) else str(model))
     if not isinstance(model, HingeModel):
         model = load_model(model)
-    if not progress:
-        return predict_spots(model, adata, key_added=key_added, **kwargs)
-    with EventBar("HINGE", unit="spot") as bar:
-        return predict_spots(model, adata, key_added=key_added,
-                             progress=lambda done, total: bar(
-                                 ProgressEvent("step", None, done, total)),
-                             **kwargs)
+    target = adata.copy() if copy else adata
+    options = {"n_samples": n_samples, "reveal_steps": reveal_steps, "seed": seed,
+               "augment": augment, "features": features, "batch_size": batch_size,
+               "device": device, "key_added": key_added}
+    if progress:
+        with EventBar("HINGE", unit="spot") as bar:
+            pred = predict_spots(model, target, **options, progress=lambda done, total: bar(
+                ProgressEvent("step", None, done, total)))
+    else:
+        pred = predict_spots(model, target, **options)
+    written = [f"{key_added}_mean", f"{key_added}_std"]
+    for name, values in pred.layers.items():
+        if name.startswith(("lower_", "upper_")):
+            target.obsm[f"{key_added}_{name}"] = np.asarray(values)
+            written.append(f"{key_added}_{name}")
+    params = dict(target.uns[key_added])
+    target.uns[key_added] = {
+        "method": "HINGE", "genes": params.pop("genes"),
+        "params": {"model": source, **params, "batch_size": int(batch_size),
+                   "features": "given" if features is not None else "encoded"},
+        "obsm_keys": written,
+    }
+    return target if copy else None
 
 
-def synthesize(adata, local, *, slide=None, region=None, key_added: str = "c2l",
-               progress: bool = True, **kwargs):
+def synthesize(
+    adata,
+    *,
+    model,
+    slide=None,
+    region=None,
+    key_added: str = "c2l",
+    progress: bool = True,
+    copy: bool = False,
+    **options,
+):
     """Generate H&E tiles conditioned on expression over a region of ``adata``'s slide.
 
-    ``local`` is an adapted :class:`~napari_hinge.c2l.local.LocalModel` or its folder;
-    ``slide`` defaults to the slide ``adata`` points to; ``region`` is an ``(V, 2)`` (x, y)
-    level-0 polygon, or ``None`` for tissue far from the measured spots. Records the run's
-    parameters in ``uns[key_added]`` and returns the
-    :class:`~napari_hinge.c2l.fill.FillResult` (mosaic, per-tile patches and conditioning
-    expression); ``progress`` shows a bar over the sampling steps on stderr (tqdm); the remaining
-    keywords go to :func:`napari_hinge.c2l.fill.fill_region_iter`.
+    The tiles' expression comes from the measured spots around them (``source='neighbours'``)
+    or from HINGE (``source='hinge'``); the slide itself is never modified.
+
+    Parameters
+    ----------
+    adata
+        The measured spots, conditioning the tiles (the AnnData convention of
+        :mod:`napari_hinge.io`).
+    model
+        An adapted :class:`~napari_hinge.c2l.local.LocalModel` or its folder.
+    slide
+        The slide (default: the one ``adata`` points to, ``uns['napari_hinge']['slide_path']``).
+    region
+        An ``(V, 2)`` (x, y) level-0 polygon, or None for tissue far from the measured spots.
+    key_added
+        ``uns[key_added]`` gets ``params`` (the run's settings), ``mosaic`` (RGBA tiles, alpha
+        0 outside) with its ``placement`` over the slide (napari ``scale`` / ``translate``),
+        ``patches`` (n, S, S, 3), ``expression`` (n, G, the conditioning of each tile),
+        ``genes`` and ``tiles`` (a table of tile positions and expression).
+    progress
+        A progress bar over the sampling steps on stderr (tqdm); False: silent.
+    copy
+        Work on and return a copy instead of writing into ``adata``.
+    options
+        Keyword-only settings of :func:`napari_hinge.c2l.fill.fill_region_iter` (``steps``,
+        ``guidance``, ``strength``, ``source``, ``seed``, ...).
+
+    Returns
+    -------
+    The annotated copy when ``copy=True``, else None. The
+    :class:`~napari_hinge.c2l.fill.FillResult` itself comes from
+    :func:`napari_hinge.c2l.fill.fill_region`.
     """
     from ._convention import META_KEY
     from ._progress import EventBar
@@ -274,8 +362,10 @@ def synthesize(adata, local, *, slide=None, region=None, key_added: str = "c2l",
     from .io.slides import open_slide
     from .training import run_to_end
 
-    if not isinstance(local, LocalModel):
-        local = LocalModel.load(local)
+    source = model if isinstance(model, str) else (
+        "LocalModel" if isinstance(model, LocalModel) else str(model))
+    if not isinstance(model, LocalModel):
+        model = LocalModel.load(model)
     if slide is None:
         meta = adata.uns.get(META_KEY, {})
         if not meta.get("slide_path"):
@@ -283,7 +373,15 @@ def synthesize(adata, local, *, slide=None, region=None, key_added: str = "c2l",
                              "pass slide=")
         slide = open_slide(meta["slide_path"], mpp=meta.get("microns_per_pixel"))
     with EventBar("C2L-ST fill", unit="step") as bar:
-        result, _ = run_to_end(fill_region_iter(local, slide, adata, region=region, **kwargs),
+        result, _ = run_to_end(fill_region_iter(model, slide, adata, region=region, **options),
                                bar if progress else None)
-    adata.uns[key_added] = dict(result.params)
-    return result
+    target = adata.copy() if copy else adata
+    target.uns[key_added] = {
+        "method": "C2L-ST",
+        "params": {"model": source, **dict(result.params)},
+        "mosaic": result.mosaic,
+        "placement": {k: [float(v) for v in vals] for k, vals in result.placement().items()},
+        "patches": result.patches, "expression": result.expression,
+        "genes": list(result.genes), "tiles": result.table(),
+    }
+    return target if copy else None

@@ -23,13 +23,13 @@ def test_domains_paint_labels_under_the_spots(dlpfc_viewer, qtbot, tmp_path):
     widget = DomainsWidget(viewer)
     widget.k_box.setValue(7)
     widget.epochs_box.setValue(20)  # a short run: this test checks the plumbing, not the ARI
-    with qtbot.waitSignal(widget.jobs.succeeded, timeout=300_000):
+    with qtbot.waitSignal(widget.jobs.succeeded, timeout=900_000):
         widget.run()
     labels = widget.labels_layer
     assert labels is not None and labels.data.dtype == np.uint8
     spots = viewer.layers["151673 spots"]
     adata = spots.metadata["adata"]
-    assert "domain" in adata.obs and adata.obsm["X_stmgac"].shape == (adata.n_obs, 16)
+    assert "domain" in adata.obs and adata.obsm["domain_latent"].shape == (adata.n_obs, 16)
     # Every spot's label lies under its centre, in world (µm) coordinates.
     codes = adata.obs["domain"].cat.codes.to_numpy() + 1
     world = spots.data * np.asarray(spots.scale)

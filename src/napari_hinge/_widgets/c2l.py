@@ -38,6 +38,7 @@ from napari_hinge._layers import UNITS
 from napari_hinge._widgets._jobs import JobPanel
 from napari_hinge._widgets._viewer import TabbedDock
 from napari_hinge._widgets.slide_spots import refill_combo, spot_layers
+from napari_hinge.defaults import C2L_ADAPT, C2L_FILL
 
 if TYPE_CHECKING:
     import napari
@@ -75,8 +76,9 @@ def fill_job(stop, *, local, local_factory, slide, adata, region, options):
     return local, result
 
 
-def adapt_job(stop, adata, *, central="shipped", n_genes: int = 50, steps: int = 300,
-              batch_size: int = 16, seed: int = 0):
+def adapt_job(stop, adata, *, central="shipped", n_genes: int = C2L_ADAPT["n_genes"],
+              steps: int = C2L_ADAPT["steps"], batch_size: int = C2L_ADAPT["batch_size"],
+              seed: int = C2L_ADAPT["seed"]):
     """Adapt a local model on all spots of ``adata``; a generator returning the model."""
     from napari_hinge.c2l.data import paired_spots
     from napari_hinge.c2l.local import build_local
@@ -104,20 +106,22 @@ class C2LWidget(TabbedDock, QWidget):
         self.local_label = QLabel("no local model: one is adapted on the spots when you fill")
         self.local_label.setWordWrap(True)
         self.load_local = QPushButton("Local model folder…")
-        self.adapt_steps = QSpinBox(minimum=1, maximum=100_000, value=300)
-        self.n_genes = QSpinBox(minimum=2, maximum=2000, value=50)
+        self.adapt_steps = QSpinBox(minimum=1, maximum=100_000, value=C2L_ADAPT["steps"])
+        self.n_genes = QSpinBox(minimum=2, maximum=2000, value=C2L_ADAPT["n_genes"])
         self.slide_box = QComboBox()
         self.spots_box = QComboBox()
         self.region_box = QComboBox()
-        self.spacings = QDoubleSpinBox(decimals=2, minimum=0.05, maximum=100.0, value=0.6)
+        self.spacings = QDoubleSpinBox(decimals=2, minimum=0.05, maximum=100.0,
+                                       value=C2L_FILL["n_spacings"])
         self.spacings.setToolTip("propose tissue tiles farther than this many spot spacings "
                                  "from every measured spot")
         self.source_box = QComboBox()
         self.source_box.addItems(list(SOURCES))
-        self.guidance = QDoubleSpinBox(decimals=1, minimum=0.0, maximum=20.0, value=2.0)
-        self.steps = QSpinBox(minimum=1, maximum=1000, value=25)
+        self.guidance = QDoubleSpinBox(decimals=1, minimum=0.0, maximum=20.0,
+                                       value=C2L_FILL["guidance"])
+        self.steps = QSpinBox(minimum=1, maximum=1000, value=C2L_FILL["steps"])
         self.strength = QDoubleSpinBox(decimals=2, minimum=0.05, maximum=1.0, singleStep=0.05,
-                                       value=1.0)
+                                       value=C2L_FILL["strength"])
         self.strength.setToolTip("1: generate every tile from noise; below 1: edit the real "
                                  "H&E under each tile toward its expression (lower keeps more "
                                  "of the slide)")
@@ -126,7 +130,7 @@ class C2LWidget(TabbedDock, QWidget):
         self.seamless.setToolTip("sample the region as one canvas of overlapping windows so "
                                  "tissue runs on across tile borders (about 3x the time); "
                                  "unticked: each tile on its own")
-        self.seed = QSpinBox(minimum=0, maximum=2**31 - 1, value=0)
+        self.seed = QSpinBox(minimum=0, maximum=2**31 - 1, value=C2L_FILL["seed"])
         self.run_button = QPushButton("Fill region")
         self.pairs_button = QPushButton("Use as training pairs")
         self.pairs_button.setEnabled(False)
@@ -194,7 +198,7 @@ class C2LWidget(TabbedDock, QWidget):
 
     # -- model ----------------------------------------------------------------------------------
     def set_local(self, path_or_model) -> None:
-        """Use a local model: a folder written by ``c2l-adapt`` or a LocalModel object."""
+        """Use a local model: a folder written by ``napari-hinge c2l adapt``, or a LocalModel."""
         from napari_hinge.c2l.local import LocalModel
 
         if isinstance(path_or_model, (str, Path)):

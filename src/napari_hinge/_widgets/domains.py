@@ -30,6 +30,7 @@ from napari_hinge._layers import UNITS
 from napari_hinge._widgets._jobs import JobPanel
 from napari_hinge._widgets._viewer import TabbedDock
 from napari_hinge._widgets.slide_spots import refill_combo, spot_layers
+from napari_hinge.defaults import STMGAC
 
 if TYPE_CHECKING:
     import napari
@@ -85,12 +86,12 @@ class DomainsWidget(TabbedDock, QWidget):
         self._get_preset = get_preset
         self._preset_for = preset_for
         self.layer_box = QComboBox()
-        self.k_box = QSpinBox(minimum=2, maximum=250, value=7)
+        self.k_box = QSpinBox(minimum=2, maximum=250, value=STMGAC["n_domains"])
         self.preset_box = QComboBox()
         self.preset_box.addItems(available_presets())
         self.preset_box.setCurrentText(DEFAULT_PRESET)
         self.epochs_box = QSpinBox(minimum=1, maximum=5000)
-        self.seed_box = QSpinBox(minimum=0, maximum=2**31 - 1, value=3407)
+        self.seed_box = QSpinBox(minimum=0, maximum=2**31 - 1, value=STMGAC["seed"])
         self.refine_box = QCheckBox("spatial majority vote")
         self.mode_box = QComboBox()
         self.mode_box.addItems(["disc", "voronoi"])

@@ -36,7 +36,7 @@ from napari_hinge._widgets._jobs import JobPanel
 from napari_hinge._widgets._viewer import show_scale_bar, title_colorbar
 from napari_hinge._widgets.slide_spots import refill_combo, spot_layers
 from napari_hinge.geometry import FIELD_OF_VIEW_UM, spot_pitch_um
-from napari_hinge.hinge.defaults import RECIPE, SAMPLER
+from napari_hinge.hinge.defaults import RECIPE, SAMPLER, TRAIN
 
 if TYPE_CHECKING:
     import napari
@@ -308,7 +308,7 @@ class TrainWidget(QWidget):
         self.datasets = QListWidget()
         self.datasets.setSelectionMode(QAbstractItemView.SelectionMode.MultiSelection)
         self.add_folder = QPushButton("Add folder…")
-        self.n_genes = QSpinBox(minimum=2, maximum=2000, value=50)
+        self.n_genes = QSpinBox(minimum=2, maximum=2000, value=TRAIN["n_genes"])
         self.include = QLineEdit()
         self.include.setPlaceholderText("ERBB2, MKI67 … or 'breast'")
         self.include.setToolTip("genes added to the top-N panel (each must be measured in "
@@ -318,7 +318,7 @@ class TrainWidget(QWidget):
         self.context.setSuffix(" µm")
         self.context.setToolTip("neighbour context: the mean features of spots within this "
                                 "radius join each spot's own (0 = the spot alone)")
-        self.epochs = QSpinBox(minimum=1, maximum=1000, value=40)
+        self.epochs = QSpinBox(minimum=1, maximum=1000, value=TRAIN["epochs"])
         self.encoder = QComboBox()
         self.backbone = QComboBox()
         self.backbone.addItems(["builtin", "random"])

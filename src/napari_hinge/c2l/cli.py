@@ -1,14 +1,14 @@
-"""``napari-hinge c2l-pretrain | c2l-adapt | synthesize``: C2L-ST headless.
+"""``napari-hinge c2l pretrain | adapt | fill``: C2L-ST headless.
 
 DATA is anything :func:`napari_hinge.io.spatial.read_spatial` reads (``FOLDER:SECTION`` for
 her2st-layout folders)::
 
-    napari-hinge c2l-pretrain slide1.svs slide2.tif --out my_central --steps 2000
-    napari-hinge c2l-adapt her2st:C3 --out local_C3 --steps 600
-    napari-hinge synthesize her2st:C3 --model local_C3 --out fill_C3 --n-spacings 0.6
-    napari-hinge synthesize her2st:C3 --model local_C3 --region region.csv --source hinge
+    napari-hinge c2l pretrain slide1.svs slide2.tif --out my_central --steps 2000
+    napari-hinge c2l adapt her2st:C3 --out local_C3 --steps 600
+    napari-hinge c2l fill her2st:C3 --model local_C3 --out fill_C3 --n-spacings 0.6
+    napari-hinge c2l fill her2st:C3 --model local_C3 --region region.csv --source hinge
 
-``synthesize`` writes ``mosaic.png`` (RGBA, transparent outside the tiles), ``fill.json``
+``fill`` writes ``mosaic.png`` (RGBA, transparent outside the tiles), ``fill.json``
 (placement on the slide, parameters), ``tiles.csv`` (tile positions and conditioning
 expression) and ``pairs.npz`` (patches, expression, genes: synthetic training pairs).
 """
@@ -24,13 +24,18 @@ import numpy as np
 from napari_hinge.cli import run_with_bar
 
 
-def _train_args(p: argparse.ArgumentParser, steps: int, lr: float, ema: float) -> None:
+def _train_args(p: argparse.ArgumentParser, defaults: dict) -> None:
+    """The training options, defaults from one row of :mod:`napari_hinge.defaults`."""
+    steps, batch, lr = defaults["steps"], defaults["batch_size"], defaults["lr"]
     p.add_argument("--steps", type=int, default=steps,
                    help=f"optimiser steps (default {steps})")
-    p.add_argument("--batch-size", type=int, default=32, help="patches per step (default 32)")
+    p.add_argument("--batch-size", type=int, default=batch,
+                   help=f"patches per step (default {batch})")
     p.add_argument("--lr", type=float, default=lr, help=f"AdamW learning rate (default {lr:g})")
-    p.add_argument("--ema", type=float, default=ema, help="EMA decay of the weights")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--ema", type=float, default=defaults["ema_decay"],
+                   help="EMA decay of the weights")
+    p.add_argument("--seed", type=int, default=defaults["seed"],
+                   help=f"random seed (default {defaults['seed']})")
     p.add_argument("--checkpoints", type=Path, default=None,
                    help="checkpoint folder (default: OUT.checkpoints)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
@@ -40,6 +45,8 @@ def _train_args(p: argparse.ArgumentParser, steps: int, lr: float, ema: float) -
 
 
 def register(subparsers) -> None:
+    from napari_hinge.defaults import C2L_ADAPT, C2L_FILL, C2L_PRETRAIN
+
     p = subparsers.add_parser("c2l-pretrain", help="pre-train a C2L-ST central model",
                               description="Unconditional patch diffusion on tissue tiles of "
                                           "slides (112 um -> 64 px).")
@@ -51,8 +58,9 @@ def register(subparsers) -> None:
                    help="cut 64 px tiles at the slides' own scale (coarse images)")
     p.add_argument("--init", default=None,
                    help="start from a central model folder or 'shipped' (fine-tuning)")
-    p.add_argument("--max-patches", type=int, default=4000, help="per slide")
-    _train_args(p, steps=2000, lr=3e-4, ema=0.995)
+    p.add_argument("--max-patches", type=int, default=C2L_PRETRAIN["max_patches"],
+                   help="per slide")
+    _train_args(p, C2L_PRETRAIN)
     p.set_defaults(func=cmd_pretrain)
 
     p = subparsers.add_parser("c2l-adapt", help="adapt a C2L-ST local model on paired spots",
@@ -64,11 +72,11 @@ def register(subparsers) -> None:
     p.add_argument("--central", default="shipped", help="central model folder or 'shipped'")
     p.add_argument("--genes", help="comma-separated panel or a file with one gene per line "
                                    "(default: the panel rule on this section, --n-genes)")
-    p.add_argument("--n-genes", type=int, default=50,
-                   help="panel size when --genes is not given (default 50)")
+    p.add_argument("--n-genes", type=int, default=C2L_ADAPT["n_genes"],
+                   help=f"panel size when --genes is not given (default {C2L_ADAPT['n_genes']})")
     p.add_argument("--fraction", type=float, default=1.0,
                    help="use this random fraction of the spots (few-shot adaptation)")
-    _train_args(p, steps=600, lr=1e-3, ema=0.99)
+    _train_args(p, C2L_ADAPT)
     p.set_defaults(func=cmd_adapt)
 
     p = subparsers.add_parser("synthesize", help="fill a sparse region with synthetic H&E",
@@ -81,22 +89,24 @@ def register(subparsers) -> None:
     p.add_argument("--region", type=Path, default=None,
                    help="polygon: CSV/JSON of (x, y) level-0 pixel vertices (default: tissue "
                         "farther than --n-spacings spot spacings from any spot)")
-    p.add_argument("--n-spacings", type=float, default=0.6,
+    p.add_argument("--n-spacings", type=float, default=C2L_FILL["n_spacings"],
                    help="spot spacings from the nearest spot (0.6: tissue between and "
                         "around the spots of a legacy-ST or Visium array)")
-    p.add_argument("--source", choices=("neighbours", "hinge"), default="neighbours",
+    p.add_argument("--source", choices=("neighbours", "hinge"), default=C2L_FILL["source"],
                    help="expression of the new tiles")
     p.add_argument("--hinge-model", default="shipped", help="HINGE model for --source hinge")
-    p.add_argument("--k", type=int, default=6, help="neighbours for --source neighbours")
-    p.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance")
-    p.add_argument("--strength", type=float, default=1.0,
+    p.add_argument("--k", type=int, default=C2L_FILL["k"],
+                   help="neighbours for --source neighbours")
+    p.add_argument("--guidance", type=float, default=C2L_FILL["guidance"],
+                   help="classifier-free guidance")
+    p.add_argument("--strength", type=float, default=C2L_FILL["strength"],
                    help="1: generate from noise; below 1: edit the real H&E under each tile")
-    p.add_argument("--steps", type=int, default=25, help="DDIM steps")
+    p.add_argument("--steps", type=int, default=C2L_FILL["steps"], help="DDIM steps")
     p.add_argument("--independent-tiles", action="store_true",
                    help="sample each tile on its own (about 3x faster, seams show) instead of "
                         "the region as one seamless canvas")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--max-tiles", type=int, default=2000,
+    p.add_argument("--seed", type=int, default=C2L_FILL["seed"], help="random seed (default 0)")
+    p.add_argument("--max-tiles", type=int, default=C2L_FILL["max_tiles"],
                    help="refuse regions that need more tiles than this (default 2000)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
     p.add_argument("--device", default=None,

@@ -25,6 +25,7 @@ import numpy as np
 
 from napari_hinge._convention import META_KEY, SPATIAL_KEY
 from napari_hinge._progress import ProgressEvent
+from napari_hinge.defaults import C2L_FILL, SAMPLER
 from napari_hinge.geometry import edge_placement, region_grid, spot_pitch_px
 from napari_hinge.training import StopToken
 
@@ -198,7 +199,8 @@ def expression_from_neighbours(adata, genes: Sequence[str], xy, *, k: int = 6,
 
 
 def expression_from_hinge(model, slide_path, xy, genes: Sequence[str], *, side_px: int,
-                          mpp: float | None = None, n_samples: int = 4, seed: int = 0,
+                          mpp: float | None = None, n_samples: int = SAMPLER["slide_samples"],
+                          reveal_steps: int | None = SAMPLER["reveal_steps"], seed: int = 0,
                           progress=None) -> np.ndarray:
     """Mean of HINGE samples at positions ``xy`` (from the real H&E under each tile), over the
     local model's ``genes`` (KeyError naming those the HINGE model does not predict). ``mpp``
@@ -228,7 +230,8 @@ def expression_from_hinge(model, slide_path, xy, genes: Sequence[str], *, side_p
             raise ValueError(f"{slide_path}: the pixel size is needed to place the tiles for "
                              "the HINGE model's neighbour context")
         coords = np.asarray(xy, float) * float(mpp)
-    res = sample(model, model_inputs(model, feats, coords), n_samples=n_samples, seed=seed)
+    res = sample(model, model_inputs(model, feats, coords), n_samples=n_samples,
+                 reveal_steps=reveal_steps, seed=seed)
     mean = res.mean.numpy()
     return mean[:, [hgenes.index(g) for g in genes]].astype(np.float32)
 
@@ -269,11 +272,13 @@ def slide_under_layout(slide, layout: TileLayout, size: int) -> np.ndarray:
                                                   Image.Resampling.LANCZOS))
 
 
-def fill_region_iter(local: LocalModel, slide, adata, *, region=None, n_spacings: float = 0.6,
-                     source="neighbours", hinge_model=None, k: int = 6,
-                     guidance: float = 2.0, steps: int = 25, seed: int = 0,
-                     max_tiles: int | None = 2000, batch_size: int = 32,
-                     strength: float = 1.0, seamless: bool = True,
+def fill_region_iter(local: LocalModel, slide, adata, *, region=None,
+                     n_spacings: float = C2L_FILL["n_spacings"], source=C2L_FILL["source"],
+                     hinge_model=None, k: int = C2L_FILL["k"],
+                     guidance: float = C2L_FILL["guidance"], steps: int = C2L_FILL["steps"],
+                     seed: int = C2L_FILL["seed"], max_tiles: int | None = C2L_FILL["max_tiles"],
+                     batch_size: int = 32, strength: float = C2L_FILL["strength"],
+                     seamless: bool = True,
                      stop: StopToken | None = None, device=None
                      ) -> Generator[ProgressEvent, None, FillResult | None]:
     """Generate synthetic tiles over a region; a generator of ProgressEvents ('step' per

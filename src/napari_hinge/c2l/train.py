@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from napari_hinge.defaults import C2L_ADAPT, C2L_PRETRAIN
 from napari_hinge.device import default_device
 from napari_hinge.training import (
     StopToken,
@@ -340,9 +341,11 @@ def refine_decoder(model: PatchAutoencoder, patches: np.ndarray, *, steps: int =
     return model.eval()
 
 
-def train_central(model: CentralModel, patches: np.ndarray, *, steps: int = 2000,
-                  batch_size: int = 32, lr: float = 2e-4, weight_decay: float = 0.0,
-                  ema_decay: float = 0.995, val_count: int = 64, eval_every: int = 100,
+def train_central(model: CentralModel, patches: np.ndarray, *,
+                  steps: int = C2L_PRETRAIN["steps"], batch_size: int = C2L_PRETRAIN["batch_size"],
+                  lr: float = C2L_PRETRAIN["lr"], weight_decay: float = 0.0,
+                  ema_decay: float = C2L_PRETRAIN["ema_decay"], val_count: int = 64,
+                  eval_every: int = 100,
                   seed: int = 0, checkpoint_dir=None, resume: bool = False,
                   stop: StopToken | None = None, device=None
                   ) -> Generator[TrainEvent, None, CentralModel]:
@@ -386,8 +389,9 @@ def train_central(model: CentralModel, patches: np.ndarray, *, steps: int = 2000
 
 
 def train_local(model: LocalModel, patches: np.ndarray, expression: np.ndarray, *,
-                steps: int = 600, batch_size: int = 32, lr: float = 1e-3,
-                weight_decay: float = 0.0, ema_decay: float = 0.99, val_count: int = 16,
+                steps: int = C2L_ADAPT["steps"], batch_size: int = C2L_ADAPT["batch_size"],
+                lr: float = C2L_ADAPT["lr"], weight_decay: float = 0.0,
+                ema_decay: float = C2L_ADAPT["ema_decay"], val_count: int = 16,
                 eval_every: int = 50, seed: int = 0, checkpoint_dir=None, resume: bool = False,
                 stop: StopToken | None = None, device=None
                 ) -> Generator[TrainEvent, None, LocalModel]:

@@ -1,12 +1,12 @@
-"""``napari-hinge train | predict | evaluate``: HINGE on any dataset the readers read.
+"""``napari-hinge hinge train | predict | evaluate | predict-slide``: HINGE on any dataset.
 
 DATA is anything :func:`napari_hinge.io.spatial.read_spatial` reads: a Space Ranger ``outs/``
 folder, a ``.h5ad`` with ``obsm['spatial']`` and a slide path, or a her2st-layout folder with
 ``--section`` (or ``FOLDER:SECTION``, which also lets ``train`` take several sections)::
 
-    napari-hinge train her2st:C2 her2st:C4 her2st:C5 --out my_model --epochs 40
-    napari-hinge predict her2st --section C3 --model my_model --out C3_pred.h5ad
-    napari-hinge evaluate her2st --section C3 --model my_model --json C3_scores.json
+    napari-hinge hinge train her2st:C2 her2st:C4 her2st:C5 --out my_model --epochs 40
+    napari-hinge hinge predict her2st --section C3 --model my_model --out C3_pred.h5ad
+    napari-hinge hinge evaluate her2st --section C3 --model my_model --json C3_scores.json
 
 ``--model shipped`` (the default of predict/evaluate) uses the weights that ship with the package.
 """
@@ -45,7 +45,7 @@ def _sampler_args(parser: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers) -> None:
-    from .defaults import RECIPE
+    from .defaults import RECIPE, TRAIN
     from .defaults import SAMPLER as RECIPE_SAMPLER
 
     p = subparsers.add_parser("train", help="train HINGE on spatial datasets",
@@ -54,7 +54,7 @@ def register(subparsers) -> None:
     p.add_argument("--out", type=Path, required=True, help="model folder to write")
     p.add_argument("--genes", help="comma-separated panel or a file with one gene per line "
                                    "(default: the panel rule, --n-genes)")
-    p.add_argument("--n-genes", type=int, default=50,
+    p.add_argument("--n-genes", type=int, default=TRAIN["n_genes"],
                    help="panel size of the rule (top genes by variance, all measured genes)")
     p.add_argument("--include", help="genes added to the rule's panel (comma-separated or a "
                                      "file), e.g. markers; 'breast' = the built-in breast list")
@@ -70,15 +70,17 @@ def register(subparsers) -> None:
     p.add_argument("--encoder-weights", help="weights file of a user-supplied encoder")
     p.add_argument("--backbone", default="builtin",
                    help="'builtin', a backbone folder/checkpoint, or 'random'")
-    p.add_argument("--epochs", type=int, default=40, help="training epochs")
-    p.add_argument("--batch-size", type=int, default=32, help="spots per optimiser step")
-    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
-    p.add_argument("--ada-rank", type=int, default=32,
+    p.add_argument("--epochs", type=int, default=TRAIN["epochs"], help="training epochs")
+    p.add_argument("--batch-size", type=int, default=TRAIN["batch_size"],
+                   help="spots per optimiser step")
+    p.add_argument("--lr", type=float, default=TRAIN["lr"], help="AdamW learning rate")
+    p.add_argument("--ada-rank", type=int, default=TRAIN["ada_rank"],
                    help="rank of the low-rank SoftAdaLN heads (0 = full heads, the paper)")
     p.add_argument("--no-augment", action="store_true", help="no dihedral feature views")
-    p.add_argument("--val-fraction", type=float, default=0.1,
+    p.add_argument("--val-fraction", type=float, default=TRAIN["val_fraction"],
                    help="spots held out for validation and for the interval calibration")
-    p.add_argument("--seed", type=int, default=42, help="seed of split, batches and noise")
+    p.add_argument("--seed", type=int, default=TRAIN["seed"],
+                   help="seed of split, batches and noise")
     p.add_argument("--checkpoints", type=Path, default=None,
                    help="checkpoint folder (default: OUT.checkpoints)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
@@ -269,7 +271,8 @@ def cmd_evaluate(args) -> int:
             raise FileNotFoundError(f"--pred {args.pred}: file not found")
         pred = ad.read_h5ad(args.pred)
         if "measured" not in pred.layers or "measured" not in pred.var:
-            raise ValueError(f"--pred {args.pred}: not a file written by 'napari-hinge predict'")
+            raise ValueError(f"--pred {args.pred}: not a file written by "
+                             "'napari-hinge hinge predict'")
         if pred.n_obs != adata.n_obs:
             raise ValueError(f"--pred {args.pred} has {pred.n_obs} spots, the data {adata.n_obs}")
     else:

@@ -1,14 +1,11 @@
-"""HINGE's defaults, in one table that the library, the command line and the widgets read.
+"""HINGE's defaults: the HINGE part of the one table, :mod:`napari_hinge.defaults`.
 
-Torch-free, so ``napari-hinge ... --help`` stays instant.
+Kept as an import path (``RECIPE``, ``SAMPLER``, ``TRAIN``); torch-free, so
+``napari-hinge ... --help`` stays instant.
 """
 
-# The recipe users get by default; benchmarks/hinge_her2st.py ablates each entry over
-# leave-one-section-out folds and seeds (README, "Expression from histology: HINGE").
-RECIPE = {"context_um": 300.0, "center_sections": True, "prior": "ridge",
-          "predict_variance": True, "residual_scale": 0.5}
+from napari_hinge.defaults import HINGE_RECIPE as RECIPE
+from napari_hinge.defaults import HINGE_TRAIN as TRAIN
+from napari_hinge.defaults import SAMPLER
 
-# Sampler defaults: 10 reveal steps score as all 50 (README, "Sampling") at a fifth of the
-# time; a slide map has many more positions than a section has spots, so it draws fewer
-# samples per position.
-SAMPLER = {"n_samples": 8, "reveal_steps": 10, "slide_samples": 4}
+__all__ = ["RECIPE", "SAMPLER", "TRAIN"]

@@ -29,18 +29,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from napari_hinge._convention import META_KEY, SPATIAL_KEY, library_size
+from napari_hinge._convention import META_KEY, SPATIAL_KEY
 from napari_hinge.features import center_per_group, context_features
 from napari_hinge.geometry import MIN_UMI
+
+# One home for the transforms and the panel rule (napari_hinge.pp); the names used here stay
+# importable from this module (transform_values, select_panel).
+from napari_hinge.pp import VALUE_TRANSFORMS, library_size
+from napari_hinge.pp import expression_values as transform_values
+from napari_hinge.pp import gene_panel as select_panel
 from napari_hinge.training import StopToken, TrainEvent
 
-from .defaults import RECIPE, SAMPLER
+from .defaults import RECIPE, SAMPLER, TRAIN
 from .model import HingeConfig, HingeModel
 
 DEFAULT_ENCODER = "efficientnet-lite0"
 DEFAULT_BACKBONE = "builtin"
 SHIPPED_MODEL = "shipped"
-VALUE_TRANSFORMS = ("log1p_cp10k", "log2p1")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -82,33 +87,6 @@ def _check_spatial(adata) -> dict:
     if not Path(slide).is_file():
         raise FileNotFoundError(f"{_name(adata)}: slide not found: {slide}")
     return meta
-
-
-def transform_values(adata, genes: Sequence[str] | None = None, *,
-                     value_transform: str = "log1p_cp10k") -> tuple[np.ndarray, list[str]]:
-    """Targets ``(n_spots, n_genes)`` float32 over ``genes`` (default all) and the genes of the
-    list that the data lacks (their column is 0: report them, never score them).
-
-    ``'log1p_cp10k'``: ``log1p(count / library size * 1e4)``, library size over all genes;
-    ``'log2p1'``: ``log2(count + 1)`` (HINGE's released code).
-    """
-    if value_transform not in VALUE_TRANSFORMS:
-        raise ValueError(f"unknown value transform {value_transform!r}; use one of "
-                         f"{VALUE_TRANSFORMS}")
-    genes = list(adata.var_names) if genes is None else list(genes)
-    idx = adata.var_names.get_indexer(genes)
-    missing = [g for g, i in zip(genes, idx, strict=True) if i < 0]
-    present = idx >= 0
-    X = adata.X[:, idx[present]]
-    X = np.asarray(X.toarray() if hasattr(X, "toarray") else X, dtype=np.float64)
-    if value_transform == "log1p_cp10k":
-        lib = library_size(adata)[:, None]
-        vals = np.log1p(np.divide(X * 1e4, lib, out=np.zeros_like(X), where=lib > 0))
-    else:
-        vals = np.log2(X + 1.0)
-    out = np.zeros((adata.n_obs, len(genes)), dtype=np.float32)
-    out[:, present] = vals
-    return out, missing
 
 
 def resolve_encoder(encoder, weights=None):
@@ -206,20 +184,6 @@ def load_backbone_spec(backbone, *, seed: int = 0):
         like = scfm.load_backbone(spec.partition(":")[2] or DEFAULT_BACKBONE)
         return scfm.random_backbone(like, seed=seed).eval(), None
     return scfm.load_backbone(spec), spec
-
-
-def select_panel(datasets: Sequence, n_genes: int, *, include: Sequence[str] = (),
-                 min_frac: float = 0.10) -> list[str]:
-    """The design.md panel rule over the training sections and all their genes, then the
-    genes of ``include`` (e.g. :data:`napari_hinge.expression.BREAST_MARKERS`) that the rule
-    left out and that every section measures (KeyError naming those some section lacks).
-    Genes outside the backbone's vocabulary get learned tokens (:class:`HingeModel`)."""
-    from napari_hinge.expression import select_gene_panel, with_included
-
-    adatas = list(datasets)
-    targets = [transform_values(a)[0] for a in adatas]
-    panel = select_gene_panel(adatas, n_genes, min_frac=min_frac, targets=targets)
-    return with_included(panel, include, adatas)
 
 
 def build_model(genes: Sequence[str], feature_dim: int, *, backbone=DEFAULT_BACKBONE,
@@ -343,10 +307,12 @@ def fit_hinge_arrays(features, targets, genes: Sequence[str], *, encoder: str = 
                      center_sections: bool = RECIPE["center_sections"],
                      residual_scale: float = RECIPE["residual_scale"],
                      calibrate: bool = True,
-                     ada_rank: int | None = 32, standardize: bool = True,
-                     epochs: int = 40, batch_size: int = 32, lr: float = 1e-3,
-                     milestones: Sequence[int] | None = None, warmup_epochs: int = 5,
-                     val_fraction: float = 0.1, aug_ratio: int = 1, seed: int = 42,
+                     ada_rank: int | None = TRAIN["ada_rank"], standardize: bool = True,
+                     epochs: int = TRAIN["epochs"], batch_size: int = TRAIN["batch_size"],
+                     lr: float = TRAIN["lr"], milestones: Sequence[int] | None = None,
+                     warmup_epochs: int = TRAIN["warmup_epochs"],
+                     val_fraction: float = TRAIN["val_fraction"], aug_ratio: int = 1,
+                     seed: int = TRAIN["seed"],
                      checkpoint_dir: str | os.PathLike | None = None, resume: bool = False,
                      stop: StopToken | None = None, device=None, val_samples: int = 2,
                      backbone_ref: str | None = None, **config) -> Iterator[TrainEvent]:
@@ -445,8 +411,9 @@ def fit_ridge_prior(model: HingeModel, inputs, targets, groups=None):
     return ridge
 
 
-def calibrate_on(model: HingeModel, inputs, targets, prior_values=None, *, n_samples: int = 8,
-                 reveal_steps: int = 10, seed: int = 0):
+def calibrate_on(model: HingeModel, inputs, targets, prior_values=None, *,
+                 n_samples: int = SAMPLER["n_samples"],
+                 reveal_steps: int = SAMPLER["reveal_steps"], seed: int = 0):
     """Fit :func:`~napari_hinge.hinge.calibration.fit_calibration` on held-out spots:
     ``inputs`` (K, n, F) network features (view 0 is sampled), ``targets`` (n, G);
     ``prior_values`` (n, G) replaces the model's own prior (out-of-fold, as for a spot of an
@@ -464,10 +431,11 @@ def calibrate_on(model: HingeModel, inputs, targets, prior_values=None, *, n_sam
     return fit_calibration(mean, res.std.numpy(), targets, model.config.genes)
 
 
-def fit_hinge(datasets: Sequence, *, genes: Sequence[str] | None = None, n_genes: int = 50,
+def fit_hinge(datasets: Sequence, *, genes: Sequence[str] | None = None,
+              n_genes: int = TRAIN["n_genes"],
               encoder=DEFAULT_ENCODER, encoder_weights=None, backbone=DEFAULT_BACKBONE,
               include: Sequence[str] = (),
-              epochs: int = 40, augment: bool = True, min_umi: int = MIN_UMI,
+              epochs: int = TRAIN["epochs"], augment: bool = True, min_umi: int = MIN_UMI,
               progress: Callable[[str, int, int], None] | None = None,
               stop: StopToken | None = None, **train_kwargs) -> Iterator[TrainEvent]:
     """Train HINGE on spatial datasets; a generator of TrainEvents returning the HingeModel.

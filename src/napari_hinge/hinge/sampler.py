@@ -27,6 +27,7 @@ import torch
 
 from napari_hinge.device import autocast
 
+from .defaults import SAMPLER
 from .model import HingeModel
 
 
@@ -52,7 +53,8 @@ def _as_views(features, n_features: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample(model: HingeModel, features, *, n_samples: int = 8, reveal_steps: int | None = None,
+def sample(model: HingeModel, features, *, n_samples: int = SAMPLER["n_samples"],
+           reveal_steps: int | None = SAMPLER["reveal_steps"],
            batch_size: int | None = None, seed: int = 0, generator: torch.Generator | None = None,
            return_samples: bool = False, device: str | torch.device | None = None,
            progress: Callable[[int, int], None] | None = None) -> SampleResult:
@@ -68,7 +70,8 @@ def sample(model: HingeModel, features, *, n_samples: int = 8, reveal_steps: int
     n_samples
         S, samples per spot.
     reveal_steps
-        Number of reverse steps (``None``: all T). Fewer steps reveal several genes at once over
+        Number of reverse steps (default :data:`~napari_hinge.defaults.SAMPLER`; ``None``: all
+        T). Fewer steps reveal several genes at once over
         the same gamma (a sub-sampled time grid).
     batch_size
         Rows (spot x sample) per forward pass; whole spots are kept in one batch. ``None``: 64 on

@@ -40,6 +40,7 @@ from napari_hinge.training import (
     set_rng_state,
 )
 
+from .defaults import TRAIN
 from .model import HingeModel
 from .sampler import sample
 from .schedule import masked_diffusion_loss, revealed_gaussian_nll
@@ -129,9 +130,11 @@ def validation_loss(model: HingeModel, features: torch.Tensor, targets: torch.Te
 
 
 def train_hinge(model: HingeModel, train_features, train_targets, *, val_fraction: float = 0.1,
-                epochs: int = 40, batch_size: int = 32, lr: float = 1e-4,
+                epochs: int = TRAIN["epochs"], batch_size: int = TRAIN["batch_size"],
+                lr: float = TRAIN["lr"],
                 milestones: tuple[int, ...] = (20, 35), gamma: float = 0.2,
-                warmup_epochs: int = 5, grad_clip: float = 1.0, seed: int = 42,
+                warmup_epochs: int = TRAIN["warmup_epochs"], grad_clip: float = 1.0,
+                seed: int = TRAIN["seed"],
                 checkpoint_dir: str | Path | None = None, resume: bool = False,
                 stop: StopToken | None = None, val_every: int = 1, aug_ratio: int = 1,
                 val_samples: int = 2, val_reveal_steps: int = 10,

@@ -1,4 +1,4 @@
-"""Predicted maps the package writes (``predict-slide``'s ``maps.ome.tif``, a map layer saved
+"""Predicted maps the package writes (``hinge predict-slide``'s ``maps.ome.tif``, a map layer saved
 from napari): float OME-TIFFs, genes x H x W, with their µm pixel size and origin on the slide.
 
 :func:`read_map` returns what napari needs to put them back where they were: the raster, one

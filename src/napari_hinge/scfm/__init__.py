@@ -23,6 +23,7 @@ import torch
 
 from napari_hinge.errors import InputError
 
+from ..pp import transform_counts  # the backbones' value transform lives with the others
 from .base import (
     WEIGHTS_FILE,
     BackboneConfig,
@@ -33,7 +34,6 @@ from .base import (
     map_panel,
     read_config,
     save_backbone,
-    transform_counts,
 )
 from .builtin import BuiltinBackbone
 from .cellfm import CellFMBackbone, find_gene_table, load_cellfm

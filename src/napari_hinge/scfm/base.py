@@ -226,24 +226,6 @@ def map_panel(backbone: GeneTokenBackbone, genes: list[str]
     return ids[keep], present, missing
 
 
-def transform_counts(counts: torch.Tensor, transform: str = "log1p_cp10k",
-                     library_size: torch.Tensor | None = None) -> torch.Tensor:
-    """Raw counts (cells, genes) -> the values a backbone expects.
-
-    ``'log1p_cp10k'``: ``log1p(counts / library_size * 1e4)``; ``library_size`` defaults to the
-    row sum of ``counts`` (pass the total over *all* genes when ``counts`` is a panel subset).
-    ``'log2p1'``: ``log2(counts + 1)`` (HINGE's released code).
-    """
-    counts = torch.as_tensor(counts, dtype=torch.float32)
-    if transform == "log1p_cp10k":
-        lib = counts.sum(-1, keepdim=True) if library_size is None else \
-            torch.as_tensor(library_size, dtype=torch.float32).reshape(*counts.shape[:-1], 1)
-        return torch.log1p(counts / lib.clamp_min(1.0) * 1e4)
-    if transform == "log2p1":
-        return torch.log2(counts + 1.0)
-    raise ValueError(f"unknown value transform {transform!r}; use 'log1p_cp10k' or 'log2p1'")
-
-
 def require_complete_state(expected: dict, state: dict, what: str, *, show=str) -> None:
     """Raise ``ValueError('<what>: missing N tensors: ...; wrong shapes: ...')`` when ``state``
     lacks tensors of ``expected`` (a module's state dict) or holds them in other shapes.

@@ -1,4 +1,4 @@
-"""``napari-hinge domains DATA --k K --out OUT.h5ad``: STMGAC spatial domains, headless."""
+"""``napari-hinge stmgac domains DATA --k K --out OUT.h5ad``: STMGAC spatial domains, headless."""
 
 from __future__ import annotations
 
@@ -11,13 +11,14 @@ LABELS_TIF_ENCODING = ("pixel value = domain + 1 (domain d of obs['domain'] is p
 
 
 def register(subparsers) -> None:
+    from ..defaults import STMGAC
     from .presets import AUTO_PRESET, PRESETS
 
     p = subparsers.add_parser(
         "domains",
         help="find spatial domains with STMGAC and write them to an h5ad (and a label TIFF)",
         description="Train STMGAC on a spatial data set, cluster its latent into K domains and "
-        "write obs['domain'], obsm['X_stmgac'] and obsm['stmgac_denoised'] (denoised "
+        "write obs['domain'], obsm['domain_latent'] and obsm['domain_denoised'] (denoised "
         "expression of the genes it was trained on) to OUT.h5ad. When the data carry expert "
         "labels (obs['pathology_label'] of her2st, a layer_labels.tsv beside DLPFC counts, or "
         "--truth) it reports ARI and NMI against them.",
@@ -33,10 +34,11 @@ def register(subparsers) -> None:
                    help="STMGAC preset: auto (legacy_st on legacy-ST data, dlpfc otherwise; the "
                    f"default) or one of {', '.join(sorted(PRESETS))}")
     p.add_argument("--epochs", type=int, default=None, help="training epochs (preset default)")
-    p.add_argument("--seed", type=int, default=3407, help="random seed (default 3407)")
+    p.add_argument("--seed", type=int, default=STMGAC["seed"],
+                   help=f"random seed (default {STMGAC['seed']})")
     p.add_argument("--device", default=None,
                    help="cpu, cuda, mps (default: CUDA, then MPS, then the CPU)")
-    p.add_argument("--method", choices=("gmm", "leiden"), default="gmm",
+    p.add_argument("--method", choices=("gmm", "leiden"), default=STMGAC["method"],
                    help="clustering of the latent: Gaussian mixture (tied covariance, "
                    "default) or Leiden with the resolution searched to K")
     p.add_argument("--refine", dest="refine", action="store_true", default=None,

@@ -4,10 +4,8 @@ filter genes (min_cells, min_counts) → seurat_v3 highly variable genes on the 
 → normalise each spot to ``target_sum`` (optionally log1p; the authors' code does not) →
 z-score per gene → PCA (clustering mode) or the scaled HVG matrix itself (imputation mode).
 
-seurat_v3 needs a LOESS fit of log-variance on log-mean. scanpy delegates it to
-``scikit-misc``; to avoid that compiled dependency we fit the same local quadratic
-regression (span 0.3, tricube weights) directly in numpy. It is exact LOESS, where
-scikit-misc interpolates on a k-d tree, so gene ranks can differ at the margin.
+The HVGs are scanpy's own ``seurat_v3`` flavour (:func:`napari_hinge.pp.highly_variable_genes`,
+scikit-misc's LOESS, as the authors' code runs it).
 """
 
 from __future__ import annotations
@@ -17,6 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 from sklearn.decomposition import PCA
+
+from ..pp import highly_variable_genes
 
 
 @dataclass
@@ -59,53 +59,6 @@ def counts_matrix(adata, layer: str | None = None):
     return sp.csr_matrix(x)
 
 
-def _loess(x: np.ndarray, y: np.ndarray, span: float = 0.3, n_eval: int = 400) -> np.ndarray:
-    """Fitted values of a degree-2 LOESS of y on x (1-d, tricube weights, no robustness).
-
-    Like scikit-misc's default ``surface='interpolate'``, the local fits are computed at
-    ``n_eval`` quantiles of x and interpolated linearly in between (cost O(n_eval * n)).
-    """
-    n = x.size
-    q = max(3, int(np.floor(span * n)))
-    grid = np.unique(np.quantile(x, np.linspace(0.0, 1.0, n_eval))) if n > n_eval else np.sort(x)
-    fitted = np.empty(grid.size)
-    for start in range(0, grid.size, 128):
-        xi = grid[start : start + 128, None]
-        d = x[None, :] - xi
-        ad = np.abs(d)
-        h = np.maximum(np.partition(ad, q - 1, axis=1)[:, q - 1 : q], 1e-12)
-        w = np.clip(1.0 - (ad / h) ** 3, 0.0, None) ** 3
-        # Weighted least squares of y on [1, d, d²] centred at xi: the intercept is the fit.
-        s = [np.sum(w * d**p, axis=1) for p in range(5)]
-        t = [np.sum(w * d**p * y[None, :], axis=1) for p in range(3)]
-        a = np.stack([np.stack(s[i : i + 3], -1) for i in range(3)], -2)
-        b = np.stack(t, -1)[..., None]
-        fitted[start : start + 128] = (np.linalg.pinv(a) @ b)[:, 0, 0]
-    return np.interp(x, grid, fitted)
-
-
-def seurat_v3_hvg(counts: sp.csr_matrix, n_top: int, span: float = 0.3) -> np.ndarray:
-    """Indices of the ``n_top`` most variable genes by Seurat v3's variance-stabilised rank."""
-    n = counts.shape[0]
-    mean = np.asarray(counts.mean(axis=0)).ravel()
-    sq = np.asarray(counts.multiply(counts).mean(axis=0)).ravel()
-    var = (sq - mean**2) * n / max(n - 1, 1)
-    nonconst = var > 0
-    est = np.zeros_like(mean)
-    est[nonconst] = _loess(np.log10(mean[nonconst]), np.log10(var[nonconst]), span)
-    reg_std = np.sqrt(10.0**est)
-    clip = reg_std * np.sqrt(n) + mean
-    c = counts.tocoo()
-    vals = np.minimum(c.data, clip[c.col])
-    s1 = np.bincount(c.col, weights=vals, minlength=counts.shape[1])
-    s2 = np.bincount(c.col, weights=vals**2, minlength=counts.shape[1])
-    with np.errstate(divide="ignore", invalid="ignore"):
-        norm_var = (n * mean**2 + s2 - 2 * s1 * mean) / ((n - 1) * reg_std**2)
-    norm_var[~nonconst] = -np.inf
-    order = np.lexsort((np.arange(norm_var.size), -norm_var))  # ties: original order
-    return np.sort(order[: min(n_top, int(nonconst.sum()))])
-
-
 def preprocess(adata, preset, *, layer: str | None = None, seed: int = 42) -> Preprocessed:
     """Run the preset's preprocessing on ``adata`` (not modified) and return the model input."""
     counts = counts_matrix(adata, layer)
@@ -124,7 +77,7 @@ def preprocess(adata, preset, *, layer: str | None = None, seed: int = 42) -> Pr
             f"only {keep.size} gene(s) pass min_cells={min_cells}, min_counts={preset.min_counts}"
         )
     sub = counts[:, keep]
-    hvg_local = seurat_v3_hvg(sub, preset.n_top_genes)
+    hvg_local = highly_variable_genes(sub, preset.n_top_genes)
     hvg_index = keep[hvg_local]
     # normalize_total on all kept genes (as scanpy does before subsetting), then subset.
     lib = np.asarray(sub.sum(axis=1)).ravel()

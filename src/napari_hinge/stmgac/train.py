@@ -9,6 +9,7 @@ contract of :mod:`napari_hinge.training` (one epoch = one step here).
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Generator
 from pathlib import Path
@@ -41,6 +42,21 @@ def config_from_preset(preset: Preset, in_dim: int) -> STMGACConfig:
         replace_rate=preset.replace_rate,
         momentum=preset.momentum,
     )
+
+
+@contextlib.contextmanager
+def _deterministic():
+    """PyTorch's deterministic kernels for one training step, then the caller's setting back.
+
+    On more than one CPU thread a step's scatter-adds otherwise sum in a varying order: the
+    same seed gave different latents (tests/test_stmgac.py::test_determinism_with_seed)."""
+    before = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before, warn_only=warn_only)
 
 
 def train_stmgac(
@@ -129,23 +145,24 @@ def train_stmgac(
             yield TrainEvent("stopped", epoch + 1, epoch, epochs, loss_value,
                              metrics=dict(parts))
             return model
-        out = model(xt, adj, gen)
-        m = out["mask_nodes"]
-        l_r = sce_loss(out["x_hat"][m], xt[m], preset.sce_t)
-        l_m = latent_mse(out["h_hat"][m], out["h_t"][m])
-        if sampler.due(epoch):
-            sampler.refresh(out["h_s"], out["h_t"], gen)
-        l_t = sampler.loss(out["h_s"])
-        loss = preset.w_recon * l_r + preset.w_mean * l_m + preset.w_tri * l_t
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"STMGAC loss became {loss.item()} at epoch {epoch} "
-                f"(recon {l_r.item()}, latent {l_m.item()}, triplet {l_t.item()})"
-            )
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), preset.clip)
-        opt.step()
+        with _deterministic():
+            out = model(xt, adj, gen)
+            m = out["mask_nodes"]
+            l_r = sce_loss(out["x_hat"][m], xt[m], preset.sce_t)
+            l_m = latent_mse(out["h_hat"][m], out["h_t"][m])
+            if sampler.due(epoch):
+                sampler.refresh(out["h_s"], out["h_t"], gen)
+            l_t = sampler.loss(out["h_s"])
+            loss = preset.w_recon * l_r + preset.w_mean * l_m + preset.w_tri * l_t
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"STMGAC loss became {loss.item()} at epoch {epoch} "
+                    f"(recon {l_r.item()}, latent {l_m.item()}, triplet {l_t.item()})"
+                )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), preset.clip)
+            opt.step()
         loss_value = float(loss.item())
         parts = {"recon": float(l_r.item()), "latent": float(l_m.item()),
                  "triplet": float(l_t.item()), **sampler.info}
