@@ -26,6 +26,8 @@ COMMANDS = {
     "evaluate": ("napari_hinge.hinge.cli", "score HINGE against measured expression"),
     "predict-slide": ("napari_hinge.hinge.cli",
                       "paint predicted expression maps over a whole slide"),
+    "predict-cohort": ("napari_hinge.hinge.cli",
+                       "paint expression maps over many slides on a dask cluster"),
     "c2l-pretrain": ("napari_hinge.c2l.cli", "pre-train a C2L-ST central model"),
     "c2l-adapt": ("napari_hinge.c2l.cli", "adapt a C2L-ST local model on paired spots"),
     "synthesize": ("napari_hinge.c2l.cli", "fill a sparse region with synthetic H&E"),
