@@ -183,7 +183,14 @@ def _bar(total: int, desc: str):
 
 
 def cmd_train(args) -> int:
+    from napari_hinge import ddp
+
     from .pipeline import fit_hinge, save_model
+
+    # under torchrun every process trains on its shard of each batch; rank 0 alone shows
+    # progress and writes the model
+    ddp.init()
+    main = ddp.is_main()
 
     out = Path(args.out)
     if (out / "config.json").exists() and not (args.overwrite or args.resume):
@@ -214,7 +221,7 @@ def cmd_train(args) -> int:
             except StopIteration as stop:
                 model = stop.value
                 break
-            if bar is None and ev.total_steps:
+            if bar is None and ev.total_steps and main:
                 bar = _bar(ev.total_steps, "train HINGE")
                 bar.update(ev.step - (1 if ev.kind == "step" else 0))
             if ev.kind == "step" and bar is not None:
@@ -226,7 +233,9 @@ def cmd_train(args) -> int:
                 bar.write(f"epoch {ev.epoch}: loss {ev.loss:.4f}{val}"
                           + ("" if pcc is None else f" val_pcc {pcc:.3f}"))
             elif ev.kind == "stopped":
-                print(f"stopped; resume with --resume (checkpoints in {ckpt})", file=sys.stderr)
+                if main:
+                    print(f"stopped; resume with --resume (checkpoints in {ckpt})",
+                          file=sys.stderr)
                 return 130
     except KeyboardInterrupt:
         print(f"\ninterrupted; the last completed epoch is in {ckpt}; continue with --resume",
@@ -235,6 +244,8 @@ def cmd_train(args) -> int:
     finally:
         if bar is not None:
             bar.close()
+    if not main:
+        return 0
     save_model(model, out)
     summary = dict(model.train_summary or {})
     summary.pop("history", None)

@@ -405,6 +405,8 @@ def fit_hinge_arrays(features, targets, genes: Sequence[str], *, encoder: str = 
     ``checkpoint_dir`` the final model is saved to ``checkpoint_dir/final`` (with
     :func:`save_model`); ``best/`` holds the best-validation weights.
     """
+    from napari_hinge import ddp
+
     from .train import split_groups, train_hinge
 
     features = np.asarray(features, dtype=np.float32)
@@ -453,7 +455,7 @@ def fit_hinge_arrays(features, targets, genes: Sequence[str], *, encoder: str = 
                                                  None if prior_values is None
                                                  else oof[val_idx], seed=seed)
                 done.metrics["calibration_spots"] = int(len(val_idx))
-            if checkpoint_dir is not None:
+            if checkpoint_dir is not None and ddp.is_main():  # under torchrun: rank 0 writes
                 save_model(model.cpu(), Path(checkpoint_dir) / "final")
                 if (Path(checkpoint_dir) / "best").is_dir():
                     save_model(_with_norm_of(Path(checkpoint_dir) / "best", model),
