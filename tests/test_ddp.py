@@ -23,10 +23,10 @@ N_SPOTS, N_GENES = 72, 12
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """Features and log-normalised expression of 72 spots of the shipped C3 sample."""
+    from napari_hinge._convention import META_KEY
     from napari_hinge.encoders import get_encoder
     from napari_hinge.features import encode_spots
     from napari_hinge.hinge.pipeline import read_dataset
-    from napari_hinge._convention import META_KEY
 
     adata = read_dataset(REPO / "src" / "napari_hinge" / "sample_data" / "her2st_C3",
                          section="C3")
@@ -93,3 +93,43 @@ def test_two_gloo_processes_train_as_one(data, tmp_path):
     _run(data, tmp_path / "resumed", "--epochs", "2", "--stop-after-epoch", "1", nproc=2)
     resumed = _run(data, tmp_path / "resumed", "--epochs", "2", "--resume", nproc=2)
     _assert_close(resumed["state"], one["state"])
+
+
+@pytest.fixture(scope="module")
+def patches(tmp_path_factory):
+    """24 real tissue patches of the shipped C3 sample (64 px, 112 µm)."""
+    from napari_hinge.c2l.data import slide_patches
+    from napari_hinge.io.slides import open_slide
+
+    slide = open_slide(REPO / "src" / "napari_hinge" / "sample_data" / "her2st_C3" / "images"
+                       / "C3_HE.jpg", mpp=1.375)
+    path = tmp_path_factory.mktemp("ddp_c2l") / "patches.npz"
+    np.savez(path, patches=slide_patches(slide, max_patches=24, seed=2)[0])
+    return path
+
+
+def _torchrun(script: Path, *args: str) -> None:
+    env = os.environ | {"PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc-per-node=2", str(script), *map(str, args)],
+                          env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_c2l_central_pretraining_is_data_parallel_and_resumes(patches, tmp_path):
+    from safetensors.torch import load_file
+
+    run = REPO / "tests" / "ddp" / "c2l_run.py"
+    _torchrun(run, patches, tmp_path / "straight")
+    ranks = json.loads((tmp_path / "straight" / "ranks.json").read_text())
+    # 6 steps of a global batch of 8: each rank ran 4 rows per step; DDP kept them in step
+    assert [r["rows"] for r in ranks] == [24, 24]
+    assert ranks[0]["digest"] == ranks[1]["digest"]
+    assert sorted(p.name for p in (tmp_path / "straight" / "checkpoints").iterdir()) == \
+        ["last.pt"]
+    # stopped after step 4 and resumed from rank 0's checkpoint (each rank's noise stream
+    # is in it): the weights of the uninterrupted run
+    _torchrun(run, patches, tmp_path / "resumed", "--stop-at", 4)
+    _torchrun(run, patches, tmp_path / "resumed", "--resume")
+    _assert_close(load_file(str(tmp_path / "resumed" / "state.safetensors")),
+                  load_file(str(tmp_path / "straight" / "state.safetensors")))

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from napari_hinge import ddp
 from napari_hinge.training import (
     StopToken,
     TrainEvent,
@@ -84,12 +85,19 @@ def _loop(*, model, trainable: dict[str, torch.nn.Parameter], loss_fn: Callable,
           val_loss_fn: Callable | None, steps: int, batch_size: int, lr: float,
           weight_decay: float, ema_decay: float, seed: int, eval_every: int,
           checkpoint_dir, resume: bool, stop: StopToken | None, device,
-          extra_state: dict, companions: dict | None = None
+          extra_state: dict, companions: dict | None = None, data_parallel: bool = False
           ) -> Generator[TrainEvent, None, None]:
     """The shared loop. ``companions``: other stateful objects ``loss_fn`` updates itself (a
-    critic and its optimiser), saved in and restored from the checkpoints with the rest."""
+    critic and its optimiser), saved in and restored from the checkpoints with the rest.
+
+    ``data_parallel`` (the trainer's ``loss_fn`` runs a DDP-wrapped model): under torchrun
+    each rank computes its rows of every batch (:func:`napari_hinge.ddp.shard`) with its own
+    noise stream; without it every rank runs the whole loop (the same weights everywhere).
+    Either way only rank 0 writes checkpoints."""
     companions = companions or {}
     stop = stop or StopToken()
+    parallel = data_parallel and ddp.active()
+    ddp.barrier()  # rank 0 has finished writing what an earlier stage wrote
     seed_everything(seed)
     opt = torch.optim.AdamW(list(trainable.values()), lr=lr, weight_decay=weight_decay)
     ema = EMA(trainable, ema_decay)
@@ -115,9 +123,14 @@ def _loop(*, model, trainable: dict[str, torch.nn.Parameter], loss_fn: Callable,
     # own generators (batches, flips, noise, timesteps), saved with checkpoints: a resumed run
     # draws exactly what the uninterrupted run would have drawn
     g = torch.Generator()
-    g.manual_seed(seed * 7919)
+    # under DDP the batches (rng) are shared and the noise (g) is each rank's own
+    g.manual_seed(seed * 7919 + (104729 * ddp.rank() if parallel else 0))
     rng = np.random.default_rng(seed * 31)
-    if resume and "generator" in state:
+    ranks_state = state.get("generators") if resume else None
+    if parallel and ranks_state and len(ranks_state) == ddp.world_size():
+        g.set_state(ranks_state[ddp.rank()])
+        rng.bit_generator.state = state["numpy_generator"]
+    elif resume and "generator" in state:
         g.set_state(state["generator"])
         rng.bit_generator.state = state["numpy_generator"]
     elif resume:  # a checkpoint without generator states: continue on fresh streams
@@ -127,12 +140,16 @@ def _loop(*, model, trainable: dict[str, torch.nn.Parameter], loss_fn: Callable,
     def save(step: int) -> None:
         if ckpt is None:
             return
+        generators = ddp.gather_objects(g.get_state()) if parallel else None
+        if not ddp.is_main():
+            return
         save_checkpoint(ckpt, {"params": {k: v.detach().cpu() for k, v in trainable.items()},
                                "optimizer": opt.state_dict(), "ema": ema.state_dict(),
                                "step": step, "rng": rng_state(), "history": history,
                                "generator": g.get_state(),
                                "numpy_generator": rng.bit_generator.state,
                                "companions": {k: v.state_dict() for k, v in companions.items()},
+                               **({"generators": generators} if parallel else {}),
                                **extra_state})
 
     losses: list[float] = []
@@ -148,9 +165,15 @@ def _loop(*, model, trainable: dict[str, torch.nn.Parameter], loss_fn: Callable,
         idx = rng.choice(n_train, size=min(batch_size, n_train), replace=n_train < batch_size)
         k = int(rng.integers(8))
         model.train()
-        loss = loss_fn(idx, k, g)
+        if parallel:  # this rank's rows; its mean weighed as its share of the batch mean
+            share = ddp.batch_share(len(idx[ddp.shard(len(idx))]), len(idx))
+            loss = loss_fn(idx[ddp.shard(len(idx))], k, g) * share
+        else:
+            loss = loss_fn(idx, k, g)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if parallel:  # the logged loss: the global batch's
+            loss = ddp.all_reduce_sum(loss.detach()) / ddp.world_size()
         torch.nn.utils.clip_grad_norm_(list(trainable.values()), 1.0)
         opt.step()
         ema.update(trainable)
@@ -173,6 +196,7 @@ def _loop(*, model, trainable: dict[str, torch.nn.Parameter], loss_fn: Callable,
                              metrics={"seconds": time.perf_counter() - t0})
             epoch += 1
     _load_ema(trainable, ema)
+    ddp.barrier()  # every rank returns once rank 0's checkpoint is written
     last = history[-1] if history else {}
     yield TrainEvent("done", epoch, steps, steps, last.get("loss"), last.get("val_loss"),
                      metrics={"history": history, "steps": steps, "seed": seed,
@@ -341,7 +365,8 @@ def train_central(model: CentralModel, patches: np.ndarray, *, steps: int = 2000
     needs nothing else. Returns (as the generator's value) the model with the EMA weights.
     """
     patches = _check_patches(patches, model.config.image_size)
-    device = torch.device(device) if device is not None else torch.device("cpu")
+    ddp.init()  # under torchrun: data-parallel, one process per device
+    device = ddp.device(torch.device(device) if device is not None else torch.device("cpu"))
     model.to(device)
     frozen = {}
     if model.autoencoder is not None:
@@ -356,21 +381,23 @@ def train_central(model: CentralModel, patches: np.ndarray, *, steps: int = 2000
              else None)
     schedule = model.schedule
 
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    net = ddp.wrap(model, device)  # DDP averages the gradients across ranks
+
     def loss_fn(idx, k, g):
         x0 = model.encode(dihedral_torch(data[idx], k).to(device))
-        return schedule.training_loss(model, x0, None, g)
+        return schedule.training_loss(net, x0, None, g)
 
     def val_loss_fn():
         return _fixed_val_loss(model, val_x, seed)
 
-    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     yield from _loop(model=model, trainable=trainable, loss_fn=loss_fn, n_train=len(data),
                      val_loss_fn=val_loss_fn if val_x is not None else None, steps=steps,
                      batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                      ema_decay=ema_decay, seed=seed, eval_every=eval_every,
                      checkpoint_dir=checkpoint_dir, resume=resume, stop=stop, device=device,
                      extra_state={"kind": "c2l-central", "config": model.config.to_dict(),
-                                  **frozen})
+                                  **frozen}, data_parallel=True)
     return model.eval()
 
 
