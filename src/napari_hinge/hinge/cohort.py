@@ -166,18 +166,21 @@ def _tile_reporter(name: str) -> Callable | None:
 
 
 def _torch_threads(threads: int | None, host_workers: dict | None) -> int:
-    """Threads for torch in this task: given, or this host's CPUs shared by its dask threads."""
+    """Threads for torch in this task: given, or the CPUs this worker may use shared by its
+    dask threads (and by the host's other workers when they all see the whole machine, as a
+    LocalCluster's do; a worker pinned to its own CPUs, e.g. a SLURM task, keeps them)."""
     if threads:
         return int(threads)
+    cpus = len(os.sched_getaffinity(0))
     try:
         from distributed import get_worker
 
         worker = get_worker()
-        per_host = (host_workers or {}).get(worker.ip, 1)
-        busy = max(1, worker.state.nthreads * per_host)
+        shared = cpus == os.cpu_count()
+        busy = worker.state.nthreads * ((host_workers or {}).get(worker.ip, 1) if shared else 1)
     except (ImportError, ValueError):
         busy = 1
-    return max(1, len(os.sched_getaffinity(0)) // busy)
+    return max(1, cpus // max(1, busy))
 
 
 def predict_one(slide: CohortSlide, model: str, out: str | os.PathLike, settings: dict, *,

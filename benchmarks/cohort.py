@@ -1,0 +1,121 @@
+"""Cohort prediction on dask.distributed: throughput on 1 vs 2 local workers, and the
+per-slide overhead of the cluster against the same task run serially in this process.
+
+    python benchmarks/cohort.py [--slides 8] [--stride 400] [--out docs/results/cohort.json]
+
+The cohort: ``--slides`` copies of the real her2st C2 pyramid (../shared/data/wsi_small;
+copies so that every slide has its own feature cache, as distinct slides would). Each of the
+three runs (serial, 1 worker, 2 workers) starts from a cold feature cache. Workers are single
+threaded with one torch thread each, as the serial run. Prints a table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SLIDE = REPO.parent / "shared" / "data" / "wsi_small" / "her2st_C2_HE_pyramid.tif"
+
+
+def serial(slides, settings: dict, out: Path) -> float:
+    """The cohort's tasks one after another in this process (model loaded once)."""
+    from napari_hinge.hinge.cohort import cohort_slides, predict_one
+
+    start = time.perf_counter()
+    for job in cohort_slides(slides):
+        record = predict_one(job, "shipped", out, settings, torch_threads=1)
+        assert record["status"] == "done", record
+    return time.perf_counter() - start
+
+
+def on_cluster(slides, settings: dict, out: Path, workers: int, cache: Path) -> dict:
+    from distributed import Client, LocalCluster
+
+    from napari_hinge.hinge.cohort import predict_cohort
+
+    start = time.perf_counter()
+    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                      dashboard_address=None, env={"NAPARI_HINGE_CACHE": str(cache)}) as cluster, \
+            Client(cluster) as client:
+        client.wait_for_workers(workers)
+        up = time.perf_counter() - start
+        t = time.perf_counter()
+        summary = predict_cohort(slides, "shipped", out, scheduler=client, torch_threads=1,
+                                 **{k: v for k, v in settings.items() if k != "model"})
+        seconds = time.perf_counter() - t
+    assert summary["counts"]["done"] == len(slides), summary["counts"]
+    return {"startup_s": round(up, 2), "seconds": round(seconds, 2),
+            "task_seconds": [r["seconds"] for r in summary["slides"]]}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--slides", type=int, default=8)
+    p.add_argument("--stride", type=float, default=400.0, help="µm between tile centres")
+    p.add_argument("--samples", type=int, default=2)
+    p.add_argument("--reveal-steps", type=int, default=5)
+    p.add_argument("--out", type=Path, default=REPO / "docs" / "results" / "cohort.json")
+    args = p.parse_args()
+    import torch
+
+    torch.set_num_threads(1)
+    work = Path(tempfile.mkdtemp(prefix="cohort-bench-"))
+    try:
+        slides = []
+        for i in range(args.slides):
+            slides.append(work / f"slide{i:02d}.tif")
+            shutil.copyfile(SLIDE, slides[-1])
+        settings = {"stride_um": args.stride, "genes": None, "n_samples": args.samples,
+                    "reveal_steps": args.reveal_steps, "seed": 0, "min_tissue": 0.5,
+                    "batch_tiles": 64}
+        load = os.getloadavg()
+        os.environ["NAPARI_HINGE_CACHE"] = str(work / "cache-serial")
+        from napari_hinge.hinge.cohort import model_key
+
+        folder, digest = model_key("shipped")
+        settings["model"] = {"folder": folder, "digest": digest}
+        t_serial = serial(slides, settings, work / "serial")
+        runs = {w: on_cluster(slides, settings, work / f"w{w}", w, work / f"cache-w{w}")
+                for w in (1, 2)}
+        load_after = os.getloadavg()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    n = args.slides
+    rows = [("serial (this process)", t_serial, None)] + \
+        [(f"LocalCluster, {w} worker{'s' * (w > 1)}", r["seconds"], r["startup_s"])
+         for w, r in runs.items()]
+    print(f"{'run':28s} {'seconds':>8s} {'slides/min':>10s} {'startup s':>9s}")
+    for name, sec, up in rows:
+        print(f"{name:28s} {sec:8.1f} {60 * n / sec:10.2f} {'' if up is None else f'{up:9.1f}'}")
+    ratio = runs[1]["seconds"] / runs[2]["seconds"]
+    overhead = (runs[1]["seconds"] - t_serial) / n
+    print(f"throughput 2 workers / 1 worker: x{ratio:.2f}; per-slide overhead of the cluster "
+          f"(1 worker vs serial): {overhead:+.2f} s ({100 * overhead * n / t_serial:+.0f}%)")
+    print(f"load average before {load[0]:.1f}, after {load_after[0]:.1f} on "
+          f"{os.cpu_count()} cores (shared machine)")
+    result = {
+        "command": f"python benchmarks/cohort.py --slides {n} --stride {args.stride:g} "
+                   f"--samples {args.samples} --reveal-steps {args.reveal_steps}",
+        "slides": n, "slide": SLIDE.name, "settings": {k: v for k, v in settings.items()
+                                                      if k != "model"},
+        "serial_s": round(t_serial, 2), "workers": {str(w): r for w, r in runs.items()},
+        "throughput_ratio_2_vs_1_workers": round(ratio, 3),
+        "per_slide_overhead_s": round(overhead, 3),
+        "load_average_before_after": [round(load[0], 2), round(load_after[0], 2)],
+        "cpu_count": os.cpu_count(), "machine": platform.processor() or platform.machine(),
+        "torch": torch.__version__}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
