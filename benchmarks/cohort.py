@@ -108,13 +108,24 @@ def main() -> int:
         "serial_s": round(t_serial, 2), "workers": {str(w): r for w, r in runs.items()},
         "throughput_ratio_2_vs_1_workers": round(ratio, 3),
         "per_slide_overhead_s": round(overhead, 3),
-        "load_average_before_after": [round(load[0], 2), round(load_after[0], 2)],
-        "cpu_count": os.cpu_count(), "machine": platform.processor() or platform.machine(),
-        "torch": torch.__version__}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
-    print(f"wrote {args.out}")
+        **machine_record(load, load_after)}
+    write_result(args.out, result)
     return 0
+
+
+def machine_record(load: tuple, load_after: tuple) -> dict:
+    """Where a benchmark ran: the load (the machine is shared), cores, CPU, torch."""
+    import torch
+
+    return {"load_average_before_after": [round(load[0], 2), round(load_after[0], 2)],
+            "cpu_count": os.cpu_count(), "machine": platform.processor() or platform.machine(),
+            "torch": torch.__version__}
+
+
+def write_result(path: Path, result: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

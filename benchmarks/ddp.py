@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from cohort import machine_record, write_result  # benchmarks/cohort.py, beside this file
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "src" / "napari_hinge" / "sample_data" / "her2st_C3"
@@ -135,12 +136,8 @@ def main() -> int:
               "speedup": {str(n): {k: round(r[k]["samples_per_s"] / base[k]["samples_per_s"], 3)
                                    for k in ("hinge", "c2l_central")} for n, r in runs.items()},
               "backend": "nccl" if torch.cuda.is_available() else "gloo",
-              "load_average_before_after": [round(load[0], 2), round(load_after[0], 2)],
-              "cpu_count": os.cpu_count(), "machine": platform.processor() or platform.machine(),
-              "torch": torch.__version__}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
-    print(f"wrote {args.out}")
+              **machine_record(load, load_after)}
+    write_result(args.out, result)
     return 0
 
 

@@ -162,3 +162,21 @@ def test_a_killed_worker_loses_no_finished_slide(client, shared_data, tmp_path):
 def test_cohort_slide_is_plain_data():
     job = CohortSlide("a.tif", "a", 0.5)
     assert cohort_slides([job]) == [job]
+
+
+def test_command_line_on_a_running_scheduler(client, tmp_path, capsys):
+    from napari_hinge.cli import main
+
+    out = tmp_path / "cli_maps"
+    argv = ["predict-cohort", str(C3), "--mpp", str(C3_MPP), "--out", str(out), "--stride",
+            "800", "--genes", "ERBB2,GRB7", "--samples", "2", "--reveal-steps", "5",
+            "--scheduler", client.scheduler.address]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "C3_HE" in printed and '"done": 1' in printed
+    assert completed(out / "C3_HE")["settings"]["genes"] == ["ERBB2", "GRB7"]
+    assert main(argv) == 0 and '"skipped": 1' in capsys.readouterr().out
+    # a missing manifest: one line naming the file, exit status 2
+    assert main(["predict-cohort", "--manifest", str(tmp_path / "none.csv"), "--out",
+                 str(out)]) == 2
+    assert "none.csv: manifest not found" in capsys.readouterr().err

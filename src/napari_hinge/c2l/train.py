@@ -127,9 +127,12 @@ def _loop(*, model, trainable: dict[str, torch.nn.Parameter], loss_fn: Callable,
     g.manual_seed(seed * 7919 + (104729 * ddp.rank() if parallel else 0))
     rng = np.random.default_rng(seed * 31)
     ranks_state = state.get("generators") if resume else None
-    if parallel and ranks_state and len(ranks_state) == ddp.world_size():
-        g.set_state(ranks_state[ddp.rank()])
+    if parallel and resume and "numpy_generator" in state:
         rng.bit_generator.state = state["numpy_generator"]
+        if ranks_state and len(ranks_state) == ddp.world_size():
+            g.set_state(ranks_state[ddp.rank()])
+        else:  # written by another number of processes: a fresh noise stream per rank
+            g.manual_seed(seed * 7919 + start + 104729 * ddp.rank())
     elif resume and "generator" in state:
         g.set_state(state["generator"])
         rng.bit_generator.state = state["numpy_generator"]
@@ -166,8 +169,8 @@ def _loop(*, model, trainable: dict[str, torch.nn.Parameter], loss_fn: Callable,
         k = int(rng.integers(8))
         model.train()
         if parallel:  # this rank's rows; its mean weighed as its share of the batch mean
-            share = ddp.batch_share(len(idx[ddp.shard(len(idx))]), len(idx))
-            loss = loss_fn(idx[ddp.shard(len(idx))], k, g) * share
+            mine = idx[ddp.shard(len(idx))]
+            loss = loss_fn(mine, k, g) * ddp.batch_share(len(mine), len(idx))
         else:
             loss = loss_fn(idx, k, g)
         opt.zero_grad(set_to_none=True)

@@ -111,7 +111,9 @@ def cohort_slides(slides: Sequence = (), *, manifest: str | os.PathLike | None =
         while name in names:
             name, k = f"{job.name}-{k}", k + 1
         names.add(name)
-        out.append(CohortSlide(job.path, name, job.mpp if job.mpp is not None else mpp))
+        # absolute: a worker on another host or in another folder opens the same file
+        out.append(CohortSlide(os.path.abspath(job.path), name,
+                               job.mpp if job.mpp is not None else mpp))
     return out
 
 
@@ -334,7 +336,7 @@ def predict_cohort(slides: Sequence = (), model: str | os.PathLike = "shipped",
     """
     t0 = time.perf_counter()
     jobs = cohort_slides(slides, manifest=manifest, mpp=mpp)
-    out = Path(out)
+    out = Path(out).absolute()
     if out.exists() and not out.is_dir():
         raise InputError.at(out, "exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
@@ -367,7 +369,7 @@ def predict_cohort(slides: Sequence = (), model: str | os.PathLike = "shipped",
     if todo:
         n_workers = n_workers or default_workers(len(todo), threads_per_worker)
         with _client(scheduler, n_workers, threads_per_worker) as client:
-            records |= _run(client, todo, str(model), out, settings, torch_threads, progress)
+            records |= _run(client, todo, folder, out, settings, torch_threads, progress)
             workers = len(client.scheduler_info(n_workers=-1)["workers"])
     ordered = [records[job.name] for job in jobs]
     counts = {s: sum(r["status"] == s for r in ordered) for s in ("done", "skipped", "failed")}
