@@ -38,6 +38,16 @@ SETTINGS = {"stride_um": 800, "genes": ["ERBB2", "GRB7", "KRT19"], "n_samples": 
 
 
 @pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """An untrained HINGE over 3 genes (the cluster, not the model, is under test; sampling
+    the shipped model's 275 genes would multiply the test's time)."""
+    from napari_hinge.hinge.pipeline import build_model, save_model
+
+    return save_model(build_model(SETTINGS["genes"], 1280, encoder="efficientnet-lite0",
+                                  ada_rank=8), tmp_path_factory.mktemp("model") / "hinge")
+
+
+@pytest.fixture(scope="module")
 def client(tmp_path_factory):
     """Two single-threaded worker processes, with the tests' isolated cache."""
     cache = tmp_path_factory.getbasetemp() / "napari-hinge-cache"
@@ -67,7 +77,8 @@ def test_manifest_paths_names_and_errors(tmp_path):
         read_manifest(tmp_path / "nohead.csv")
 
 
-def test_two_workers_give_the_serial_maps_and_report_bad_slides(client, shared_data, tmp_path):
+def test_two_workers_give_the_serial_maps_and_report_bad_slides(client, model_dir, shared_data,
+                                                                tmp_path):
     wsi = shared_data / "wsi_small"
     corrupt = tmp_path / "corrupt.tif"  # a pyramid cut short, as by a failed copy
     corrupt.write_bytes((wsi / "her2st_C2_HE_pyramid.tif").read_bytes()[:200_000])
@@ -77,7 +88,8 @@ def test_two_workers_give_the_serial_maps_and_report_bad_slides(client, shared_d
         f"{C3},{C3_MPP}", f"{corrupt},",
         f"{wsi / 'CMU-1-Small-Region.svs'},"]) + "\n")  # a small field: no tile at 800 µm
     events = []
-    summary = predict_cohort(manifest=manifest, out=tmp_path / "maps", scheduler=client,
+    summary = predict_cohort(manifest=manifest, model=model_dir, out=tmp_path / "maps",
+                             scheduler=client,
                              progress=lambda kind, info: events.append((kind, info)),
                              **SETTINGS)
     status = {r["name"]: r["status"] for r in summary["slides"]}
@@ -91,6 +103,14 @@ def test_two_workers_give_the_serial_maps_and_report_bad_slides(client, shared_d
     assert json.loads((tmp_path / "maps" / "cohort.json").read_text())["counts"] == \
         {"done": 3, "skipped": 0, "failed": 2}
     assert summary["workers"] == 2
+
+    def loaded_models():  # runs in each worker (a local function travels by value)
+        from napari_hinge.hinge.cohort import _MODELS
+
+        return list(_MODELS)
+
+    # one model in each worker process, whatever the number of slides it mapped
+    assert all(len(keys) <= 1 for keys in client.run(loaded_models).values())
     assert sum(kind == "slide" for kind, _ in events) == 5
     assert any(kind == "tiles" for kind, _ in events)  # the workers' tile progress arrived
 
@@ -98,7 +118,8 @@ def test_two_workers_give_the_serial_maps_and_report_bad_slides(client, shared_d
     settings = json.loads((tmp_path / "maps" / "C3_HE" / COMPLETE).read_text())["settings"]
     settings["cache"] = False  # encode again: the workers' feature cache is not the test
     for job in cohort_slides(manifest=manifest)[:3]:
-        record = predict_one(job, "shipped", tmp_path / "serial", settings, torch_threads=1)
+        record = predict_one(job, str(model_dir), tmp_path / "serial", settings,
+                             torch_threads=1)
         assert record["status"] == "done"
         for name in ("maps.ome.tif", "uncertainty.ome.tif"):
             cluster = tifffile.imread(tmp_path / "maps" / job.name / name)
@@ -109,18 +130,18 @@ def test_two_workers_give_the_serial_maps_and_report_bad_slides(client, shared_d
 
     # a rerun skips the complete slides and tries the failed ones again
     before = _digest(tmp_path / "maps" / "C3_HE")
-    again = predict_cohort(manifest=manifest, out=tmp_path / "maps", scheduler=client,
-                           **SETTINGS)
+    again = predict_cohort(manifest=manifest, model=model_dir, out=tmp_path / "maps",
+                           scheduler=client, **SETTINGS)
     assert again["counts"] == {"done": 0, "skipped": 3, "failed": 2}
     assert _digest(tmp_path / "maps" / "C3_HE") == before
     # other settings never silently replace complete maps
-    other = predict_cohort([C3], out=tmp_path / "maps", scheduler=client, mpp=C3_MPP,
-                           **(SETTINGS | {"stride_um": 1000}))
+    other = predict_cohort([C3], model=model_dir, out=tmp_path / "maps", scheduler=client,
+                           mpp=C3_MPP, **(SETTINGS | {"stride_um": 1000}))
     assert other["counts"]["failed"] == 1 and "other settings" in other["slides"][0]["error"]
     assert _digest(tmp_path / "maps" / "C3_HE") == before
 
 
-def test_a_killed_worker_loses_no_finished_slide(client, shared_data, tmp_path):
+def test_a_killed_worker_loses_no_finished_slide(client, model_dir, shared_data, tmp_path):
     slides = []
     for name in ("s1", "s2"):  # copies of the real pyramid: same pixels, own caches
         slides.append(tmp_path / f"{name}.tif")
@@ -138,7 +159,7 @@ def test_a_killed_worker_loses_no_finished_slide(client, shared_data, tmp_path):
         pid = client.run(os.getpid, workers=busy[:1])[busy[0]]
         os.kill(pid, signal.SIGKILL)
 
-    summary = predict_cohort(slides, "shipped", out, scheduler=client, mpp=C3_MPP,
+    summary = predict_cohort(slides, model_dir, out, scheduler=client, mpp=C3_MPP,
                              progress=kill_a_busy_worker, **SETTINGS)
     assert finished, "no slide finished"
     (name, digest), = finished.items()
@@ -151,7 +172,7 @@ def test_a_killed_worker_loses_no_finished_slide(client, shared_data, tmp_path):
             assert sorted(completed(folder)["files"]) == sorted(SLIDE_OUTPUTS)
         else:
             assert not folder.exists() or completed(folder) is None
-    rerun = predict_cohort(slides, "shipped", out, scheduler=client, mpp=C3_MPP, **SETTINGS)
+    rerun = predict_cohort(slides, model_dir, out, scheduler=client, mpp=C3_MPP, **SETTINGS)
     assert rerun["counts"]["failed"] == 0
     assert {r["status"] for r in rerun["slides"]} <= {"done", "skipped"}
     assert all(completed(out / r["name"]) for r in rerun["slides"])
@@ -160,8 +181,20 @@ def test_a_killed_worker_loses_no_finished_slide(client, shared_data, tmp_path):
 
 
 def test_cohort_slide_is_plain_data():
-    job = CohortSlide("a.tif", "a", 0.5)
+    job = CohortSlide("/data/a.tif", "a", 0.5)
     assert cohort_slides([job]) == [job]
+
+
+def test_the_model_is_loaded_once_per_process_and_per_digest(tmp_path):
+    from napari_hinge.hinge.cohort import cached_model, model_key
+    from napari_hinge.hinge.pipeline import shipped_model_dir
+
+    assert cached_model("shipped") is cached_model(str(shipped_model_dir()))
+    copy = tmp_path / "model"
+    shutil.copytree(shipped_model_dir(), copy)
+    key = model_key(copy)
+    (copy / "calibration.json").write_text((copy / "calibration.json").read_text() + " ")
+    assert model_key(copy) != key  # a retrained model in the same folder is loaded again
 
 
 def test_command_line_on_a_running_scheduler(client, tmp_path, capsys):

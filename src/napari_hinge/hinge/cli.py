@@ -121,7 +121,8 @@ def register(subparsers) -> None:
         description="predict-slide for every slide of a cohort on dask.distributed (a local "
                     "cluster by default, --scheduler for a running one): OUT/<slide>/ per "
                     "slide (written atomically, complete.json last; a rerun skips complete "
-                    "slides) and OUT/cohort.json, the per-slide summary with any errors.")
+                    "slides) and OUT/cohort.json, the per-slide summary with any errors; exit "
+                    "status 1 when a slide failed.")
     p.add_argument("slides", nargs="*", type=Path, help="slide files")
     p.add_argument("--manifest", type=Path, default=None,
                    help="CSV with a 'slide' column (optional 'name', 'mpp')")
@@ -361,7 +362,6 @@ def cmd_predict_cohort(args) -> int:
     tiles_bar = tqdm(total=0, desc="tile batches", unit="batch", file=sys.stderr,
                      dynamic_ncols=True, position=1)
     seen: dict[str, tuple[int, int]] = {}  # slide -> (batches done, batches in all)
-
     failed = []
 
     def progress(kind, info):
