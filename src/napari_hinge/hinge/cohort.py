@@ -370,7 +370,7 @@ def predict_cohort(slides: Sequence = (), model: str | os.PathLike = "shipped",
         n_workers = n_workers or default_workers(len(todo), threads_per_worker)
         with _client(scheduler, n_workers, threads_per_worker) as client:
             records |= _run(client, todo, folder, out, settings, torch_threads, progress)
-            workers = len(client.scheduler_info(n_workers=-1)["workers"])
+            workers = len(_workers(client))
     ordered = [records[job.name] for job in jobs]
     counts = {s: sum(r["status"] == s for r in ordered) for s in ("done", "skipped", "failed")}
     summary = {"out": str(out), "model": settings["model"], "settings": settings,
@@ -379,6 +379,14 @@ def predict_cohort(slides: Sequence = (), model: str | os.PathLike = "shipped",
     atomic_write(out / SUMMARY, lambda tmp: Path(tmp).write_text(
         json.dumps(summary, indent=1, default=str)))
     return summary
+
+
+def _workers(client) -> dict:
+    """Address -> info of every worker (newer distributed lists only 5 unless asked)."""
+    try:
+        return client.scheduler_info(n_workers=-1)["workers"]
+    except TypeError:  # distributed before the n_workers argument
+        return client.scheduler_info()["workers"]
 
 
 def _run(client, jobs: Sequence[CohortSlide], model: str, out: Path, settings: dict,
@@ -390,8 +398,7 @@ def _run(client, jobs: Sequence[CohortSlide], model: str, out: Path, settings: d
 
     from napari_hinge.cli import one_line
 
-    info = client.scheduler_info(n_workers=-1)["workers"].values()
-    host_workers = dict(Counter(w["host"] for w in info))
+    host_workers = dict(Counter(w["host"] for w in _workers(client).values()))
     if progress is not None:
         client.subscribe_topic(TILES_TOPIC, lambda event: progress("tiles", event[1]))
     futures = {client.submit(predict_one, job, model, str(out), settings,
