@@ -19,6 +19,7 @@ The one home of the distributed plumbing; the trainers call a few hooks:
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 
 import torch
@@ -59,10 +60,13 @@ def init() -> bool:
 
 
 def cleanup() -> None:
-    """Leave the process group (registered at exit by :func:`init`)."""
+    """Leave the process group (registered at exit by :func:`init`), after a last barrier:
+    a rank that tore gloo down while a peer still sent to it was seen to abort."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        with contextlib.suppress(RuntimeError):  # a peer gone already: nothing to wait for
+            dist.barrier()
         dist.destroy_process_group()
 
 
