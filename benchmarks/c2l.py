@@ -152,7 +152,7 @@ def main(argv=None) -> int:
     from napari_hinge.encoders import get_encoder
     from napari_hinge.expression import select_gene_panel
     from napari_hinge.hinge.pipeline import library_size, transform_values
-    from napari_hinge.io.spatial import read_her2st
+    from napari_hinge.io.legacy_st import read_her2st
     from napari_hinge.training import run_to_end, seed_everything
 
     seed_everything(args.seed)

@@ -50,7 +50,7 @@ REFERENCE = {"pca_leiden": 0.35, "pca_gmm": 0.39, "pca_gmm+vote": 0.52, "pca_lei
 
 
 def load_dlpfc(folder: Path, sample: str):
-    from napari_hinge.io.spatial import read_spaceranger
+    from napari_hinge.io.spaceranger import read_spaceranger
 
     d = folder / sample
     with warnings.catch_warnings():
@@ -63,7 +63,7 @@ def load_dlpfc(folder: Path, sample: str):
 
 
 def load_her2st(folder: Path, section: str):
-    from napari_hinge.io.spatial import read_her2st
+    from napari_hinge.io.legacy_st import read_her2st
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -62,8 +62,10 @@ def build_slide(out: Path, size: int, *, quality: int = 85) -> dict:
             meta["reused"] = True
             return meta
     t0 = time.perf_counter()
-    Image.MAX_IMAGE_PIXELS = None  # our own trusted 92 Mpx source image
-    src0 = Image.open(SOURCE_JPG).convert("RGB")
+    from napari_hinge.geometry import image_pixel_limit
+
+    with image_pixel_limit(), Image.open(SOURCE_JPG) as src_img:  # a trusted 92 Mpx image
+        src0 = src_img.convert("RGB")
     sizes = [size]
     while sizes[-1] >= 1024:
         sizes.append((sizes[-1] + 1) // 2)

@@ -29,7 +29,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from napari_hinge.io.spatial import read_her2st, read_legacy_st
+from napari_hinge.geometry import image_pixel_limit
+from napari_hinge.io.legacy_st import read_her2st, read_legacy_st
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "src" / "napari_hinge" / "sample_data"
@@ -103,8 +104,7 @@ def build_her2st(her2st: Path, out: Path, factor: int) -> dict:
 
     # image: Lanczos downsample, baseline JPEG at a fixed quality (no EXIF, no timestamps)
     src_img = her2st / "images" / f"{SECTION}_HE.jpg"
-    Image.MAX_IMAGE_PIXELS = None
-    with Image.open(src_img) as img:
+    with image_pixel_limit(), Image.open(src_img) as img:
         w, h = img.size
         small = img.convert("RGB").resize(
             (round(w / factor), round(h / factor)), Image.Resampling.LANCZOS

@@ -49,7 +49,7 @@ HER2ST_TRAIN = ("C2", "C4", "C5", "C6")
 
 
 def corpus_sources(data: Path, *, her2st_max: int, cmu_max: int, dlpfc_max: int):
-    from napari_hinge.io.spatial import read_her2st
+    from napari_hinge.io.legacy_st import read_her2st
 
     sources = []
     for s in HER2ST_TRAIN:

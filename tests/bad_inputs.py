@@ -18,6 +18,7 @@ Used by ``tests/test_bad_inputs.py`` (one test per case) and ``benchmarks/bad_in
 from __future__ import annotations
 
 import errno
+import functools
 import gzip
 import json
 import os
@@ -110,6 +111,27 @@ def _is_ours(w) -> bool:
         or "tiles/strips" in str(w.message)
 
 
+def _io(module: str, name: str):
+    """``napari_hinge.io.<module>.<name>``; in a checkout from before the readers were split by
+    format (``benchmarks/bad_inputs.py --src``), the same reader in ``napari_hinge.io.spatial``."""
+    import importlib
+
+    try:
+        return getattr(importlib.import_module(f"napari_hinge.io.{module}"), name)
+    except ImportError:
+        old = {"read_10x_mtx": "_read_10x_mtx"}.get(name, name)
+        return getattr(importlib.import_module("napari_hinge.io.spatial"), old)
+
+
+def _open_c2_jpeg():
+    """The real C2 H&E (92 Mpx: above PIL's warning size, which is not a bomb here)."""
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return Image.open(HER2ST / "images" / "C2_HE.jpg")
+
+
 def _short(obj) -> str:
     return " ".join(str(obj).split())[:300]
 
@@ -129,7 +151,7 @@ def _visium(tmp: Path) -> Path:
 
 def _edit_h5(edit: Callable[[h5py.Group], None]) -> Callable[[Path], Action]:
     def build(tmp: Path) -> Action:
-        from napari_hinge.io.spatial import read_spaceranger
+        read_spaceranger = _io("spaceranger", "read_spaceranger")
 
         outs = _visium(tmp)
         h5 = outs / "filtered_feature_bc_matrix.h5"
@@ -168,7 +190,7 @@ def _data_short(g):
 
 def _scalefactors(key: str, value) -> Callable[[Path], Action]:
     def build(tmp: Path) -> Action:
-        from napari_hinge.io.spatial import read_spaceranger
+        read_spaceranger = _io("spaceranger", "read_spaceranger")
 
         outs = _visium(tmp)
         sf_file = outs / "spatial" / "scalefactors_json.json"
@@ -185,7 +207,7 @@ def _scalefactors(key: str, value) -> Callable[[Path], Action]:
 
 def _positions(edit: Callable[[list[str]], list[str]]) -> Callable[[Path], Action]:
     def build(tmp: Path) -> Action:
-        from napari_hinge.io.spatial import read_spaceranger
+        read_spaceranger = _io("spaceranger", "read_spaceranger")
 
         outs = _visium(tmp)
         pos = next((outs / "spatial").glob("tissue_positions*.csv"))
@@ -208,13 +230,13 @@ def _mtx(edit: Callable[[Path], Path]) -> Callable[[Path], Action]:
     """The real CytAssist Matrix Market folder with one file damaged."""
 
     def build(tmp: Path) -> Action:
-        from napari_hinge.io.spatial import _read_10x_mtx
+        read_10x_mtx = _io("spaceranger", "read_10x_mtx")
 
         folder = tmp / "filtered_feature_bc_matrix"
         shutil.copytree(CYTASSIST / "filtered_feature_bc_matrix", folder,
                         copy_function=shutil.copyfile)
         named = edit(folder)
-        return Action(lambda: _read_10x_mtx(folder), named)
+        return Action(lambda: read_10x_mtx(folder), named)
 
     return build
 
@@ -242,6 +264,17 @@ def _mtx_bad_entry(folder: Path) -> Path:
     return p
 
 
+def _mtx_stray_byte_at_end(folder: Path) -> Path:
+    """The last entry's newline replaced by a stray byte (scipy 1.17's Matrix Market reader,
+    the one scanpy.read_10x_mtx calls, crashes the process on this)."""
+    p = folder / "matrix.mtx.gz"
+    with gzip.open(p, "rb") as fh:
+        data = fh.read().rstrip(b"\n")
+    with gzip.open(p, "wb") as fh:
+        fh.write(data + b"\x02")
+    return p
+
+
 def _features_short(folder: Path) -> Path:
     p = folder / "features.tsv.gz"
     with gzip.open(p, "rt") as fh:
@@ -259,7 +292,7 @@ def _legacy(edit_spots=None, edit_counts=None) -> Callable[[Path], Action]:
     """her2st C2 (real counts and spots), one of the two files damaged."""
 
     def build(tmp: Path) -> Action:
-        from napari_hinge.io.spatial import read_legacy_st
+        read_legacy_st = _io("legacy_st", "read_legacy_st")
 
         spots, counts = tmp / "C2_selection.tsv", tmp / "C2.tsv.gz"
         shutil.copyfile(HER2ST / "spots" / "C2_selection.tsv", spots)
@@ -303,7 +336,8 @@ def _h5ad(edit: Callable, *, expect_check=None) -> Callable[[Path], Action]:
     """The C2 section written as h5ad by the package, then edited."""
 
     def build(tmp: Path) -> Action:
-        from napari_hinge.io.spatial import read_h5ad, read_her2st
+        read_h5ad = _io("h5ad", "read_h5ad")
+        read_her2st = _io("legacy_st", "read_her2st")
 
         adata = read_her2st(HER2ST, "C2", images=False)[:80, :50].copy()
         path = tmp / "c2.h5ad"
@@ -375,11 +409,10 @@ def _flat_tiff_edited_in_place(tmp: Path) -> Action:
     """A flat tiled TIFF (real pixels, > 4096 px: gets a cached pyramid), opened, then edited in
     the middle with the same size; the reopened coarse level must show the edit."""
     import tifffile
-    from PIL import Image
 
     from napari_hinge.io.slides import open_slide
 
-    with Image.open(HER2ST / "images" / "C2_HE.jpg") as img:
+    with _open_c2_jpeg() as img:
         base = np.asarray(img.convert("RGB").crop((0, 2000, 4352, 2512)))
     path = tmp / "flat.tif"
     tifffile.imwrite(path, base, tile=(256, 256), photometric="rgb")
@@ -407,12 +440,11 @@ def _flat_tiff_edited_in_place(tmp: Path) -> Action:
 
 def _jpeg_huge_header(tmp: Path) -> Action:
     """A real JPEG whose SOF header claims 60000 x 60000 px (10 GB decoded)."""
-    from PIL import Image
 
     from napari_hinge.io.slides import open_slide
 
     src = tmp / "small.jpg"
-    with Image.open(HER2ST / "images" / "C2_HE.jpg") as img:
+    with _open_c2_jpeg() as img:
         img.convert("RGB").crop((0, 0, 256, 256)).save(src, quality=80)
     data = bytearray(src.read_bytes())
     sof = data.index(b"\xff\xc0")
@@ -447,9 +479,8 @@ class Image_open_crop:  # a tiny context manager used like a function
         self.side = side
 
     def __enter__(self) -> np.ndarray:
-        from PIL import Image
 
-        with Image.open(HER2ST / "images" / "C2_HE.jpg") as img:
+        with _open_c2_jpeg() as img:
             return np.asarray(img.convert("RGB").crop((3000, 3000, 3000 + self.side,
                                                        3000 + self.side)))
 
@@ -555,7 +586,7 @@ def _snapshot(path: Path) -> dict:
 
 
 def _old_h5ad(tmp: Path) -> Path:
-    from napari_hinge.io.spatial import read_her2st
+    read_her2st = _io("legacy_st", "read_her2st")
 
     path = tmp / "out" / "spots.h5ad"
     path.parent.mkdir()
@@ -565,7 +596,7 @@ def _old_h5ad(tmp: Path) -> Path:
 
 def _save_spots(path: Path):
     from napari_hinge._writer import write_spots_h5ad
-    from napari_hinge.io.spatial import read_her2st
+    read_her2st = _io("legacy_st", "read_her2st")
 
     adata = read_her2st(HER2ST, "C2", images=False)[:30, :20].copy()
     return write_spots_h5ad(str(path), None, {"metadata": {"adata": adata}})
@@ -705,7 +736,7 @@ def _maps_round_trip(tmp: Path) -> Action:
 def _h5ad_from_other_folder(tmp: Path) -> Action:
     """spatial-info --output with a relative slide path, reopened from another folder."""
     from napari_hinge.cli import main
-    from napari_hinge.io.spatial import read_h5ad
+    read_h5ad = _io("h5ad", "read_h5ad")
 
     work = tmp / "work"
     shutil.copytree(HER2ST, work / "her2st", copy_function=shutil.copyfile,
@@ -737,6 +768,8 @@ def cases() -> list[Case]:
         Case("Matrix Market: entry beyond the header's size", "spatial", _mtx(_mtx_bad_entry)),
         Case("Matrix Market: matrix.mtx.gz truncated", "spatial",
              _mtx(_truncate_gz("matrix.mtx.gz"))),
+        Case("Matrix Market: a stray byte after the last entry", "spatial",
+             _mtx(_mtx_stray_byte_at_end)),
         Case("barcodes.tsv.gz truncated", "spatial", _mtx(_truncate_gz("barcodes.tsv.gz", 0.3))),
         Case("features.tsv.gz 20 rows short", "spatial", _mtx(_features_short)),
         Case("scalefactors: spot diameter a string", "spatial",
@@ -884,21 +917,55 @@ def _seed_counts() -> bytes:
 
 
 def _parse_spots(path: Path):
-    from napari_hinge.io.spatial import _read_st_spots
+    _read_st_spots = _io("legacy_st", "_read_st_spots")
 
     return _read_st_spots(path)
 
 
 def _parse_positions(path: Path):
-    from napari_hinge.io.spatial import _read_positions
+    _read_positions = _io("spaceranger", "_read_positions")
 
     return _read_positions(path.parent)
 
 
 def _parse_counts(path: Path):
-    from napari_hinge.io.spatial import _read_st_counts
+    _read_st_counts = _io("legacy_st", "_read_st_counts")
 
     return _read_st_counts(path)
+
+
+@functools.cache
+def _mtx_subset():
+    """The first 30 barcodes x 40 features of the real CytAssist matrix (the mtx is features x
+    barcodes), with its feature and barcode rows."""
+    import pandas as pd
+    import scipy.io
+    import scipy.sparse as sp
+
+    folder = CYTASSIST / "filtered_feature_bc_matrix"
+    full = sp.csc_matrix(scipy.io.mmread(folder / "matrix.mtx.gz"))
+    feats = pd.read_csv(folder / "features.tsv.gz", sep="\t", header=None).iloc[:40]
+    bcs = pd.read_csv(folder / "barcodes.tsv.gz", header=None).iloc[:30]
+    return sp.coo_matrix(full[:40, :30]), feats, bcs
+
+
+def _seed_mtx() -> bytes:
+    import io
+
+    import scipy.io
+
+    buf = io.BytesIO()
+    scipy.io.mmwrite(buf, _mtx_subset()[0].astype(int), field="integer")
+    return buf.getvalue()
+
+
+def _parse_mtx(path: Path):
+    folder = path.parent
+    if not (folder / "barcodes.tsv").exists():  # the two tables the matrix indexes, unmutated
+        _, feats, bcs = _mtx_subset()
+        feats.to_csv(folder / "features.tsv", sep="\t", header=False, index=False)
+        bcs.to_csv(folder / "barcodes.tsv", sep="\t", header=False, index=False)
+    return _io("spaceranger", "read_10x_mtx")(folder)
 
 
 #: name -> (seed bytes from the real data, file name, parser(path))
@@ -906,6 +973,7 @@ PARSERS = {
     "legacy-ST spot file": (_seed_spots, "C2_selection.tsv", _parse_spots),
     "Space Ranger positions": (_seed_positions, "tissue_positions_list.csv", _parse_positions),
     "legacy-ST count table": (_seed_counts, "C2.tsv", _parse_counts),
+    "10x Matrix Market": (_seed_mtx, "matrix.mtx", _parse_mtx),
 }
 
 

@@ -1,8 +1,8 @@
 """The bad-input corpus (tests/bad_inputs.py, built from the shared real data at run time): every
 case must end in a clear error naming the file, a warning with a right result, or a right
 result; never a foreign exception, a silent wrong result, lost data or code run. Plus a bounded
-property test: the legacy-ST spot-file, Space Ranger positions and count parsers raise only the
-project's own errors on any mutation of a real file."""
+property test: the legacy-ST spot-file, Space Ranger positions, count and Matrix Market parsers
+raise only the project's own errors on any mutation of a real file."""
 
 from __future__ import annotations
 

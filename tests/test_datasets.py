@@ -13,7 +13,8 @@ import pytest
 
 from napari_hinge import datasets
 from napari_hinge._convention import META_KEY, SPATIAL_KEY
-from napari_hinge.io.spatial import SpatialDataWarning, read_her2st, read_legacy_st
+from napari_hinge.io.legacy_st import read_her2st, read_legacy_st
+from napari_hinge.io.validate import SpatialDataWarning
 
 REPO = Path(__file__).resolve().parents[1]
 CMU_SHA256 = "ed92d5a9f2e86df67640d6f92ce3e231419ce127131697fbbce42ad5e002c8a7"

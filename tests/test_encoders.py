@@ -50,7 +50,7 @@ def _center_square(img):
 @pytest.fixture(scope="module")
 def he_patches(shared_data):
     """8 real 160 px H&E patches around her2st C2 spots (from the tiled TIFF, fast to read)."""
-    from napari_hinge.io.spatial import read_her2st
+    from napari_hinge.io.legacy_st import read_her2st
     from napari_hinge.patches import spot_patches
 
     ad = read_her2st(shared_data / "her2st_subset", "C2", images=False)

@@ -19,7 +19,7 @@ from napari_hinge.expression import (
     panel_targets,
     select_gene_panel,
 )
-from napari_hinge.io.spatial import read_her2st
+from napari_hinge.io.legacy_st import read_her2st
 from napari_hinge.metrics import gene_pearson
 
 SECTIONS = ("C2", "C3", "C4", "C5", "C6")

@@ -67,7 +67,7 @@ def her2st(shared_data):
 
 @pytest.fixture(scope="module")
 def c2(her2st):
-    from napari_hinge.io.spatial import read_her2st
+    from napari_hinge.io.legacy_st import read_her2st
 
     return read_her2st(her2st, "C2")
 

@@ -7,7 +7,7 @@ import pytest
 from scipy.stats import pearsonr
 
 from napari_hinge.expression import expression_targets, select_gene_panel
-from napari_hinge.io.spatial import read_her2st
+from napari_hinge.io.legacy_st import read_her2st
 from napari_hinge.metrics import (
     coexpression_consistency,
     expression_scores,

@@ -8,8 +8,8 @@ import pytest
 from napari_hinge._cache import cache_dir
 from napari_hinge.encoders import get_encoder
 from napari_hinge.features import encode_spots
+from napari_hinge.io.legacy_st import read_her2st
 from napari_hinge.io.slides import open_slide
-from napari_hinge.io.spatial import read_her2st
 from napari_hinge.patches import (
     DIHEDRAL,
     ArraySlide,

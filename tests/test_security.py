@@ -153,7 +153,7 @@ def test_c2l_resume(which, tmp_path, marker, patches):
 
 
 def test_stmgac_resume(tmp_path, marker, shared_data):
-    from napari_hinge.io.spatial import read_her2st
+    from napari_hinge.io.legacy_st import read_her2st
     from napari_hinge.stmgac.graph import knn_adjacency
     from napari_hinge.stmgac.train import train_stmgac
 

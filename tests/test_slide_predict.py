@@ -94,3 +94,35 @@ def test_predict_slide_command(model, shared_data, tmp_path):
     assert (tmp_path / "out" / "uncertainty.ome.tif").is_file()
     assert (tmp_path / "out" / "tiles.h5ad").is_file()
     assert main(["predict-slide", str(tmp_path / "missing.svs"), "--out", str(tmp_path)]) == 2
+
+
+def test_compare_with_spots_reads_the_tile_under_each_spot(model, slide, shared_data):
+    """The map at the measured C2 spots (same pixels as the pyramid): each spot gets the
+    value of the tile whose cell holds it, and a Pearson r per measured gene."""
+    import warnings
+
+    from napari_hinge.hinge.slide_predict import compare_with_spots
+    from napari_hinge.io.legacy_st import read_her2st
+
+    prediction, _ = drain(predict_slide_iter(
+        model, slide, stride_um=800, genes=["GRB7", "ERBB2"], n_samples=2, reveal_steps=5,
+        batch_tiles=8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        spots = read_her2st(shared_data / "her2st_subset", "C2", images=False)
+    values, scores = compare_with_spots(prediction, spots)
+    assert sorted(values) == ["ERBB2", "GRB7"] and sorted(scores) == ["ERBB2", "GRB7"]
+    grid = prediction.grid
+    xy = spots.obsm["spatial"]
+    hits = 0
+    for j, (x, y) in enumerate(xy):
+        # the cell whose square [centre - stride/2, centre + stride/2) holds the spot
+        d = np.abs(grid.centers_xy - (x, y)).max(axis=1)
+        near = np.flatnonzero(d <= grid.stride_px / 2 + 1e-6)
+        if len(near):
+            hits += 1
+            assert values["GRB7"][j] == pytest.approx(prediction.mean[near[0], 0])
+        else:  # its cell is off the tissue: no tile, no value
+            assert np.isnan(values["GRB7"][j])
+    assert hits > 0.8 * spots.n_obs
+    assert all(-1 <= r <= 1 for r in scores.values())

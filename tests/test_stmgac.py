@@ -29,7 +29,7 @@ torch.set_num_threads(1)
 
 
 def _read_dlpfc(folder):
-    from napari_hinge.io.spatial import read_spaceranger
+    from napari_hinge.io.spaceranger import read_spaceranger
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -385,7 +385,7 @@ def test_tl_domains_progress_bar(dlpfc_crop, fast_preset, capsys):
 
 
 def test_preset_follows_the_data(dlpfc, shared_data):
-    from napari_hinge.io.spatial import read_her2st
+    from napari_hinge.io.legacy_st import read_her2st
     from napari_hinge.stmgac.presets import preset_for, resolve_preset
 
     with warnings.catch_warnings():

@@ -11,7 +11,7 @@ from napari_hinge.tissue import tile_grid, tissue_mask
 
 @pytest.fixture(scope="module")
 def c2(shared_data):
-    from napari_hinge.io.spatial import read_her2st
+    from napari_hinge.io.legacy_st import read_her2st
 
     slide = open_slide(shared_data / "wsi_small" / "her2st_C2_HE_pyramid.tif")
     spots = read_her2st(shared_data / "her2st_subset", "C2", images=False)

@@ -8,7 +8,12 @@
   ``spot_diameter_px`` (float, in the same pixels),
   ``slide_path`` (str; absent when the data has no image),
   ``source`` (str: the file or folder that was read),
-  ``format`` (str: 'spaceranger', 'legacy_st', 'h5ad').
+  ``format`` (str: 'spaceranger', 'legacy_st', 'h5ad', 'xenium', 'merscope', 'cosmx').
+- ``adata.var_names``: unique gene symbols (:func:`unique_var`), ``var['gene_ids']`` the
+  Ensembl ids where the source has them.
+- ``adata.uns['spatial'][library_id]`` = ``{'images', 'scalefactors', 'metadata'}`` in
+  scanpy's layout, with scale factors that map ``obsm['spatial']`` onto each stored image, so
+  ``scanpy.pl.spatial`` works unchanged.
 - ``adata.obs[LIBRARY_SIZE_KEY]`` (optional): each spot's UMI total over *all* genes measured,
   when ``X`` holds only a subset of them (the shipped sample); normalisation must use it.
 """
@@ -47,6 +52,24 @@ def check_mpp(value, path: str | os.PathLike, field: str = "microns_per_pixel") 
             path, f"{v:g} µm/px is not a plausible slide pixel size ({lo:g}-{hi:g}); pass "
             "mpp= (--mpp) with the real value to override", field=field)
     return v
+
+
+def unique_var(ids, names, feature_types=None):
+    """``var`` with unique gene symbols as names and the ids in ``gene_ids`` (anndata's rule
+    for repeats, GENE, GENE-1, ..., the same as scanpy's readers)."""
+    import pandas as pd
+
+    names = pd.Index(names if names is not None else ids).astype(str)
+    var = pd.DataFrame(index=names)
+    if ids is not None:
+        var["gene_ids"] = np.asarray(ids, dtype=str)
+    if feature_types is not None:
+        var["feature_types"] = np.asarray(feature_types, dtype=str)
+    if var.index.has_duplicates:
+        from anndata.utils import make_index_unique
+
+        var.index = make_index_unique(var.index.astype(str))
+    return var
 
 
 def spatial_meta(adata) -> dict:

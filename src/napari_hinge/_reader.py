@@ -71,7 +71,8 @@ def get_spatial_reader(path):
 
 def read_spatial_layers(path):
     from napari_hinge._layers import spatial_layer_data
-    from napari_hinge.io.spatial import list_her2st_sections, read_her2st, read_spatial
+    from napari_hinge.io.legacy_st import list_her2st_sections, read_her2st
+    from napari_hinge.io.spatial import read_spatial
 
     p = _single_path(path)
     sections = list_her2st_sections(p) if p.is_dir() else []

@@ -50,7 +50,7 @@ def load_her2st_sample(*, images: bool = True):
     ``obs['total_counts_all_genes']`` holds each spot's UMI total over all ~15.8k genes of the
     source, for normalising the 1000-gene subset as the full table would be.
     """
-    from napari_hinge.io.spatial import read_legacy_st
+    from napari_hinge.io.legacy_st import read_legacy_st
 
     p = her2st_sample_paths()
     return read_legacy_st(

@@ -1,7 +1,7 @@
 """The project's own errors: what a user's file can make the package raise.
 
 :class:`InputError` is the one contract for bad input: every reader raises it (or a subclass,
-e.g. :class:`napari_hinge.io.spatial.SpatialDataError`) naming the file, the field and the
+e.g. :class:`napari_hinge.io.validate.SpatialDataError`) naming the file, the field and the
 problem, before the data is used. It is a ``ValueError`` so that callers written against the
 older ``ValueError`` keep working. The command line turns it (and ``OSError``) into one line.
 """

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ._convention import LEGACY_ST_PITCH_UM, LEGACY_ST_SPOT_UM, META_KEY, SPATIAL_KEY
+from ._convention import META_KEY, SPATIAL_KEY
+from .geometry import MIN_UMI
 
 TARGET_SUM = 1e4
-MIN_UMI = 100
 MIN_FRAC = 0.10
 HER2ST_PATCH_PX = 160
 HER2ST_PATIENT_C = ("C2", "C3", "C4", "C5", "C6")
@@ -139,59 +139,11 @@ def panel_targets(adata, genes: Sequence[str], targets: np.ndarray | None = None
 # her2st sections
 
 
-def _read_her2st_private(folder: Path, section: str):
-    """Minimal her2st reader (counts + selected spots + image) until io.spatial lands."""
-    import anndata as ad
-    import pandas as pd
-    import scipy.sparse as sp
-
-    counts_file = folder / "counts" / f"{section}.tsv.gz"
-    spots_file = folder / "spots" / f"{section}_selection.tsv"
-    for f in (counts_file, spots_file):
-        if not f.is_file():
-            raise FileNotFoundError(f"her2st section {section!r}: missing {f}")
-    counts = pd.read_csv(counts_file, sep="\t", index_col=0)
-    spots = pd.read_csv(spots_file, sep="\t")
-    spots = spots[spots["selected"] == 1]
-    spots.index = [f"{x}x{y}" for x, y in zip(spots["x"], spots["y"], strict=True)]
-    missing = counts.index.difference(spots.index)
-    if len(missing):
-        raise ValueError(f"{spots_file}: no selected spot for count rows {list(missing[:5])}")
-    spots = spots.loc[counts.index]
-    xy = spots[["pixel_x", "pixel_y"]].to_numpy(float)
-    # pixel size from the array grid: legacy ST spots sit 200 um apart (array unit)
-    arr = spots[["x", "y"]].to_numpy(float)
-    A = np.c_[arr, np.ones(len(arr))]
-    coef, *_ = np.linalg.lstsq(A, xy, rcond=None)
-    pitch_px = float(np.mean([np.hypot(*coef[0]), np.hypot(*coef[1])]))
-    mpp = LEGACY_ST_PITCH_UM / pitch_px
-    adata = ad.AnnData(
-        X=sp.csr_matrix(counts.to_numpy(np.float32)),
-        obs=pd.DataFrame(index=[f"{section}_{i}" for i in counts.index]),
-        var=pd.DataFrame(index=counts.columns.astype(str)),
-    )
-    adata.obsm[SPATIAL_KEY] = xy
-    image = folder / "images" / f"{section}_HE.jpg"
-    meta = {
-        "microns_per_pixel": mpp,
-        "spot_diameter_px": LEGACY_ST_SPOT_UM / mpp,
-        "source": str(folder),
-        "format": "legacy_st",
-    }
-    if image.is_file():
-        meta["slide_path"] = str(image)
-    adata.uns[META_KEY] = meta
-    return adata
-
-
 def read_her2st_section(folder: str | Path, section: str):
-    """One her2st section as AnnData (the project reader when available)."""
-    folder = Path(folder)
-    try:
-        from .io.spatial import read_her2st
-    except ImportError:
-        return _read_her2st_private(folder, section)
-    return read_her2st(folder, section)
+    """One her2st section as AnnData."""
+    from .io.legacy_st import read_her2st
+
+    return read_her2st(Path(folder), section)
 
 
 @dataclass

@@ -15,12 +15,10 @@ from pathlib import Path
 import numpy as np
 
 from ._convention import META_KEY, spatial_meta
+from .geometry import FIELD_OF_VIEW_UM, crop_origin, image_pixel_limit
 
 #: The 8 dihedral transforms: k = 0..3 rotate by k*90 degrees, k = 4..7 flip then rotate.
 DIHEDRAL = range(8)
-
-#: Physical side of a histology patch around a spot (HEST/Stem: 224 px at 0.5 um/px).
-PATCH_UM = 112.0
 
 
 class ArraySlide:
@@ -38,14 +36,11 @@ class ArraySlide:
 
     @classmethod
     def from_file(cls, path: str | os.PathLike, *, microns_per_pixel: float | None = None):
-        from PIL import Image
-
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"image not found: {path}")
-        Image.MAX_IMAGE_PIXELS = None  # whole-section JPEGs are ~100 Mpx
         try:
-            with Image.open(path) as im:
+            with image_pixel_limit() as Image, Image.open(path) as im:
                 rgb = np.asarray(im.convert("RGB"))
         except Exception as exc:
             raise ValueError(f"{path}: cannot read as an image ({exc})") from exc
@@ -99,7 +94,8 @@ def slide_path(slide) -> str | None:
 
 
 def patch_side_px(adata) -> int:
-    """Side of the spot patch in level-0 pixels: ``max(spot diameter, 112 um / mpp)``.
+    """Side of the spot patch in level-0 pixels: ``max(spot diameter, FIELD_OF_VIEW_UM / mpp)``
+    (:data:`napari_hinge.geometry.FIELD_OF_VIEW_UM`, 112 µm).
 
     Without a known pixel size, the spot diameter alone.
     """
@@ -113,7 +109,7 @@ def patch_side_px(adata) -> int:
         )
     side = float(diameter or 0.0)
     if mpp:
-        side = max(side, PATCH_UM / float(mpp))
+        side = max(side, FIELD_OF_VIEW_UM / float(mpp))
     return int(round(side))
 
 
@@ -155,8 +151,7 @@ def spot_patches(
     read = max(1, int(round(side / ds)))  # region side in pixels of that level
     out = np.empty((len(coords), size, size, 3), dtype=np.uint8)
     for i, (x, y) in enumerate(coords):
-        x0 = int(np.floor(x - side / 2 + 0.5))
-        y0 = int(np.floor(y - side / 2 + 0.5))
+        x0, y0 = crop_origin(x, side), crop_origin(y, side)
         patch = np.asarray(slide.read_region(x0, y0, read, read, level=level))[..., :3]
         if patch.shape[:2] != (read, read):
             patch = _crop_padded(patch, 0, 0, read, read)

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from napari_hinge.geometry import Grid, slide_grid
+
 MASK_MAX_SIDE = 2048
 
 
@@ -27,6 +29,17 @@ class TissueMask:
     @property
     def fraction(self) -> float:
         return float(self.mask.mean())
+
+    def coverage_at(self, centers_xy, side_px: float) -> np.ndarray:
+        """Tissue fraction of the ``side_px`` square around each level-0 centre (x, y),
+        measured on the mask."""
+        mask = self.mask.astype(np.float32)
+        size = max(1, int(round(side_px / self.downsample)))
+        coverage = ndimage.uniform_filter(mask, size=size, mode="constant")
+        centers_xy = np.asarray(centers_xy)
+        my = np.clip((centers_xy[:, 1] / self.downsample).astype(int), 0, mask.shape[0] - 1)
+        mx = np.clip((centers_xy[:, 0] / self.downsample).astype(int), 0, mask.shape[1] - 1)
+        return coverage[my, mx]
 
 
 def tissue_mask(slide, *, max_side: int = MASK_MAX_SIDE, min_area_um2: float = 20_000.0
@@ -98,43 +111,31 @@ class TileGrid:
         raster[..., self.rows, self.cols] = np.moveaxis(values, 0, -1)
         return raster
 
+    @property
+    def grid(self) -> Grid:
+        """The full grid the tiles sit on (one raster pixel per cell)."""
+        return Grid(self.origin_xy, self.stride_px, self.shape)
+
     def placement(self, microns_per_pixel: float | None) -> dict:
         """``scale``/``translate`` (row, col) that put a raster from :meth:`to_raster`
         on its slide in napari (µm when the pixel size is known, else level-0 pixels)."""
-        unit = microns_per_pixel or 1.0
-        return {
-            "scale": (self.stride_px * unit, self.stride_px * unit),
-            "translate": (self.origin_xy[1] * unit, self.origin_xy[0] * unit),
-        }
+        return self.grid.placement(microns_per_pixel)
 
 
 def tile_grid(tissue: TissueMask, slide_shape: tuple[int, int], *, stride_px: float,
               min_tissue: float = 0.5) -> TileGrid:
-    """Tiles every ``stride_px`` level-0 pixels whose centre area is at least
-    ``min_tissue`` tissue (measured on the mask)."""
-    if stride_px <= 0:
-        raise ValueError(f"stride must be positive, got {stride_px}")
-    height, width = slide_shape
-    n_rows = max(1, int(height // stride_px))
-    n_cols = max(1, int(width // stride_px))
-    origin = (stride_px / 2.0, stride_px / 2.0)
-    rows, cols = np.mgrid[0:n_rows, 0:n_cols]
-    cx = origin[0] + cols.ravel() * stride_px
-    cy = origin[1] + rows.ravel() * stride_px
-    # Tissue fraction of each tile: mean of the mask over the tile's footprint.
-    mask = tissue.mask.astype(np.float32)
-    size = max(1, int(round(stride_px / tissue.downsample)))
-    coverage = ndimage.uniform_filter(mask, size=size, mode="constant")
-    my = np.clip((cy / tissue.downsample).astype(int), 0, mask.shape[0] - 1)
-    mx = np.clip((cx / tissue.downsample).astype(int), 0, mask.shape[1] - 1)
-    keep = coverage[my, mx] >= min_tissue
+    """Tiles every ``stride_px`` level-0 pixels (:func:`napari_hinge.geometry.slide_grid`)
+    whose centre area is at least ``min_tissue`` tissue (measured on the mask)."""
+    grid = slide_grid(slide_shape, stride_px)
+    rows, cols, centers = grid.cells()
+    keep = tissue.coverage_at(centers, stride_px) >= min_tissue
     if not keep.any():
         raise ValueError("no tile has enough tissue; lower min_tissue or the stride")
     return TileGrid(
-        centers_xy=np.stack([cx[keep], cy[keep]], axis=1),
-        rows=rows.ravel()[keep],
-        cols=cols.ravel()[keep],
-        shape=(n_rows, n_cols),
-        origin_xy=origin,
-        stride_px=float(stride_px),
+        centers_xy=centers[keep],
+        rows=rows[keep],
+        cols=cols[keep],
+        shape=grid.shape,
+        origin_xy=grid.origin_xy,
+        stride_px=grid.step_px,
     )

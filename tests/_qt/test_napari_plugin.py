@@ -72,7 +72,7 @@ def test_open_spaceranger_folder_through_plugin(make_napari_viewer, shared_data,
 
 
 def test_open_h5ad_through_plugin(make_napari_viewer, shared_data, tmp_path):
-    from napari_hinge.io.spatial import read_spaceranger
+    from napari_hinge.io.spaceranger import read_spaceranger
 
     adata = read_spaceranger(shared_data / "visium_tiny_fixture")
     path = tmp_path / "tiny.h5ad"

@@ -7,6 +7,7 @@ import pytest
 import tifffile
 from PIL import Image
 
+from napari_hinge.geometry import image_pixel_limit
 from napari_hinge.io import slides
 from napari_hinge.io.slides import (
     SLIDE_SUFFIXES,
@@ -32,7 +33,7 @@ def c2_jpg(shared_data):
 @pytest.fixture(scope="module")
 def c2_pixels(c2_jpg):
     """The C2 JPEG decoded by PIL, the reference for every her2st pixel check."""
-    with slides._pil_limit(), Image.open(c2_jpg) as img:
+    with image_pixel_limit(), Image.open(c2_jpg) as img:
         return np.asarray(img.convert("RGB"))
 
 

@@ -13,18 +13,11 @@ import pytest
 import scipy.sparse as sp
 
 from napari_hinge._convention import META_KEY, SPATIAL_KEY, VISIUM_SPOT_UM
-from napari_hinge.io.spatial import (
-    SpatialDataError,
-    SpatialDataWarning,
-    detect_spatial_format,
-    list_her2st_sections,
-    read_h5ad,
-    read_her2st,
-    read_legacy_st,
-    read_spaceranger,
-    read_spatial,
-    validate_spatial,
-)
+from napari_hinge.io.h5ad import read_h5ad
+from napari_hinge.io.legacy_st import list_her2st_sections, read_her2st, read_legacy_st
+from napari_hinge.io.spaceranger import POSITION_COLUMNS, read_spaceranger
+from napari_hinge.io.spatial import detect_spatial_format, read_spatial
+from napari_hinge.io.validate import SpatialDataError, SpatialDataWarning, validate_spatial
 
 DLPFC_SPOTS = {"151673": 3639, "151674": 3673, "151675": 3592}
 
@@ -307,16 +300,16 @@ def test_folder_reader_reads_only_sections_with_an_image(shared_data, monkeypatc
     """Opening a her2st folder must not parse the count tables of the 25 sections it does not
     show (that made opening the folder take minutes)."""
     from napari_hinge import _reader
-    from napari_hinge.io import spatial
+    from napari_hinge.io import legacy_st
 
     read = []
-    real = spatial.read_her2st
+    real = legacy_st.read_her2st
 
     def recording(folder, section, **kwargs):
         read.append(section)
         return real(folder, section, **kwargs)
 
-    monkeypatch.setattr(spatial, "read_her2st", recording)
+    monkeypatch.setattr(legacy_st, "read_her2st", recording)
     layers = _reader.read_spatial_layers(shared_data / "her2st_subset")
     assert sorted(read) == ["C2", "C3", "C4", "C5", "C6"]
     # the visible section comes last (napari selects the last layer it adds)
@@ -629,14 +622,7 @@ def test_spaceranger2_layout_mtx_and_header_positions_match_h5(tiny, tmp_path):
     feats.to_csv(mtx / "features.tsv.gz", sep="\t", header=False, index=False)
     pd.Series(bcs).to_csv(mtx / "barcodes.tsv.gz", header=False, index=False)
     pos = pd.read_csv(outs / "spatial" / "tissue_positions_list.csv", header=None)
-    pos.columns = [
-        "barcode",
-        "in_tissue",
-        "array_row",
-        "array_col",
-        "pxl_row_in_fullres",
-        "pxl_col_in_fullres",
-    ]
+    pos.columns = POSITION_COLUMNS
     (outs / "spatial" / "tissue_positions_list.csv").unlink()
     pos.to_csv(outs / "spatial" / "tissue_positions.csv", index=False)
 
@@ -713,12 +699,12 @@ def test_her2st_original_repo_layout(shared_data, tmp_path):
 
 
 def test_slide_header_sizes_without_decoding(shared_data):
-    from napari_hinge.io.spatial import _image_shape
+    from napari_hinge.io.images import read_image_shape
 
     wsi = shared_data / "wsi_small"
-    assert _image_shape(wsi / "CMU-1-Small-Region.svs") == (2967, 2220)
-    assert _image_shape(wsi / "her2st_C2_HE_pyramid.ome.tif") == (9911, 9274)
-    assert _image_shape(shared_data / "her2st_subset" / "images" / "C2_HE.jpg") == (9911, 9274)
+    assert read_image_shape(wsi / "CMU-1-Small-Region.svs") == (2967, 2220)
+    assert read_image_shape(wsi / "her2st_C2_HE_pyramid.ome.tif") == (9911, 9274)
+    assert read_image_shape(shared_data / "her2st_subset" / "images" / "C2_HE.jpg") == (9911, 9274)
 
 
 def test_legacy_st_on_pyramid_tiff_slide(shared_data):

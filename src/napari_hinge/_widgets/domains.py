@@ -34,7 +34,6 @@ from napari_hinge._widgets.slide_spots import refill_combo, spot_layers
 if TYPE_CHECKING:
     import napari
 
-MAX_LABEL_SIDE = 4096  # the domain raster's longest side; finer adds memory, not insight
 DOMAIN_KEY = "domain"
 
 
@@ -58,7 +57,7 @@ def domain_job(adata, shape, *, n_domains, preset, epochs, seed, refine, mode, s
     Returns (annotated copy of ``adata``, label raster, per-domain table, raster scale).
     """
     from napari_hinge import tl
-    from napari_hinge.stmgac.labels import domain_table, domains_to_labels
+    from napari_hinge.stmgac.labels import domain_table, slide_labels
 
     result = None
     for event in tl.domains_iter(adata, n_domains=n_domains, preset=preset, epochs=epochs,
@@ -68,9 +67,7 @@ def domain_job(adata, shape, *, n_domains, preset, epochs, seed, refine, mode, s
         yield event
     if result is None:  # stopped
         return None
-    scale = min(1.0, MAX_LABEL_SIDE / max(shape))
-    raster_shape = (max(1, int(np.ceil(shape[0] * scale))), max(1, int(np.ceil(shape[1] * scale))))
-    labels = domains_to_labels(result, raster_shape, key=DOMAIN_KEY, scale=scale, mode=mode)
+    labels, scale = slide_labels(result, shape, key=DOMAIN_KEY, mode=mode)
     return result, labels, domain_table(result, DOMAIN_KEY), scale
 
 

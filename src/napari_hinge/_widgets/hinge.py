@@ -31,10 +31,11 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from napari_hinge._layers import UNITS, gene_values, robust_limits
+from napari_hinge._layers import UNITS, robust_limits
 from napari_hinge._widgets._jobs import JobPanel
 from napari_hinge._widgets._viewer import show_scale_bar, title_colorbar
 from napari_hinge._widgets.slide_spots import refill_combo, spot_layers
+from napari_hinge.geometry import FIELD_OF_VIEW_UM, spot_pitch_um
 from napari_hinge.hinge.defaults import RECIPE, SAMPLER
 
 if TYPE_CHECKING:
@@ -49,42 +50,16 @@ def slide_layers(viewer) -> list:
             if layer._type_string == "image" and layer.metadata.get("slide_path")]
 
 
-def spot_pitch_um(adata) -> float | None:
-    """Median nearest-neighbour distance between spots, in µm."""
-    from scipy.spatial import cKDTree
-
-    meta = adata.uns.get("napari_hinge", {})
-    mpp = meta.get("microns_per_pixel")
-    xy = np.asarray(adata.obsm["spatial"], dtype=float)
-    if not mpp or len(xy) < 2:
-        return None
-    distance, _ = cKDTree(xy).query(xy, k=2)
-    return float(np.median(distance[:, 1]) * mpp)
-
-
 def compare_with_spots(prediction, spots_layer) -> dict[str, float]:
-    """Predicted map values at the measured spots (nearest tile) against the measurements:
-    ``pred_<gene>`` columns in the spots' features and the per-gene Pearson r."""
-    from napari_hinge.metrics import gene_pearson
+    """Put the predicted map at the measured spots into ``pred_<gene>`` columns of the spots'
+    features; returns the per-gene Pearson r (:func:`~napari_hinge.hinge.slide_predict.
+    compare_with_spots`)."""
+    from napari_hinge.hinge.slide_predict import compare_with_spots as compare
 
-    adata = spots_layer.metadata["adata"]
-    grid = prediction.grid
-    xy = np.asarray(adata.obsm["spatial"], dtype=float)
-    cols = np.rint((xy[:, 0] - grid.origin_xy[0]) / grid.stride_px).astype(int)
-    rows = np.rint((xy[:, 1] - grid.origin_xy[1]) / grid.stride_px).astype(int)
-    inside = (rows >= 0) & (rows < grid.shape[0]) & (cols >= 0) & (cols < grid.shape[1])
-    raster = prediction.raster("mean")
+    values, scores = compare(prediction, spots_layer.metadata["adata"])
     features = spots_layer.features.copy()
-    scores = {}
-    for i, gene in enumerate(prediction.genes):
-        predicted = np.full(adata.n_obs, np.nan, np.float32)
-        predicted[inside] = raster[i, rows[inside], cols[inside]]
+    for gene, predicted in values.items():
         features[f"pred_{gene}"] = predicted
-        if gene in adata.var_names:
-            ok = np.isfinite(predicted)
-            measured = gene_values(adata, gene)
-            if ok.sum() > 2:
-                scores[gene] = float(gene_pearson(predicted[ok, None], measured[ok, None])[0])
     spots_layer.features = features
     return scores
 
@@ -145,7 +120,8 @@ class PredictWidget(QWidget):
                                     "275 genes, calibrated uncertainty)")
         self.slide_box = QComboBox()
         self.genes = GenePicker()
-        self.stride_box = QDoubleSpinBox(decimals=1, minimum=5.0, maximum=5000.0, value=112.0)
+        self.stride_box = QDoubleSpinBox(decimals=1, minimum=5.0, maximum=5000.0,
+                                         value=FIELD_OF_VIEW_UM)
         self.stride_box.setSuffix(" µm")
         self.stride_box.setToolTip("distance between map positions (default: the measured "
                                    "spots' pitch); halving it quadruples the work")

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from napari_hinge.geometry import FIELD_OF_VIEW_UM
 from napari_hinge.persistence import WEIGHTS_FILE, ModelFormat, config_from_dict, load_state_strict
 
 from .autoencoder import AutoencoderConfig, PatchAutoencoder
@@ -37,7 +38,7 @@ class CentralConfig:
     unet: UNetConfig = field(default_factory=UNetConfig)
     timesteps: int = 1000
     #: tissue side of one patch in µm (resampled to ``unet.image_size`` pixels)
-    patch_um: float = 112.0
+    patch_um: float = FIELD_OF_VIEW_UM
     prediction: str = "v"
     #: latent model: the autoencoder whose code the UNet works on (None: pixel space)
     autoencoder: AutoencoderConfig | None = None

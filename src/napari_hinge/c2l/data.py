@@ -22,8 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from napari_hinge._convention import META_KEY, SPATIAL_KEY
+from napari_hinge.geometry import FIELD_OF_VIEW_UM, MIN_UMI
 
-PATCH_UM = 112.0
+PATCH_UM = FIELD_OF_VIEW_UM  # the tissue side of a C2L patch: the shared field of view
 PATCH_PX = 64
 
 
@@ -174,7 +175,7 @@ def spot_patch_side(adata, *, patch_um: float = PATCH_UM, out_size: int = PATCH_
     return patch_side_px(mpp, patch_um=patch_um, out_size=out_size)
 
 
-def default_genes(adata, n_genes: int = 50, *, min_umi: int = 100) -> list[str]:
+def default_genes(adata, n_genes: int = 50, *, min_umi: int = MIN_UMI) -> list[str]:
     """The project's panel rule on one section (expressed in >= 10% of spots, top ``n_genes``
     by variance of log1p CP10k)."""
     from napari_hinge.expression import select_gene_panel
@@ -186,7 +187,7 @@ def default_genes(adata, n_genes: int = 50, *, min_umi: int = 100) -> list[str]:
 
 
 def paired_spots(adata, genes: Sequence[str] | None = None, *, n_genes: int = 50,
-                 patch_um: float = PATCH_UM, out_size: int = PATCH_PX, min_umi: int = 100,
+                 patch_um: float = PATCH_UM, out_size: int = PATCH_PX, min_umi: int = MIN_UMI,
                  slide=None) -> tuple[np.ndarray, np.ndarray, list[str], np.ndarray]:
     """Spot-centred patches and expression of one slide.
 

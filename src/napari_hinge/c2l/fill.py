@@ -25,6 +25,7 @@ import numpy as np
 
 from napari_hinge._convention import META_KEY, SPATIAL_KEY
 from napari_hinge._progress import ProgressEvent
+from napari_hinge.geometry import edge_placement, region_grid, spot_pitch_px
 from napari_hinge.training import StopToken
 
 from .local import LocalModel
@@ -75,16 +76,13 @@ class FillResult:
         """``scale`` / ``translate`` (row, col) putting :attr:`mosaic` over its region in napari,
         in µm when the slide's pixel size is known (as the slide layer), else level-0 pixels.
 
-        Mosaic pixel ``j`` of the tile starting at level-0 ``x0`` covers ``[x0 + j d,
-        x0 + (j+1) d)`` with ``d = side / S``; napari centres pixel ``i`` of the slide at
-        ``i`` (it covers ``[i - 1/2, i + 1/2)``), hence the half-pixel terms.
+        Mosaic pixel ``j`` of the tile starting at level-0 pixel ``x0`` has size ``d = side /
+        S`` (:func:`napari_hinge.geometry.edge_placement` holds the half-pixel convention).
         """
-        unit = self.microns_per_pixel or 1.0
         d = self.layout.side_px / self.tile_size
         x0 = self.layout.origin_xy[0] - self.layout.side_px / 2
         y0 = self.layout.origin_xy[1] - self.layout.side_px / 2
-        return {"scale": (d * unit, d * unit),
-                "translate": ((y0 + d / 2 - 0.5) * unit, (x0 + d / 2 - 0.5) * unit)}
+        return edge_placement((x0, y0), d, self.microns_per_pixel)
 
     def table(self):
         """Per-tile table: row, col, x, y (level-0 px) and the conditioning expression."""
@@ -108,13 +106,10 @@ class FillResult:
 
 def spot_spacing_px(adata) -> float:
     """Median nearest-neighbour distance between measured spots (level-0 px)."""
-    from scipy.spatial import cKDTree
-
-    xy = np.asarray(adata.obsm[SPATIAL_KEY], dtype=float)
-    if len(xy) < 2:
+    pitch = spot_pitch_px(adata.obsm[SPATIAL_KEY])
+    if pitch is None:
         raise ValueError("at least 2 measured spots are needed to know their spacing")
-    d, _ = cKDTree(xy).query(xy, k=2)
-    return float(np.median(d[:, 1]))
+    return pitch
 
 
 def tile_side_px(model_or_um, microns_per_pixel: float | None) -> float:
@@ -159,31 +154,20 @@ def tiles_in_polygon(polygon_xy, *, side_px: float, slide=None, min_tissue: floa
     poly = np.asarray(polygon_xy, dtype=float)
     if poly.ndim != 2 or poly.shape[1] != 2 or len(poly) < 3:
         raise ValueError(f"a region polygon needs >= 3 (x, y) vertices, got shape {poly.shape}")
-    x0, y0 = poly.min(0)
-    x1, y1 = poly.max(0)
-    n_cols = max(1, int(np.ceil((x1 - x0) / side_px)))
-    n_rows = max(1, int(np.ceil((y1 - y0) / side_px)))
-    rows, cols = (a.ravel() for a in np.mgrid[0:n_rows, 0:n_cols])
-    origin = (x0 + side_px / 2, y0 + side_px / 2)
-    centres = np.stack([origin[0] + cols * side_px, origin[1] + rows * side_px], axis=1)
+    grid = region_grid(poly.min(0), poly.max(0), side_px)
+    rows, cols, centres = grid.cells()
     keep = MplPath(poly).contains_points(centres)
     if min_tissue > 0:
-        from scipy import ndimage
-
         from napari_hinge.tissue import tissue_mask
 
         tissue = tissue if tissue is not None else tissue_mask(slide)
-        size = max(1, int(round(side_px / tissue.downsample)))
-        cover = ndimage.uniform_filter(tissue.mask.astype(np.float32), size=size,
-                                       mode="constant")
-        my = np.clip((centres[:, 1] / tissue.downsample).astype(int), 0, cover.shape[0] - 1)
-        mx = np.clip((centres[:, 0] / tissue.downsample).astype(int), 0, cover.shape[1] - 1)
-        keep &= cover[my, mx] >= min_tissue
+        keep &= tissue.coverage_at(centres, side_px) >= min_tissue
     if not keep.any():
         raise ValueError("the region holds no tile centre"
                          + (" on tissue" if min_tissue > 0 else "")
                          + f" (tile side {side_px:.0f} px); draw a larger region")
-    return TileLayout(centres[keep], rows[keep], cols[keep], origin, float(side_px)).compact()
+    return TileLayout(centres[keep], rows[keep], cols[keep], grid.origin_xy,
+                      float(side_px)).compact()
 
 
 # ---------------------------------------------------------------------------------------------

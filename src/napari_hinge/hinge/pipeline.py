@@ -31,6 +31,7 @@ import torch
 
 from napari_hinge._convention import META_KEY, SPATIAL_KEY, library_size
 from napari_hinge.features import center_per_group, context_features
+from napari_hinge.geometry import MIN_UMI
 from napari_hinge.training import StopToken, TrainEvent
 
 from .defaults import RECIPE, SAMPLER
@@ -39,7 +40,6 @@ from .model import HingeConfig, HingeModel
 DEFAULT_ENCODER = "efficientnet-lite0"
 DEFAULT_BACKBONE = "builtin"
 SHIPPED_MODEL = "shipped"
-MIN_UMI = 100
 VALUE_TRANSFORMS = ("log1p_cp10k", "log2p1")
 
 

@@ -16,9 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from napari_hinge._progress import ProgressEvent
+from napari_hinge.geometry import FIELD_OF_VIEW_UM
 from napari_hinge.training import StopToken
-
-PATCH_UM = 112.0  # the HINGE/Stem patch: max(spot diameter, 112 µm); tiles have no spot
 
 
 @dataclass
@@ -119,8 +118,8 @@ def predict_slide_iter(model, slide, *, stride_um: float | None = None,
     if unknown:
         raise KeyError(unknown_genes_message(unknown, all_genes))
     gene_idx = [all_genes.index(g) for g in genes]
-    side_px = int(round(PATCH_UM / mpp))
-    stride_px = (stride_um or PATCH_UM) / mpp
+    side_px = int(round(FIELD_OF_VIEW_UM / mpp))  # tiles have no spot: the field of view
+    stride_px = (stride_um or FIELD_OF_VIEW_UM) / mpp
     grid = tile_grid(tissue_mask(slide), slide.shape, stride_px=stride_px,
                      min_tissue=min_tissue)
     encoder = resolve_encoder(model.config.encoder)
@@ -156,7 +155,8 @@ def predict_slide_iter(model, slide, *, stride_um: float | None = None,
                                          genes=genes)["std"]
         yield ProgressEvent("step", None, n_batches + b + 1, 2 * n_batches,
                          metrics={"phase": "sample", "tiles": sl.stop, "of": n})
-    params = {"stride_um": float(stride_px * mpp), "patch_um": PATCH_UM, "n_samples": n_samples,
+    params = {"stride_um": float(stride_px * mpp), "patch_um": FIELD_OF_VIEW_UM,
+              "n_samples": n_samples,
               "reveal_steps": reveal_steps, "seed": seed, "encoder": model.config.encoder,
               "n_tiles": n, "min_tissue": min_tissue,
               "value_transform": model.config.value_transform,
@@ -208,3 +208,31 @@ def write_slide_outputs(prediction: SlidePrediction, folder: str | Path) -> dict
     tiles = prediction.to_adata()
     atomic_write(tiles_name, lambda tmp: tiles.write_h5ad(tmp))
     return {"maps": str(maps), "uncertainty": str(uncertainty), "tiles": str(tiles_name)}
+
+
+def compare_with_spots(prediction: SlidePrediction, adata
+                       ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """The predicted map at measured spots (the tile whose cell holds each spot) against
+    their measurements.
+
+    Returns ``values`` (gene -> per-spot prediction, NaN where the map has no tile) and
+    ``scores`` (gene -> Pearson r over the spots with a value, for genes ``adata`` measures,
+    on the log1p CP10k scale the model predicts).
+    """
+    from napari_hinge._convention import SPATIAL_KEY
+    from napari_hinge._layers import gene_values
+    from napari_hinge.metrics import gene_pearson
+
+    rows, cols, inside = prediction.grid.grid.cell_of(adata.obsm[SPATIAL_KEY])
+    raster = prediction.raster("mean")
+    values, scores = {}, {}
+    for i, gene in enumerate(prediction.genes):
+        predicted = np.full(adata.n_obs, np.nan, np.float32)
+        predicted[inside] = raster[i, rows[inside], cols[inside]]
+        values[gene] = predicted
+        if gene in adata.var_names:
+            ok = np.isfinite(predicted)
+            if ok.sum() > 2:
+                measured = gene_values(adata, gene)
+                scores[gene] = float(gene_pearson(predicted[ok, None], measured[ok, None])[0])
+    return values, scores

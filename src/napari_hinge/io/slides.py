@@ -21,7 +21,6 @@ import math
 import os
 import re
 import shutil
-import threading
 import uuid
 import warnings
 import xml.etree.ElementTree as ET
@@ -35,6 +34,7 @@ import numpy as np
 from napari_hinge._cache import cache_dir, file_digest
 from napari_hinge._convention import MPP_PLAUSIBLE, check_mpp
 from napari_hinge.errors import InputError, disk_full_error, is_disk_full
+from napari_hinge.geometry import image_pixel_limit
 
 __all__ = [
     "PYRAMID_MIN_SIDE",
@@ -76,13 +76,6 @@ _MPP_PLAUSIBLE = MPP_PLAUSIBLE
 _JPEG_MAX_PX_PER_BYTE = 1000
 # Share of the available memory one decoded chunk (a tile, a strip, a whole JPEG) may take.
 _MAX_MEMORY_SHARE = 0.5
-
-# PIL refuses images above ~179 Mpx (and warns above ~89 Mpx) to guard web apps against
-# decompression bombs. Histology sections are legitimately that big (her2st JPEGs: 92 Mpx),
-# so our own reads allow up to 2**31 px (6 GiB as RGB) -- still a cap, so that a corrupt
-# header claiming absurd dimensions fails clearly instead of exhausting memory.
-_PIL_MAX_PIXELS = 1 << 31
-_PIL_LOCK = threading.Lock()
 
 
 @dataclass(repr=False)
@@ -226,7 +219,7 @@ def needs_pyramid_build(path: str | os.PathLike, *, tile: int = 512) -> bool:
         if name.endswith(_PIL_SUFFIXES):
             from PIL import Image
 
-            with _pil_limit(), Image.open(path) as img:
+            with image_pixel_limit(), Image.open(path) as img:
                 big = max(img.size) > PYRAMID_MIN_SIDE
         else:
             import tifffile
@@ -503,28 +496,12 @@ def _resolution_mpp(page: Any) -> float | None:
 # JPEG / PNG
 
 
-@contextlib.contextmanager
-def _pil_limit():
-    """Raise PIL's decompression-bomb limit for our own reads only (see ``_PIL_MAX_PIXELS``)."""
-    from PIL import Image
-
-    with _PIL_LOCK:
-        old = Image.MAX_IMAGE_PIXELS
-        Image.MAX_IMAGE_PIXELS = _PIL_MAX_PIXELS
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                yield
-        finally:
-            Image.MAX_IMAGE_PIXELS = old
-
-
 def _open_pil(path: Path, tile: int) -> Slide:
     from PIL import Image
 
     fmt = "png" if path.name.lower().endswith(".png") else "jpeg"
     try:
-        with _pil_limit(), Image.open(path) as img:
+        with image_pixel_limit(), Image.open(path) as img:
             w, h = img.size
             if img.format == "JPEG" and w * h > _JPEG_MAX_PX_PER_BYTE * path.stat().st_size:
                 raise InputError(

@@ -137,6 +137,21 @@ def domains_to_labels(
     raise ValueError(f"unknown mode {mode!r}; use 'disc' or 'voronoi'")
 
 
+#: Longest side of a slide-sized domain raster; finer adds memory, not insight.
+MAX_LABEL_SIDE = 4096
+
+
+def slide_labels(adata, slide_shape: tuple[int, int], *, key: str = "domain",
+                 mode: str = "disc", max_side: int = MAX_LABEL_SIDE) -> tuple[np.ndarray, float]:
+    """:func:`domains_to_labels` over a whole slide of ``slide_shape`` (level-0 rows, cols),
+    at most ``max_side`` pixels on its longer side; returns the raster and its scale (raster
+    pixels per level-0 pixel, at most 1)."""
+    scale = min(1.0, max_side / max(slide_shape))
+    shape = (max(1, int(np.ceil(slide_shape[0] * scale))),
+             max(1, int(np.ceil(slide_shape[1] * scale))))
+    return domains_to_labels(adata, shape, key=key, scale=scale, mode=mode), scale
+
+
 def domain_table(adata, key: str = "domain", *, n_markers: int = 5, layer: str | None = None):
     """One row per domain: label value, spot count, fraction, top marker genes.
 
