@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from napari_hinge import ddp
 from napari_hinge.c2l.autoencoder import AutoencoderConfig, PatchAutoencoder
 from napari_hinge.c2l.central import CentralConfig, CentralModel
 from napari_hinge.c2l.data import CorpusSource, build_corpus, load_corpus, save_corpus
@@ -92,7 +93,7 @@ def drive(gen, label: str, t0: float):
     """:func:`run_to_end` printing each evaluation; returns (model, the 'done' event or None)."""
 
     def report(ev):
-        if ev.kind == "epoch":
+        if ev.kind == "epoch" and ddp.is_main():
             print(f"{label} step {ev.step}/{ev.total_steps} loss {ev.loss:.4f} val "
                   f"{ev.val_loss:.4f} {time.perf_counter() - t0:.0f}s", flush=True)
 
@@ -132,6 +133,11 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     seed_everything(args.seed)
+    # under torchrun (README: training on a cluster) the diffusion stage is data-parallel;
+    # rank 0 alone builds the corpus cache, prints and writes, the others wait for its files
+    ddp.init()
+    main_rank = ddp.is_main()
+    say = print if main_rank else (lambda *a, **k: None)
 
     sources = corpus_sources(args.data, her2st_max=args.her2st_max, cmu_max=args.cmu_max,
                              dlpfc_max=args.dlpfc_max)
@@ -139,14 +145,13 @@ def main(argv=None) -> int:
         from napari_hinge._cache import cache_dir
 
         args.corpus = cache_dir("c2l") / f"central_corpus_seed{args.seed}.npz"
-    if args.corpus.is_file():
-        corpus = load_corpus(args.corpus)
-    else:
+    if main_rank and not args.corpus.is_file():
         t = time.perf_counter()
-        corpus = build_corpus(sources, seed=args.seed)
-        save_corpus(corpus, args.corpus)
-        print(f"corpus: {len(corpus)} patches in {time.perf_counter() - t:.0f} s", flush=True)
-    print("corpus:", corpus.summary(), flush=True)
+        save_corpus(build_corpus(sources, seed=args.seed), args.corpus)
+        say(f"corpus: built in {time.perf_counter() - t:.0f} s", flush=True)
+    ddp.barrier()
+    corpus = load_corpus(args.corpus)
+    say("corpus:", corpus.summary(), flush=True)
 
     channels = tuple(int(c) for c in args.channels.split(","))
     ae_config = None if args.pixel else AutoencoderConfig()
@@ -158,7 +163,7 @@ def main(argv=None) -> int:
                           attention_levels=(1, 2))
     model = CentralModel(CentralConfig(unet=unet, autoencoder=ae_config))
     n_params = count_parameters(model)
-    print(f"central model: {n_params / 1e6:.2f} M parameters", flush=True)
+    say(f"central model: {n_params / 1e6:.2f} M parameters", flush=True)
     ckpt = args.checkpoints
     t0 = time.perf_counter()
     ae_log = {}
@@ -168,7 +173,7 @@ def main(argv=None) -> int:
             state = load_checkpoint(ae_final)
             model.autoencoder.load_state_dict(state["weights"])
             ae_log = state["log"]
-            print(f"autoencoder: loaded {ae_final}", flush=True)
+            say(f"autoencoder: loaded {ae_final}", flush=True)
         else:
             resume_ae = args.resume and (ckpt / "autoencoder" / "last.pt").is_file()
             ae, done = drive(train_autoencoder(
@@ -180,9 +185,11 @@ def main(argv=None) -> int:
             ae_log = {"steps": args.ae_steps, "batch_size": args.ae_batch_size,
                       "lr": args.ae_lr, "history": done.metrics["history"] if done else [],
                       "seconds": done.metrics["seconds"] if done else None}
-            save_checkpoint(ae_final, {"weights": model.autoencoder.state_dict(),
-                                       "log": ae_log})
+            if main_rank:  # every rank trained the same autoencoder (not data-parallel)
+                save_checkpoint(ae_final, {"weights": model.autoencoder.state_dict(),
+                                           "log": ae_log})
     resume = args.resume and (ckpt / "last.pt").is_file()
+    ddp.barrier()  # rank 0's autoencoder/final.pt is written
     model, done = drive(train_central(
         model, corpus.patches, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
         ema_decay=args.ema, seed=args.seed, eval_every=50, checkpoint_dir=ckpt, resume=resume,
@@ -202,6 +209,8 @@ def main(argv=None) -> int:
             "adversarial_weight": args.adversarial_weight,
             "history": dec_done.metrics["history"] if dec_done else [],
             "seconds": training_seconds(dec_done.metrics["history"]) if dec_done else None}
+    if not main_rank:
+        return 0
     # ship float16 and sample from what was written, so the pictures match the shipped file
     model.cpu().save(args.out, half=True)
     model = CentralModel.load(args.out)

@@ -31,6 +31,8 @@ COMMANDS = {
                       "predict expression on spots with HINGE"),
     "hinge predict-slide": ("napari_hinge.hinge.cli", "predict-slide",
                             "paint predicted expression maps over a whole slide"),
+    "hinge predict-cohort": ("napari_hinge.hinge.cli", "predict-cohort",
+                             "paint expression maps over many slides on a dask cluster"),
     "hinge evaluate": ("napari_hinge.hinge.cli", "evaluate",
                        "score HINGE against measured expression"),
     "stmgac domains": (

@@ -126,6 +126,9 @@ def _device(name):
 
 
 def cmd_pretrain(args) -> int:
+    from napari_hinge import ddp
+    from napari_hinge.training import run_to_end
+
     from .central import CentralModel
     from .data import CorpusSource, build_corpus
     from .train import train_central
@@ -136,15 +139,19 @@ def cmd_pretrain(args) -> int:
             raise FileNotFoundError(f"slide not found: {s}")
     sources = [CorpusSource(str(s), mpp=args.mpp, native=args.native,
                             max_patches=args.max_patches) for s in args.slides]
+    ddp.init()
+    main = ddp.is_main()  # under torchrun: rank 0 reports and writes
     corpus = build_corpus(sources, seed=args.seed)
-    print(f"corpus: {corpus.summary()}")
+    if main:
+        print(f"corpus: {corpus.summary()}")
     model = CentralModel.load(args.init) if args.init else CentralModel()
     ckpt = args.checkpoints or args.out.with_name(args.out.name + ".checkpoints")
-    model, last = run_with_bar(train_central(model, corpus.patches, steps=args.steps,
-                                       batch_size=args.batch_size, lr=args.lr,
-                                       ema_decay=args.ema, seed=args.seed, checkpoint_dir=ckpt,
-                                       resume=args.resume, device=_device(args.device)),
-                         "c2l-pretrain")
+    gen = train_central(model, corpus.patches, steps=args.steps, batch_size=args.batch_size,
+                        lr=args.lr, ema_decay=args.ema, seed=args.seed, checkpoint_dir=ckpt,
+                        resume=args.resume, device=_device(args.device))
+    model, last = run_with_bar(gen, "c2l-pretrain") if main else run_to_end(gen)
+    if not main:
+        return 0
     model.cpu().save(args.out)
     print(f"wrote {args.out} (final loss {last.loss:.4f})")
     return 0

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from napari_hinge import ddp
 from napari_hinge.defaults import C2L_ADAPT, C2L_PRETRAIN
 from napari_hinge.device import default_device
 from napari_hinge.training import (
@@ -95,6 +96,7 @@ def _open(checkpoint_dir, resume: bool, kind: str, config: dict, run: dict,
     """The checkpoint path, the state to resume (or None) and the run's settings, checked
     against the checkpoint's (:func:`napari_hinge.training.open_checkpoint`)."""
     settings = {"kind": kind, "config": config, **run, **more}
+    ddp.barrier()  # under torchrun: rank 0 has finished writing what an earlier stage wrote
     path, state = open_checkpoint(checkpoint_dir, resume=resume, settings=settings)
     return path, state, settings
 
@@ -104,13 +106,20 @@ def _loop(*, model, trainable: dict[str, torch.nn.Parameter], loss_fn: Callable,
           weight_decay: float, ema_decay: float, seed: int, eval_every: int,
           checkpoint: Path | None, state: dict | None, settings: dict,
           stop: StopToken | None, extra_state: dict | None = None,
-          companions: dict | None = None) -> Generator[TrainEvent, None, None]:
+          companions: dict | None = None, data_parallel: bool = False
+          ) -> Generator[TrainEvent, None, None]:
     """The shared loop; ``state`` is the checkpoint to resume (from :func:`_open`).
     ``companions``: other stateful objects ``loss_fn`` updates itself (a critic and its
-    optimiser), saved in and restored from the checkpoints with the rest."""
+    optimiser), saved in and restored from the checkpoints with the rest.
+
+    ``data_parallel`` (the trainer's ``loss_fn`` runs a DDP-wrapped model): under torchrun
+    each rank computes its rows of every batch (:func:`napari_hinge.ddp.shard`) with its own
+    noise stream; without it every rank runs the whole loop (the same weights everywhere).
+    Either way only rank 0 writes checkpoints."""
     companions = companions or {}
     stop = stop or StopToken()
     resume = state is not None
+    parallel = data_parallel and ddp.active()
     seed_everything(seed)
     opt = torch.optim.AdamW(list(trainable.values()), lr=lr, weight_decay=weight_decay)
     ema = EMA(trainable, ema_decay)
@@ -130,14 +139,24 @@ def _loop(*, model, trainable: dict[str, torch.nn.Parameter], loss_fn: Callable,
     # own generators (batches, flips, noise, timesteps), saved with checkpoints: a resumed run
     # draws exactly what the uninterrupted run would have drawn
     g = torch.Generator()
-    g.manual_seed(seed * 7919)
+    # under DDP the batches (rng) are shared and the noise (g) is each rank's own
+    g.manual_seed(seed * 7919 + (104729 * ddp.rank() if parallel else 0))
     rng = np.random.default_rng(seed * 31)
     if resume:
-        g.set_state(state["generator"])
         rng.bit_generator.state = state["numpy_generator"]
+        ranks_state = state.get("generators")
+        if not parallel:
+            g.set_state(state["generator"])
+        elif ranks_state and len(ranks_state) == ddp.world_size():
+            g.set_state(ranks_state[ddp.rank()])
+        else:  # written by another number of processes: a fresh noise stream per rank
+            g.manual_seed(seed * 7919 + start + 104729 * ddp.rank())
 
     def save(step: int) -> None:
         if ckpt is None:
+            return
+        generators = ddp.gather_objects(g.get_state()) if parallel else None
+        if not ddp.is_main():
             return
         save_checkpoint(ckpt, {"params": {k: v.detach().cpu() for k, v in trainable.items()},
                                "optimizer": opt.state_dict(), "ema": ema.state_dict(),
@@ -145,6 +164,7 @@ def _loop(*, model, trainable: dict[str, torch.nn.Parameter], loss_fn: Callable,
                                "generator": g.get_state(),
                                "numpy_generator": rng.bit_generator.state,
                                "companions": {k: v.state_dict() for k, v in companions.items()},
+                               **({"generators": generators} if parallel else {}),
                                "settings": settings, **(extra_state or {})})
 
     losses: list[float] = []
@@ -160,9 +180,15 @@ def _loop(*, model, trainable: dict[str, torch.nn.Parameter], loss_fn: Callable,
         idx = rng.choice(n_train, size=min(batch_size, n_train), replace=n_train < batch_size)
         k = int(rng.integers(8))
         model.train()
-        loss = loss_fn(idx, k, g)
+        if parallel:  # this rank's rows; its mean weighed as its share of the batch mean
+            mine = idx[ddp.shard(len(idx))]
+            loss = loss_fn(mine, k, g) * ddp.batch_share(len(mine), len(idx))
+        else:
+            loss = loss_fn(idx, k, g)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if parallel:  # the logged loss: the global batch's
+            loss = ddp.all_reduce_sum(loss.detach()) / ddp.world_size()
         torch.nn.utils.clip_grad_norm_(list(trainable.values()), 1.0)
         opt.step()
         ema.update(trainable)
@@ -185,6 +211,7 @@ def _loop(*, model, trainable: dict[str, torch.nn.Parameter], loss_fn: Callable,
                              metrics={"seconds": time.perf_counter() - t0})
             epoch += 1
     _load_ema(trainable, ema)
+    ddp.barrier()  # every rank returns once rank 0's checkpoint is written
     last = history[-1] if history else {}
     yield TrainEvent("done", len(history), steps, steps, last.get("loss"), last.get("val_loss"),
                      metrics={"history": history, "steps": steps, "seed": seed,
@@ -356,7 +383,8 @@ def train_central(model: CentralModel, patches: np.ndarray, *,
     needs nothing else. Returns (as the generator's value) the model with the EMA weights.
     """
     patches = _check_patches(patches, model.config.image_size)
-    device = default_device(device)
+    ddp.init()  # under torchrun: data-parallel, one process per device
+    device = ddp.device(default_device(device))
     train_idx, val_idx = _split(len(patches), val_count, seed)
     run = _run(len(train_idx), steps, batch_size, lr, ema_decay, seed, eval_every)
     ckpt, state, settings = _open(checkpoint_dir, resume, "c2l-central", model.config.to_dict(),
@@ -373,18 +401,21 @@ def train_central(model: CentralModel, patches: np.ndarray, *,
              else None)
     schedule = model.schedule
 
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    net = ddp.wrap(model, device)  # DDP averages the gradients across ranks
+
     def loss_fn(idx, k, g):
         x0 = model.encode(dihedral_torch(data[idx], k).to(device))
-        return schedule.training_loss(model, x0, None, g)
+        return schedule.training_loss(net, x0, None, g)
 
     def val_loss_fn():
         return _fixed_val_loss(model, val_x, seed)
 
-    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     yield from _loop(model=model, trainable=trainable, loss_fn=loss_fn,
                      val_loss_fn=val_loss_fn if val_x is not None else None,
                      weight_decay=weight_decay, checkpoint=ckpt, state=state,
-                     settings=settings, stop=stop, extra_state=frozen, **run)
+                     settings=settings, stop=stop, extra_state=frozen, data_parallel=True,
+                     **run)
     return model.eval()
 
 

@@ -120,6 +120,42 @@ def register(subparsers) -> None:
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.set_defaults(func=cmd_predict_slide, samples=RECIPE_SAMPLER["slide_samples"])
 
+    p = subparsers.add_parser(
+        "predict-cohort", help="paint expression maps over many slides on a dask cluster",
+        description="predict-slide for every slide of a cohort on dask.distributed (a local "
+                    "cluster by default, --scheduler for a running one): OUT/<slide>/ per "
+                    "slide (written atomically, complete.json last; a rerun skips complete "
+                    "slides) and OUT/cohort.json, the per-slide summary with any errors; exit "
+                    "status 1 when a slide failed.")
+    p.add_argument("slides", nargs="*", type=Path, help="slide files")
+    p.add_argument("--manifest", type=Path, default=None,
+                   help="CSV with a 'slide' column (optional 'name', 'mpp')")
+    p.add_argument("--model", default="shipped",
+                   help="model folder written by 'train' (default: the shipped weights)")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--genes", help="comma-separated genes or a file (default: all the model's)")
+    p.add_argument("--stride", type=float, default=None,
+                   help="µm between tile centres (default: 112, the patch side)")
+    p.add_argument("--samples", type=int, default=RECIPE_SAMPLER["slide_samples"],
+                   help="samples per tile (S; their spread is the uncertainty)")
+    p.add_argument("--reveal-steps", type=int, default=RECIPE_SAMPLER["reveal_steps"],
+                   help="reverse steps, 1..T=50 (fewer is faster)")
+    p.add_argument("--seed", type=int, default=0, help="sampler seed (same seed, same maps)")
+    p.add_argument("--mpp", type=float, default=None,
+                   help="µm per pixel of slides whose file and manifest row lack it")
+    p.add_argument("--scheduler", default=None,
+                   help="address of a running dask scheduler (tcp://HOST:PORT); default: a "
+                        "local cluster")
+    p.add_argument("--workers", type=int, default=None,
+                   help="local cluster worker processes (default: cores / threads per worker)")
+    p.add_argument("--threads-per-worker", type=int, default=1,
+                   help="local cluster threads per worker (default 1)")
+    p.add_argument("--torch-threads", type=int, default=None,
+                   help="torch threads per task (default: the host's cores / its dask threads)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace complete slides made with other settings or another model")
+    p.set_defaults(func=cmd_predict_cohort)
+
 
 def _read(data: str, section: str | None):
     from .pipeline import read_dataset
@@ -152,7 +188,14 @@ def _bar(total: int, desc: str):
 
 
 def cmd_train(args) -> int:
+    from napari_hinge import ddp
+
     from .pipeline import fit_hinge, save_model
+
+    # under torchrun every process trains on its shard of each batch; rank 0 alone shows
+    # progress and writes the model
+    ddp.init()
+    main = ddp.is_main()
 
     out = Path(args.out)
     if (out / "config.json").exists() and not (args.overwrite or args.resume):
@@ -183,7 +226,7 @@ def cmd_train(args) -> int:
             except StopIteration as stop:
                 model = stop.value
                 break
-            if bar is None and ev.total_steps:
+            if bar is None and ev.total_steps and main:
                 bar = _bar(ev.total_steps, "train HINGE")
                 bar.update(ev.step - (1 if ev.kind == "step" else 0))
             if ev.kind == "step" and bar is not None:
@@ -195,7 +238,9 @@ def cmd_train(args) -> int:
                 bar.write(f"epoch {ev.epoch}: loss {ev.loss:.4f}{val}"
                           + ("" if pcc is None else f" val_pcc {pcc:.3f}"))
             elif ev.kind == "stopped":
-                print(f"stopped; resume with --resume (checkpoints in {ckpt})", file=sys.stderr)
+                if main:
+                    print(f"stopped; resume with --resume (checkpoints in {ckpt})",
+                          file=sys.stderr)
                 return 130
     except KeyboardInterrupt:
         print(f"\ninterrupted; the last completed epoch is in {ckpt}; continue with --resume",
@@ -204,6 +249,8 @@ def cmd_train(args) -> int:
     finally:
         if bar is not None:
             bar.close()
+    if not main:
+        return 0
     save_model(model, out)
     summary = dict(model.train_summary or {})
     summary.pop("history", None)
@@ -294,7 +341,7 @@ def cmd_evaluate(args) -> int:
 def cmd_predict_slide(args) -> int:
     from napari_hinge.cli import run_with_bar
 
-    from .slide_predict import predict_slide_iter, write_ome_tiff
+    from .slide_predict import predict_slide_iter, write_slide_outputs
 
     if not args.slide.is_file():
         raise FileNotFoundError(f"{args.slide} does not exist")
@@ -304,12 +351,51 @@ def cmd_predict_slide(args) -> int:
                              seed=args.seed, mpp=args.mpp)
     prediction, _ = run_with_bar(gen, "tiles", unit="batch")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_ome_tiff(prediction, out / "maps.ome.tif")
-    write_ome_tiff(prediction, out / "uncertainty.ome.tif", which="std")
-    tiles = prediction.to_adata()
-    atomic_write(out / "tiles.h5ad", lambda tmp: tiles.write_h5ad(tmp))
+    write_slide_outputs(prediction, out)
     print(json.dumps({"out": str(out), "tiles": len(prediction.grid),
                       "raster": list(prediction.grid.shape), "genes": len(prediction.genes),
                       **prediction.params}, indent=1, default=str))
     return 0
+
+
+def cmd_predict_cohort(args) -> int:
+    from tqdm.auto import tqdm
+
+    from .cohort import cohort_slides, predict_cohort, summary_table
+
+    jobs = cohort_slides(args.slides, manifest=args.manifest, mpp=args.mpp)
+    slides_bar = tqdm(total=len(jobs), desc="slides", unit="slide", file=sys.stderr,
+                      dynamic_ncols=True, position=0)
+    tiles_bar = tqdm(total=0, desc="tile batches", unit="batch", file=sys.stderr,
+                     dynamic_ncols=True, position=1)
+    seen: dict[str, tuple[int, int]] = {}  # slide -> (batches done, batches in all)
+    failed = []
+
+    def progress(kind, info):
+        if kind == "slide":
+            if info["status"] == "failed":
+                failed.append(info["name"])
+                slides_bar.write(f"{info['name']}: {info['error']}")
+            slides_bar.update(1)
+            slides_bar.set_postfix(failed=len(failed))
+        else:
+            seen[info["name"]] = (info["done"], info["total"])
+            tiles_bar.total = sum(t for _, t in seen.values())
+            tiles_bar.n = sum(d for d, _ in seen.values())
+            tiles_bar.refresh()
+
+    try:
+        summary = predict_cohort(
+            jobs, args.model, args.out, scheduler=args.scheduler, n_workers=args.workers,
+            threads_per_worker=args.threads_per_worker, torch_threads=args.torch_threads,
+            stride_um=args.stride, genes=_genes(args.genes), n_samples=args.samples,
+            reveal_steps=args.reveal_steps, seed=args.seed, overwrite=args.overwrite,
+            progress=progress)
+    finally:
+        tiles_bar.close()
+        slides_bar.close()
+    print(summary_table(summary))
+    print(json.dumps({"out": summary["out"], "summary": str(Path(summary["out"]) / "cohort.json"),
+                      "workers": summary["workers"], **summary["counts"],
+                      "seconds": summary["seconds"]}, indent=1))
+    return 1 if summary["counts"]["failed"] else 0

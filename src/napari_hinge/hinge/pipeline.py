@@ -338,6 +338,8 @@ def fit_hinge_arrays(features, targets, genes: Sequence[str], *, encoder: str = 
     :func:`save_model`); ``best/`` holds the best-validation weights. A resumed run keeps the
     milestones of its checkpoint unless ``milestones`` is given (so ``epochs`` may grow).
     """
+    from napari_hinge import ddp
+
     from .train import checkpoint_milestones, split_groups, train_hinge
 
     features = np.asarray(features, dtype=np.float32)
@@ -389,7 +391,7 @@ def fit_hinge_arrays(features, targets, genes: Sequence[str], *, encoder: str = 
                                                  None if prior_values is None
                                                  else oof[val_idx], seed=seed)
                 done.metrics["calibration_spots"] = int(len(val_idx))
-            if checkpoint_dir is not None:
+            if checkpoint_dir is not None and ddp.is_main():  # under torchrun: rank 0 writes
                 save_model(model.cpu(), Path(checkpoint_dir) / "final")
         yield event
     model.train_summary = done.metrics if done is not None else None

@@ -192,6 +192,24 @@ def write_ome_tiff(prediction: SlidePrediction, path: str | Path, *, which: str 
         photometric="minisblack"))
 
 
+SLIDE_OUTPUTS = ("maps.ome.tif", "uncertainty.ome.tif", "tiles.h5ad")
+
+
+def write_slide_outputs(prediction: SlidePrediction, folder: str | Path) -> dict[str, str]:
+    """The files of ``predict-slide`` in ``folder``: the mean and the uncertainty rasters as
+    OME-TIFFs and the per-tile AnnData (each written atomically); returns name -> path."""
+    from napari_hinge._files import atomic_write
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    maps, uncertainty, tiles_name = (folder / name for name in SLIDE_OUTPUTS)
+    write_ome_tiff(prediction, maps)
+    write_ome_tiff(prediction, uncertainty, which="std")
+    tiles = prediction.to_adata()
+    atomic_write(tiles_name, lambda tmp: tiles.write_h5ad(tmp))
+    return {"maps": str(maps), "uncertainty": str(uncertainty), "tiles": str(tiles_name)}
+
+
 def compare_with_spots(prediction: SlidePrediction, adata
                        ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     """The predicted map at measured spots (the tile whose cell holds each spot) against

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from napari_hinge import ddp
 from napari_hinge.device import autocast, default_device
 from napari_hinge.metrics import gene_pearson
 from napari_hinge.training import (
@@ -193,7 +194,9 @@ def train_hinge(model: HingeModel, train_features, train_targets, *, val_fractio
     if epochs < 1 or batch_size < 1 or val_every < 1:
         raise ValueError("epochs, batch_size and val_every must be >= 1")
     stop = stop or StopToken()
-    device = default_device(device)
+    ddp.init()  # under torchrun: one process per device, each on a shard of every batch
+    ddp.barrier()  # rank 0 has finished writing what an earlier run in this job wrote
+    device = ddp.device(default_device(device))
     feats, targets = _check_inputs(model, train_features, train_targets)
     K, N, _ = feats.shape
     if model.config.prior is not None:
@@ -246,6 +249,7 @@ def train_hinge(model: HingeModel, train_features, train_targets, *, val_fractio
     else:
         seed_everything(seed)
 
+    net = ddp.wrap(model, device)  # after resume: DDP starts every rank from rank 0's weights
     val_feats = feats[:, val_idx]
     val_targets = targets[val_idx]
     step = (start_epoch - 1) * steps_per_epoch
@@ -265,15 +269,22 @@ def train_hinge(model: HingeModel, train_features, train_targets, *, val_fractio
             t = sched.sample_timesteps(len(x0), warm=warm,
                                        warmup_ratio=model.config.warmup_mask_ratio)
             cor = sched.corrupt(x0, t)
-            x0 = x0.to(device)
-            reveal = cor.reveal.to(device)
+            mine = ddp.shard(len(x0))  # this rank's rows of the global batch (all in one process)
+            x0 = x0[mine].to(device)
+            reveal = cor.reveal[mine].to(device)
             with autocast(device):
-                out = model(cor.x_t.to(device), t.to(device), cor.m_prev.to(device),
-                            cor.m_t.to(device), f.to(device), return_logvar=with_variance)
+                out = net(cor.x_t[mine].to(device), t[mine].to(device),
+                          cor.m_prev[mine].to(device), cor.m_t[mine].to(device),
+                          f[mine].to(device), return_logvar=with_variance)
             pred, logvar = out if with_variance else (out, None)
             loss = masked_diffusion_loss(pred.float(), x0, reveal)
             objective = loss if logvar is None else \
                 loss + revealed_gaussian_nll(logvar.float(), pred.float(), x0, reveal)
+            if ddp.active():  # both terms are means over the revealed genes: weigh by them
+                share = ddp.batch_share(reveal.sum().clamp_min(1.0),
+                                        cor.reveal.sum().clamp_min(1.0).to(device))
+                objective = objective * share
+                loss = ddp.all_reduce_sum(loss.detach() * share) / ddp.world_size()
             opt.zero_grad(set_to_none=True)
             objective.backward()
             if grad_clip and grad_clip > 0:
@@ -307,10 +318,11 @@ def train_hinge(model: HingeModel, train_features, train_targets, *, val_fractio
         if improved:
             best_val, best_epoch = val_loss, epoch
         history.append(record)
-        # the one place checkpoints are written; nothing to compare on: best/ is the latest
-        if ckpt_dir is not None and (improved or not len(val_idx)):
+        # the one place checkpoints are written (by rank 0 under torchrun); nothing to
+        # compare on: best/ is the latest
+        if ckpt_dir is not None and (improved or not len(val_idx)) and ddp.is_main():
             model.save(ckpt_dir / "best")
-        if last_path is not None:
+        if last_path is not None and ddp.is_main():
             save_checkpoint(last_path, {
                 "model": {k: v.detach().cpu() for k, v in model.trainable_state_dict().items()},
                 "optimizer": opt.state_dict(), "scheduler": lr_sched.state_dict(),
@@ -322,6 +334,7 @@ def train_hinge(model: HingeModel, train_features, train_targets, *, val_fractio
                          metrics={k: v for k, v in record.items() if k not in ("epoch",)}
                          | {"best_val_loss": best_val if best_epoch else None})
 
+    ddp.barrier()  # every rank returns once rank 0's checkpoints are written
     counts = model.param_counts()
     yield TrainEvent("done", epochs, step, total_steps,
                      loss=history[-1]["train_loss"] if history else None,
