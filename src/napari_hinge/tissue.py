@@ -109,15 +109,19 @@ class TileGrid:
 
 
 def tile_grid(tissue: TissueMask, slide_shape: tuple[int, int], *, stride_px: float,
-              min_tissue: float = 0.5) -> TileGrid:
+              min_tissue: float = 0.5, origin_xy: tuple[float, float] | None = None,
+              shape: tuple[int, int] | None = None) -> TileGrid:
     """Tiles every ``stride_px`` level-0 pixels whose centre area is at least
-    ``min_tissue`` tissue (measured on the mask)."""
+    ``min_tissue`` tissue (measured on the mask). ``origin_xy`` (level-0 centre of tile
+    (0, 0); default half a stride) and ``shape`` (rows, cols) place the grid on another
+    lattice, e.g. the dense encoder's cells (:func:`napari_hinge.dense.cell_geometry`)."""
     if stride_px <= 0:
         raise ValueError(f"stride must be positive, got {stride_px}")
     height, width = slide_shape
-    n_rows = max(1, int(height // stride_px))
-    n_cols = max(1, int(width // stride_px))
-    origin = (stride_px / 2.0, stride_px / 2.0)
+    n_rows = max(1, int(height // stride_px)) if shape is None else int(shape[0])
+    n_cols = max(1, int(width // stride_px)) if shape is None else int(shape[1])
+    origin = (stride_px / 2.0, stride_px / 2.0) if origin_xy is None else \
+        (float(origin_xy[0]), float(origin_xy[1]))
     rows, cols = np.mgrid[0:n_rows, 0:n_cols]
     cx = origin[0] + cols.ravel() * stride_px
     cy = origin[1] + rows.ravel() * stride_px

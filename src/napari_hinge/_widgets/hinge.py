@@ -1,8 +1,9 @@
 """HINGE dock widgets: paint predicted expression over a slide, and train a model.
 
 Both run the core's generators (:func:`~napari_hinge.hinge.slide_predict.predict_slide_iter`,
-:func:`~napari_hinge.hinge.pipeline.fit_hinge`) in a worker through :class:`JobPanel`; layers
-are added only when a run has finished, so Cancel never leaves a half-made layer.
+:func:`~napari_hinge.hinge.pipeline.fit_hinge`) in a worker through :class:`JobPanel`. A dense
+map is painted as soon as the worker's first preview arrives and refined in place (the same
+layers' data replaced); Cancel keeps what is painted. Per-tile maps appear when they end.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from qtpy.QtCore import Signal
+from qtpy.QtCore import Qt, Signal
 from qtpy.QtWidgets import (
     QAbstractItemView,
     QCheckBox,
@@ -25,6 +26,7 @@ from qtpy.QtWidgets import (
     QLineEdit,
     QListWidget,
     QPushButton,
+    QSlider,
     QSpinBox,
     QTabWidget,
     QVBoxLayout,
@@ -35,7 +37,7 @@ from napari_hinge._layers import UNITS, gene_values, robust_limits
 from napari_hinge._widgets._jobs import JobPanel
 from napari_hinge._widgets._viewer import show_scale_bar, title_colorbar
 from napari_hinge._widgets.slide_spots import refill_combo, spot_layers
-from napari_hinge.hinge.defaults import RECIPE, SAMPLER
+from napari_hinge.hinge.defaults import RECIPE, SAMPLER, SLIDE
 
 if TYPE_CHECKING:
     import napari
@@ -63,22 +65,17 @@ def spot_pitch_um(adata) -> float | None:
 
 
 def compare_with_spots(prediction, spots_layer) -> dict[str, float]:
-    """Predicted map values at the measured spots (nearest tile) against the measurements:
-    ``pred_<gene>`` columns in the spots' features and the per-gene Pearson r."""
+    """Predicted map values at the measured spots (bilinear between map positions) against
+    the measurements: ``pred_<gene>`` columns in the spots' features and the per-gene
+    Pearson r."""
     from napari_hinge.metrics import gene_pearson
 
     adata = spots_layer.metadata["adata"]
-    grid = prediction.grid
-    xy = np.asarray(adata.obsm["spatial"], dtype=float)
-    cols = np.rint((xy[:, 0] - grid.origin_xy[0]) / grid.stride_px).astype(int)
-    rows = np.rint((xy[:, 1] - grid.origin_xy[1]) / grid.stride_px).astype(int)
-    inside = (rows >= 0) & (rows < grid.shape[0]) & (cols >= 0) & (cols < grid.shape[1])
-    raster = prediction.raster("mean")
+    values = prediction.at(np.asarray(adata.obsm["spatial"], dtype=float))
     features = spots_layer.features.copy()
     scores = {}
     for i, gene in enumerate(prediction.genes):
-        predicted = np.full(adata.n_obs, np.nan, np.float32)
-        predicted[inside] = raster[i, rows[inside], cols[inside]]
+        predicted = values[:, i].astype(np.float32)
         features[f"pred_{gene}"] = predicted
         if gene in adata.var_names:
             ok = np.isfinite(predicted)
@@ -145,10 +142,28 @@ class PredictWidget(QWidget):
                                     "275 genes, calibrated uncertainty)")
         self.slide_box = QComboBox()
         self.genes = GenePicker()
-        self.stride_box = QDoubleSpinBox(decimals=1, minimum=5.0, maximum=5000.0, value=112.0)
+        self.mode_box = QComboBox()
+        self.mode_box.addItems(["dense", "tiles"])
+        self.mode_box.setCurrentText(SLIDE["mode"])
+        self.mode_box.setToolTip("dense: the encoder runs once over the tissue, a value every "
+                                 "16 µm, painted at once and refined; tiles: every position "
+                                 "encoded and sampled on its own (slow below the spot pitch)")
+        self.stride_box = QDoubleSpinBox(decimals=1, minimum=5.0, maximum=5000.0,
+                                         value=SLIDE["stride_um"])
         self.stride_box.setSuffix(" µm")
-        self.stride_box.setToolTip("distance between map positions (default: the measured "
-                                   "spots' pitch); halving it quadruples the work")
+        self.stride_box.setToolTip("distance between map positions (dense: multiples of the "
+                                   "encoder's 16 µm cells; tiles: default the measured spots' "
+                                   "pitch, halving it quadruples the work)")
+        self.sample_stride_box = QDoubleSpinBox(decimals=0, minimum=16.0, maximum=5000.0,
+                                                value=SLIDE["sample_stride_um"])
+        self.sample_stride_box.setSuffix(" µm")
+        self.sample_stride_box.setToolTip("dense: HINGE's samples (residual over the prior and "
+                                          "the uncertainty) are drawn this far apart and "
+                                          "interpolated; halving it quadruples their cost")
+        self.opacity = QSlider(Qt.Orientation.Horizontal)
+        self.opacity.setRange(0, 100)
+        self.opacity.setValue(70)
+        self.opacity.setToolTip("opacity of the predicted maps over the slide")
         self.samples_box = QSpinBox(minimum=1, maximum=64, value=SAMPLER["slide_samples"])
         self.samples_box.setToolTip("samples per tile: their mean is the map, their spread the "
                                     "uncertainty; more samples, smoother uncertainty, slower")
@@ -168,7 +183,9 @@ class PredictWidget(QWidget):
         models.addWidget(self.choose_model)
         form = QFormLayout()
         form.addRow("Slide", self.slide_box)
+        form.addRow("Mode", self.mode_box)
         form.addRow("Stride", self.stride_box)
+        form.addRow("Samples every", self.sample_stride_box)
         form.addRow("Samples", self.samples_box)
         form.addRow("Reveal steps", self.steps_box)
         layout = QVBoxLayout(self)
@@ -179,13 +196,22 @@ class PredictWidget(QWidget):
         layout.addWidget(self.run_button)
         layout.addWidget(self.jobs)
         layout.addWidget(self.scores)
+        opacity_row = QHBoxLayout()
+        opacity_row.addWidget(QLabel("Map opacity"))
+        opacity_row.addWidget(self.opacity)
+        layout.addLayout(opacity_row)
         layout.addWidget(self.save_button)
+        self.map_layers: dict[str, object] = {}  # name -> layer painted by the current run
+        self._pending: dict[str, tuple] = {}  # hidden layers' newest data, set when shown
 
         self.save_button.clicked.connect(self._ask_save)
         self.use_shipped.clicked.connect(lambda: self.set_model(SHIPPED))
         self.choose_model.clicked.connect(self._ask_model)
         self.run_button.clicked.connect(self.run)
         self.jobs.succeeded.connect(self._on_result)
+        self.jobs.partial.connect(self._paint)
+        self.opacity.valueChanged.connect(self._set_opacity)
+        self.mode_box.currentTextChanged.connect(self._on_mode)
         self.jobs.ended.connect(lambda: self.run_button.setEnabled(True))
         self.slide_box.currentTextChanged.connect(self._on_slide)
         self.viewer.layers.events.inserted.connect(self._refresh_layers)
@@ -229,9 +255,17 @@ class PredictWidget(QWidget):
                 return layer
         return None
 
+    def _on_mode(self, mode: str) -> None:
+        self.sample_stride_box.setEnabled(mode == "dense")
+        if mode == "dense":
+            self.stride_box.setValue(SLIDE["stride_um"])
+        else:
+            self._on_slide(self.slide_box.currentText())
+
     def _on_slide(self, name: str) -> None:
-        """Default stride: the measured spots' pitch when the slide has spots."""
-        if name not in self.viewer.layers:
+        """Default stride of per-tile maps: the measured spots' pitch when the slide has
+        spots (dense maps keep their 16 µm)."""
+        if name not in self.viewer.layers or self.mode_box.currentText() == "dense":
             return
         spots = self.spots_for(self.viewer.layers[name])
         pitch = spot_pitch_um(spots.metadata["adata"]) if spots is not None else None
@@ -240,7 +274,7 @@ class PredictWidget(QWidget):
 
     # -- run --------------------------------------------------------------------------------
     def run(self):
-        from napari_hinge.hinge.slide_predict import predict_slide_iter
+        from napari_hinge.hinge.slide_predict import predict_slide_dense_iter, predict_slide_iter
         from napari_hinge.io.slides import open_slide
 
         if self.model is None:
@@ -255,31 +289,76 @@ class PredictWidget(QWidget):
         options = {"stride_um": self.stride_box.value(), "genes": genes,
                    "n_samples": self.samples_box.value(),
                    "reveal_steps": self.steps_box.value()}
+        dense = self.mode_box.currentText() == "dense"
+        if dense:
+            options["sample_stride_um"] = self.sample_stride_box.value()
+        predict = predict_slide_dense_iter if dense else predict_slide_iter
         self._slide_layer = layer
+        self.map_layers, self._pending = {}, {}
+        self.first_paint_s = None
+        self._run_started = time.perf_counter()
         self.run_button.setEnabled(False)
-        return self.jobs.run(lambda stop: predict_slide_iter(model, slide, stop=stop, **options),
+        return self.jobs.run(lambda stop: predict(model, slide, stop=stop, **options),
                              description=f"predicting {len(genes)} genes on {name}")
+
+    def _set_opacity(self, value: int) -> None:
+        for layer in self.map_layers.values():
+            layer.opacity = value / 100
+
+    def _paint(self, prediction) -> None:
+        """Put ``prediction``'s maps on the viewer: add the layers at the first call of a
+        run, then replace their data (visible layers now, hidden ones when shown), so a
+        refinement costs one texture upload per visible map."""
+        from napari_hinge._layers import map_layer_kwargs
+
+        slide = self._slide_layer.name
+        for i, gene in enumerate(prediction.genes):
+            for which, visible in (("mean", i == 0), ("std", False)):
+                kind = "predicted" if which == "mean" else "uncertainty"
+                name = f"{gene} {kind} ({slide})"
+                layer = self.map_layers.get(name)
+                if layer is None or layer not in self.viewer.layers:
+                    if name in self.viewer.layers:  # an earlier run's map of the same name
+                        self.viewer.layers.remove(name)
+                    raster = prediction.raster(which, [gene])[0]
+                    layer = self.viewer.add_image(raster, **map_layer_kwargs(
+                        prediction, gene, which, name=name, visible=visible,
+                        opacity=self.opacity.value() / 100))
+                    layer.colorbar.visible = visible
+                    layer.events.visible.connect(
+                        lambda event, n=name: self._flush_pending(n))
+                    self.map_layers[name] = layer
+                elif layer.visible:
+                    raster = prediction.raster(which, [gene])[0]
+                    layer.data = raster
+                    layer.contrast_limits = robust_limits(raster)
+                    layer.metadata["hinge"] = prediction.params
+                else:
+                    self._pending[name] = (prediction, gene, which)
+        if self.first_paint_s is None:
+            self.first_paint_s = time.perf_counter() - self._run_started
+            title_colorbar(self.viewer, f"{prediction.genes[0]}: log1p(counts per 10k)")
+            show_scale_bar(self.viewer)
+        self.last_prediction = prediction
+        self.save_button.setEnabled(True)
+
+    def _flush_pending(self, name: str) -> None:
+        layer = self.map_layers.get(name)
+        if layer is None or not layer.visible or name not in self._pending:
+            return
+        prediction, gene, which = self._pending.pop(name)
+        raster = prediction.raster(which, [gene])[0]
+        layer.data = raster
+        layer.contrast_limits = robust_limits(raster)
+        layer.metadata["hinge"] = prediction.params
+        kind = "uncertainty, sd" if which == "std" else ""
+        title_colorbar(self.viewer, f"{gene}{' ' + kind if kind else ''}: log1p(counts per 10k)")
 
     def _on_result(self, prediction) -> None:
         if prediction is None:
             return
-        place = prediction.placement
-        slide = self._slide_layer.name
-        added = []
-        for i, gene in enumerate(prediction.genes):
-            for which, cmap, visible in (("mean", "magma", i == 0), ("std", "viridis", False)):
-                raster = prediction.raster(which, [gene])[0]
-                kind = "predicted" if which == "mean" else "uncertainty"
-                name = f"{gene} {kind} ({slide})"
-                if name in self.viewer.layers:
-                    self.viewer.layers.remove(name)
-                layer = self.viewer.add_image(
-                    raster, name=name, colormap=cmap, contrast_limits=robust_limits(raster),
-                    opacity=0.7, blending="translucent", visible=visible, units=UNITS,
-                    metadata={"hinge": prediction.params, "gene": gene, "kind": which},
-                    **place)
-                layer.colorbar.visible = visible
-                added.append(layer)
+        self._paint(prediction)
+        added = list(self.map_layers.values())
         spots = self.spots_for(self._slide_layer)
         if spots is not None:
             scores = compare_with_spots(prediction, spots)
@@ -287,11 +366,6 @@ class PredictWidget(QWidget):
                 text = ", ".join(f"{g} {r:.2f}" for g, r in scores.items())
                 self.scores.setText(f"Pearson r at the {spots.metadata['adata'].n_obs} measured "
                                     f"spots: {text} (mean {np.mean(list(scores.values())):.2f})")
-        if prediction.genes:  # the colorbar shown is the first map's: name it
-            title_colorbar(self.viewer, f"{prediction.genes[0]}: log1p(counts per 10k)")
-            show_scale_bar(self.viewer)
-        self.last_prediction = prediction
-        self.save_button.setEnabled(True)
         self.layers_added.emit(added)
 
     def save(self, path: str | Path) -> list[Path]:

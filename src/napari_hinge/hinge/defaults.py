@@ -12,3 +12,11 @@ RECIPE = {"context_um": 300.0, "center_sections": True, "prior": "ridge",
 # time; a slide map has many more positions than a section has spots, so it draws fewer
 # samples per position.
 SAMPLER = {"n_samples": 8, "reveal_steps": 10, "slide_samples": 4}
+
+# Whole-slide maps (benchmarks/dense_features.py and benchmarks/predict_slide.py measure the
+# choices): 'dense' runs the encoder once over the tissue and paints the model's prior and
+# HINGE's sampled residual; 'tiles' encodes and samples every map position on its own.
+# stride_um: map positions (rounded down to the dense encoder's 16 µm cells);
+# sample_stride_um: where HINGE draws its samples (mean residual and calibrated
+# uncertainty, interpolated onto the map).
+SLIDE = {"mode": "dense", "stride_um": 16.0, "sample_stride_um": 448.0}

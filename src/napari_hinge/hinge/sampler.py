@@ -55,7 +55,8 @@ def _as_views(features, n_features: int) -> torch.Tensor:
 def sample(model: HingeModel, features, *, n_samples: int = 8, reveal_steps: int | None = None,
            batch_size: int | None = None, seed: int = 0, generator: torch.Generator | None = None,
            return_samples: bool = False, device: str | torch.device | None = None,
-           progress: Callable[[int, int], None] | None = None) -> SampleResult:
+           progress: Callable[[int, int], None] | None = None,
+           image_code: bool = False) -> SampleResult:
     """Sample ``n_samples`` expression vectors per spot.
 
     Parameters
@@ -82,6 +83,10 @@ def sample(model: HingeModel, features, *, n_samples: int = 8, reveal_steps: int
         Where to run (default: the model's device). bf16 autocast on CUDA.
     progress
         Called with ``(spots_done, n_spots)`` after each batch.
+    image_code
+        ``features`` are image codes (N, d_model) (:meth:`HingeModel.image_linear`'s last
+        d columns, as the dense slide path computes them); the prior is then left out (the
+        caller adds its own) and the result is ``residual_scale`` times the residual.
 
     Returns
     -------
@@ -96,7 +101,8 @@ def sample(model: HingeModel, features, *, n_samples: int = 8, reveal_steps: int
         batch_size = 1024 if device.type == "cuda" else 64
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    views = _as_views(features, model.config.feature_dim)
+    views = _as_views(features, model.cond.mlp_img[0].out_features if image_code
+                      else model.config.feature_dim)
     K, N, _ = views.shape
     G, S = model.n_genes, n_samples
     sched = model.schedule
@@ -126,10 +132,11 @@ def sample(model: HingeModel, features, *, n_samples: int = 8, reveal_steps: int
                 logvar = None
                 with autocast(device):
                     if stochastic:
-                        x0_hat, logvar = model(x, tt, m_next, m_t, feats, return_logvar=True)
+                        x0_hat, logvar = model(x, tt, m_next, m_t, feats, return_logvar=True,
+                                               image_code=image_code)
                         logvar = logvar.float()
                     else:
-                        x0_hat = model(x, tt, m_next, m_t, feats)
+                        x0_hat = model(x, tt, m_next, m_t, feats, image_code=image_code)
                 x0_hat = x0_hat.float()
                 reveal = m_next & ~m_t
                 value = x0_hat
@@ -142,7 +149,8 @@ def sample(model: HingeModel, features, *, n_samples: int = 8, reveal_steps: int
                     fresh = torch.zeros_like(x)
                 cond_mean = torch.where(reveal, x0_hat, cond_mean)
                 x = torch.where(m_t, x, torch.where(reveal, value, fresh))
-            prior = model.prior_mean(views[:, idx].mean(0).to(device)).float().cpu()
+            prior = (torch.zeros(n, G) if image_code else
+                     model.prior_mean(views[:, idx].mean(0).to(device)).float().cpu())
             lam = float(model.config.residual_scale) if model.config.prior else 1.0
             xs = x.view(n, S, G).cpu()
             mean = cond_mean.view(n, S, G).cpu().mean(1)

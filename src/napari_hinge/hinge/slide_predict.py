@@ -31,10 +31,13 @@ class SlidePrediction:
     slide_path: str
     microns_per_pixel: float
     params: dict = field(default_factory=dict)
+    prior: np.ndarray | None = None  # (n_tiles, G) the model's deterministic prior (dense)
 
     def raster(self, which: str = "mean", genes: Sequence[str] | None = None) -> np.ndarray:
-        """(G', H, W) float32 raster of the mean or std; NaN off tissue."""
-        values = {"mean": self.mean, "std": self.std}[which]
+        """(G', H, W) float32 raster of the mean, std (or prior); NaN off tissue."""
+        values = {"mean": self.mean, "std": self.std, "prior": self.prior}[which]
+        if values is None:
+            raise ValueError(f"this prediction has no {which!r} values")
         idx = [self.genes.index(g) for g in genes] if genes else slice(None)
         return self.grid.to_raster(values[:, idx])
 
@@ -42,6 +45,28 @@ class SlidePrediction:
     def placement(self) -> dict:
         """``scale``/``translate`` (µm, row/col) of a raster pixel on the slide."""
         return self.grid.placement(self.microns_per_pixel)
+
+    def at(self, xy, which: str = "mean") -> np.ndarray:
+        """Values at level-0 (x, y) positions (N, 2): bilinear between map positions (a
+        neighbour off the tissue takes the nearest value on it; NaN where the nearest map
+        position is off the map): how a map is read at measured spots."""
+        from scipy.ndimage import distance_transform_edt, map_coordinates
+
+        raster = self.raster(which)
+        xy = np.asarray(xy, dtype=np.float64)
+        rows = (xy[:, 1] - self.grid.origin_xy[1]) / self.grid.stride_px
+        cols = (xy[:, 0] - self.grid.origin_xy[0]) / self.grid.stride_px
+        valid = np.isfinite(raster[0])
+        _, (ri, ci) = distance_transform_edt(~valid, return_indices=True)
+        filled = raster[:, ri, ci]
+        out = np.stack([map_coordinates(ch, [rows, cols], order=1, mode="nearest")
+                        for ch in filled], 1)
+        r, c = np.rint(rows).astype(int), np.rint(cols).astype(int)
+        inside = (r >= 0) & (r < valid.shape[0]) & (c >= 0) & (c < valid.shape[1])
+        on = np.zeros(len(xy), bool)
+        on[inside] = valid[r[inside], c[inside]]
+        out[~on] = np.nan
+        return out
 
     def to_adata(self):
         """Per-tile AnnData: X = mean, layers['std'], obsm['spatial'] in slide pixels, so
@@ -189,3 +214,265 @@ def write_ome_tiff(prediction: SlidePrediction, path: str | Path, *, which: str 
     return atomic_write(path, lambda tmp: tifffile.imwrite(
         tmp, data, ome=True, metadata=metadata, compression="zlib",
         photometric="minisblack"))
+
+
+# ---------------------------------------------------------------------------------------------
+# dense maps
+
+
+def dense_projection(model, encoder, gene_idx) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(A_self, A_ctx, const)``: encoder cell features (F) -> the model's first affine
+    maps (prior of the genes ``gene_idx``, then the image code), with the shipped dense
+    adapter and the feature standardisation folded in. A cell's network value is
+    ``f @ A_self + mean_neighbours(f) @ A_ctx - section_mean + const``."""
+    import torch
+
+    from napari_hinge.dense import load_adapter
+
+    weight, bias = (t.double().numpy() for t in model.image_linear())
+    G = model.n_genes
+    keep = np.r_[np.asarray(gene_idx, int), np.arange(G, weight.shape[1])]
+    weight, bias = weight[:, keep], bias[keep]
+    norm = getattr(model, "feature_norm", None)
+    if norm is not None:
+        mean, std = (np.asarray(t.numpy(), np.float64) for t in norm)
+        weight = weight / std[:, None]
+        bias = bias - mean @ weight
+    F = encoder.dim
+    halves = [weight[:F], weight[F:]] if model.config.context_um else [weight, None]
+    adapter = load_adapter(encoder)
+    if adapter is not None:
+        aw, ab = (np.asarray(a, np.float64) for a in adapter)
+        bias = bias + sum(ab @ h for h in halves if h is not None)
+        halves = [None if h is None else aw @ h for h in halves]
+    del torch
+    return (halves[0].astype(np.float32),
+            None if halves[1] is None else halves[1].astype(np.float32),
+            bias.astype(np.float32))
+
+
+def _spread(values: np.ndarray, have: np.ndarray, on: np.ndarray) -> np.ndarray:
+    """Fill the ``on`` cells of (C, H, W) ``values`` that are not in ``have`` with the
+    nearest cell that is (a preview before every tile is encoded or sampled)."""
+    from scipy.ndimage import distance_transform_edt
+
+    if have.all() or not have.any():
+        return values
+    _, (ri, ci) = distance_transform_edt(~have, return_indices=True)
+    out = values[:, ri, ci]
+    return np.where(on[None], out, values)
+
+
+def _smooth_upsample(values: np.ndarray, rows, cols, shape, step: int) -> np.ndarray:
+    """(N, C) values at lattice cells ``rows``/``cols`` (every ``step`` cells) -> (C, H, W)
+    over the cell grid, by normalised bilinear interpolation (cells beyond the sampled
+    ones take the nearest sampled value)."""
+    from scipy.ndimage import map_coordinates
+
+    lr, lc = rows // step, cols // step
+    H, W = shape
+    lh, lw = (H + step - 1) // step + 1, (W + step - 1) // step + 1
+    lattice = np.zeros((values.shape[1], lh, lw), np.float32)
+    weight = np.zeros((lh, lw), np.float32)
+    lattice[:, lr, lc] = values.T
+    weight[lr, lc] = 1.0
+    lattice = _spread(lattice, weight > 0, np.ones_like(weight, bool))
+    yy, xx = np.mgrid[0:H, 0:W].astype(np.float32)
+    coords = np.stack([(yy.ravel() - step // 2) / step, (xx.ravel() - step // 2) / step])
+    out = np.stack([map_coordinates(ch, coords, order=1, mode="nearest").reshape(H, W)
+                    for ch in lattice])
+    return out
+
+
+def predict_slide_dense_iter(model, slide, *, stride_um: float | None = None,
+                             sample_stride_um: float | None = None,
+                             genes: Sequence[str] | None = None, n_samples: int | None = None,
+                             reveal_steps: int | None = None, seed: int = 0,
+                             mpp: float | None = None, min_tissue: float = 0.5,
+                             stop: StopToken | None = None, device=None,
+                             previews: bool = True,
+                             ) -> Generator[TrainEvent, None, SlidePrediction | None]:
+    """Dense whole-slide maps: the encoder once over the tissue, HINGE's prior at every
+    16 µm cell, HINGE's samples (mean residual, calibrated uncertainty) every
+    ``sample_stride_um``, interpolated onto the map.
+
+    Yields 'step' events; with ``previews`` an event carries ``metrics['preview']``, a
+    :class:`SlidePrediction` of the map so far (the whole tissue from the first ninth of the
+    tiles on, refined as tiles and samples arrive), so a viewer can paint it in place.
+    Returns the final :class:`SlidePrediction` (``params['mode'] == 'dense'``), or the last
+    preview when stopped (what is painted stays).
+    """
+    import torch
+
+    from napari_hinge.dense import (
+        box_mean,
+        cell_geometry,
+        iter_cell_maps,
+        load_adapter,
+        neighbour_mean,
+        tiles_over,
+    )
+    from napari_hinge.device import default_device
+    from napari_hinge.io.slides import open_slide
+    from napari_hinge.tissue import tile_grid, tissue_mask
+
+    from .defaults import SLIDE
+    from .pipeline import (
+        SAMPLER,
+        calibrated_uncertainty,
+        resolve_encoder,
+        unknown_genes_message,
+    )
+    from .sampler import sample
+
+    n_samples = SAMPLER["slide_samples"] if n_samples is None else n_samples
+    reveal_steps = SAMPLER["reveal_steps"] if reveal_steps is None else reveal_steps
+    stride_um = SLIDE["stride_um"] if stride_um is None else float(stride_um)
+    sample_stride_um = SLIDE["sample_stride_um"] if sample_stride_um is None \
+        else float(sample_stride_um)
+    if not hasattr(slide, "levels"):
+        slide = open_slide(slide, mpp=mpp)
+    mpp = mpp or slide.microns_per_pixel
+    if not mpp:
+        raise ValueError(f"{slide.path}: the pixel size is unknown; pass mpp= (µm per pixel)")
+    all_genes = list(model.config.genes)
+    genes = list(genes) if genes else all_genes
+    unknown = [g for g in genes if g not in all_genes]
+    if unknown:
+        raise KeyError(unknown_genes_message(unknown, all_genes))
+    gene_idx = [all_genes.index(g) for g in genes]
+    G = len(genes)
+    device = default_device(device)
+    encoder = resolve_encoder(model.config.encoder).to(device)
+    geom = cell_geometry(encoder, slide.shape[:2], mpp)
+    cell_um = geom.stride_px * mpp
+    cells = tile_grid(tissue_mask(slide), slide.shape[:2], stride_px=geom.stride_px,
+                      min_tissue=min_tissue, origin_xy=geom.origin_xy, shape=geom.shape)
+    on = np.zeros(geom.shape, bool)
+    on[cells.rows, cells.cols] = True
+    half = geom.window // 2
+    from scipy.ndimage import binary_dilation
+
+    need = binary_dilation(on, structure=np.ones((2 * half + 1, 2 * half + 1), bool))
+    tiles = tiles_over(need, geom)
+    a_self, a_ctx, const = dense_projection(model, encoder, gene_idx)
+    D = a_self.shape[1]
+    proj = torch.as_tensor(np.concatenate([a_self] + ([a_ctx] if a_ctx is not None else []),
+                                          1)).to(device)
+    # float16 around a per-channel offset (the first tile's mean): half the memory, and
+    # centring later subtracts values of similar size, not large raw ones
+    maps = np.zeros((proj.shape[1], *geom.shape), np.float16)
+    offset = None
+    have = np.zeros(geom.shape, bool)
+    k_out = max(1, int(np.floor(stride_um / cell_um + 1e-6)))
+    k_smp = max(1, int(round(sample_stride_um / cell_um)))
+    smp = (cells.rows % k_smp == k_smp // 2) & (cells.cols % k_smp == k_smp // 2)
+    s_rows, s_cols = cells.rows[smp], cells.cols[smp]
+    if not len(s_rows):  # a tissue sliver narrower than the sample stride
+        s_rows, s_cols = cells.rows[:1], cells.cols[:1]
+    model = model.to(device)
+    sample_batch = 8  # positions per sampler call: one progress event (and Cancel check) each
+    n_sample_batches = (len(s_rows) + sample_batch - 1) // sample_batch
+    total = len(tiles) + n_sample_batches
+    radius = (model.config.context_um or 0.0) / cell_um
+    calibrated = getattr(model, "calibration", None) is not None
+    params = {"mode": "dense", "stride_um": float(k_out * cell_um), "cell_um": float(cell_um),
+              "sample_stride_um": float(k_smp * cell_um), "patch_um": PATCH_UM,
+              "n_samples": n_samples, "reveal_steps": reveal_steps, "seed": seed,
+              "encoder": model.config.encoder, "min_tissue": min_tissue,
+              "value_transform": model.config.value_transform,
+              "context_um": model.config.context_um, "device": str(device),
+              "adapter": load_adapter(encoder) is not None,
+              "uncertainty": "calibrated sd" if calibrated else "raw sample spread"}
+    out_sel = (cells.rows % k_out == 0) & (cells.cols % k_out == 0)
+    from napari_hinge.tissue import TileGrid
+
+    out_grid = TileGrid(centers_xy=cells.centers_xy[out_sel], rows=cells.rows[out_sel] // k_out,
+                        cols=cells.cols[out_sel] // k_out,
+                        shape=((geom.shape[0] + k_out - 1) // k_out,
+                               (geom.shape[1] + k_out - 1) // k_out),
+                        origin_xy=geom.origin_xy, stride_px=geom.stride_px * k_out)
+    state = {"prior": None, "code": None, "residual": None, "std": None}
+
+    def network_values():
+        """(D, H, W) prior+code per cell from the encoded cells so far."""
+        pooled = np.empty(maps.shape, np.float32)
+        for k in range(0, len(maps), 64):  # channel chunks bound the float32 copies
+            pooled[k:k + 64] = box_mean(maps[k:k + 64].astype(np.float32), geom.window)
+        pooled += offset[:, None, None]
+        complete = box_mean(have[None].astype(np.float32), geom.window)[0] > 0.999
+        pooled = _spread(pooled, complete & on, on) if not complete[on].all() else pooled
+        y = pooled[:D]
+        if a_ctx is not None:
+            y = y + neighbour_mean(pooled[D:], on, radius)
+        if model.config.center_sections:
+            y = y - y[:, on].mean(1)[:, None, None]
+        return y + const[:, None, None]
+
+    def prediction(final: bool) -> SlidePrediction:
+        mean = state["prior"][:, cells.rows, cells.cols].T
+        std = np.zeros_like(mean)
+        if state["residual"] is not None:
+            mean = mean + state["residual"][:, cells.rows, cells.cols].T
+            std = state["std"][:, cells.rows, cells.cols].T
+        p = dict(params, final=final)
+        prior = state["prior"][:, cells.rows, cells.cols].T
+        return SlidePrediction(genes=genes, mean=mean[out_sel].astype(np.float32),
+                               std=std[out_sel].astype(np.float32), grid=out_grid,
+                               slide_path=str(Path(slide.path)), microns_per_pixel=float(mpp),
+                               params=p, prior=prior[out_sel].astype(np.float32))
+
+    def stopped(step):
+        yield TrainEvent("stopped", 0, step, total)
+        return prediction(False) if state["prior"] is not None else None
+
+    preview_at = {max(1, len(tiles) // 9)} | {round(len(tiles) * f) for f in (0.35, 0.65)}
+    step = 0
+    for r0, c0, fmap in iter_cell_maps(slide, encoder, geom, tiles, device=device):
+        if stop is not None and stop.requested:
+            return (yield from stopped(step))
+        c, h, w = fmap.shape
+        projected = torch.einsum("chw,cd->dhw", fmap, proj).cpu().numpy()
+        if offset is None:
+            offset = projected.reshape(len(projected), -1).mean(1)
+        maps[:, r0:r0 + h, c0:c0 + w] = projected - offset[:, None, None]
+        have[r0:r0 + h, c0:c0 + w] = True
+        step += 1
+        metrics = {"phase": "encode", "tiles": step, "of": len(tiles)}
+        if previews and step in preview_at and step < len(tiles):
+            y = network_values()
+            state["prior"], state["code"] = y[:G], y[G:]
+            metrics["preview"] = prediction(False)
+        yield TrainEvent("step", 0, step, total, metrics=metrics)
+    y = network_values()
+    state["prior"], state["code"] = y[:G], y[G:]
+    del maps
+    codes = state["code"][:, s_rows, s_cols].T.astype(np.float32)
+    res_mean = np.zeros((len(s_rows), G), np.float32)
+    res_std = np.zeros((len(s_rows), G), np.float32)
+    done = np.zeros(len(s_rows), bool)
+    # samples coarse-first too: a spread-out subset refines the whole map early
+    order = np.argsort(((s_rows // k_smp) % 4) * 4 + (s_cols // k_smp) % 4, kind="stable")
+    preview_b = {max(1, n_sample_batches // 4), max(1, n_sample_batches // 2)}
+    for b in range(n_sample_batches):
+        if stop is not None and stop.requested:
+            return (yield from stopped(step))
+        idx = order[b * sample_batch:(b + 1) * sample_batch]
+        res = sample(model, codes[idx], n_samples=n_samples, reveal_steps=reveal_steps,
+                     seed=seed + b, device=device, image_code=True)
+        m = res.mean.numpy()[:, gene_idx]
+        res_mean[idx] = m
+        res_std[idx] = res.std.numpy()[:, gene_idx]
+        done[idx] = True
+        step += 1
+        metrics = {"phase": "sample", "positions": int(done.sum()), "of": len(s_rows)}
+        if (previews and b + 1 in preview_b) or b + 1 == n_sample_batches:
+            full = state["prior"][:, s_rows[done], s_cols[done]].T + res_mean[done]
+            sd = calibrated_uncertainty(model, full, res_std[done], genes=genes)["std"]
+            both = _smooth_upsample(np.concatenate([res_mean[done], sd], 1), s_rows[done],
+                                    s_cols[done], geom.shape, k_smp)
+            state["residual"], state["std"] = both[:G], both[G:]
+            if b + 1 < n_sample_batches:
+                metrics["preview"] = prediction(False)
+        yield TrainEvent("step", 0, step, total, metrics=metrics)
+    return prediction(True)
