@@ -45,7 +45,8 @@ class CellGeometry:
     scale: float  # encoder pixels per level-0 pixel
     cell_px: int  # encoder pixels per cell (the encoder's dense_stride)
     window: int  # cells per patch side (input_size / cell_px)
-    shape: tuple[int, int]  # cells covering the slide (rows, cols)
+    shape: tuple[int, int]  # cells covering the slide and the halo (rows, cols)
+    first: int = 0  # absolute index of array cell 0 (-halo: cells beyond the slide edge)
 
     @property
     def stride_px(self) -> float:
@@ -55,7 +56,7 @@ class CellGeometry:
     @property
     def origin_xy(self) -> tuple[float, float]:
         """Level-0 (x, y) of the centre of cell (0, 0)."""
-        o = (self.cell_px / 2) / self.scale - 0.5
+        o = (self.first * self.cell_px + self.cell_px / 2) / self.scale - 0.5
         return (o, o)
 
     def centers_xy(self, rows, cols) -> np.ndarray:
@@ -73,7 +74,9 @@ class CellGeometry:
 
 def cell_geometry(encoder, slide_shape, microns_per_pixel: float) -> CellGeometry:
     """The cell grid of ``encoder`` over a slide of ``slide_shape`` (rows, cols) level-0
-    pixels of ``microns_per_pixel`` µm, at the scale the per-patch path feeds the encoder."""
+    pixels of ``microns_per_pixel`` µm, at the scale the per-patch path feeds the encoder,
+    with a halo of half a window beyond every edge (a patch at the edge sees white glass
+    there, as a per-patch crop does)."""
     cell = getattr(encoder, "dense_stride", None)
     if not cell:
         raise ValueError(f"encoder {encoder.name!r} cannot run densely (no dense_stride); "
@@ -84,9 +87,12 @@ def cell_geometry(encoder, slide_shape, microns_per_pixel: float) -> CellGeometr
     side_px = int(round(PATCH_UM / float(microns_per_pixel)))
     scale = encoder.input_size / side_px
     h, w = slide_shape
-    shape = (max(1, math.ceil(h * scale / cell)), max(1, math.ceil(w * scale / cell)))
-    return CellGeometry(scale=scale, cell_px=int(cell), window=encoder.input_size // cell,
-                        shape=shape)
+    window = encoder.input_size // cell
+    halo = window // 2 + 1
+    shape = (max(1, math.ceil(h * scale / cell)) + 2 * halo,
+             max(1, math.ceil(w * scale / cell)) + 2 * halo)
+    return CellGeometry(scale=scale, cell_px=int(cell), window=window, shape=shape,
+                        first=-halo)
 
 
 def _pick_level(slide, scale: float) -> tuple[int, float]:
@@ -157,7 +163,8 @@ def iter_cell_maps(slide, encoder, geom: CellGeometry, tiles, *,
     size = (tile_cells + 2 * margin_cells) * cell
     encoder.eval()
     for r0, c0 in tiles:
-        u0, v0 = (c0 - margin_cells) * cell, (r0 - margin_cells) * cell
+        u0 = (c0 + geom.first - margin_cells) * cell
+        v0 = (r0 + geom.first - margin_cells) * cell
         rgb = read_encoder_frame(slide, geom, u0, v0, size)
         x = ((rgb - 127.0) / 128.0)[None].to(device)
         with torch.inference_mode(), autocast(device):

@@ -194,26 +194,89 @@ def predict_slide_iter(model, slide, *, stride_um: float | None = None,
 
 def write_ome_tiff(prediction: SlidePrediction, path: str | Path, *, which: str = "mean"
                    ) -> Path:
-    """The (genes, H, W) raster as an OME-TIFF with µm pixel size and gene channel names;
-    written atomically."""
-    import tifffile
+    """The (genes, H, W) raster as a pyramidal OME-TIFF with µm pixel size, origin and gene
+    channel names (:func:`napari_hinge.io.maps.write_map_ome_tiff`); written atomically."""
+    from napari_hinge.io.maps import write_map_ome_tiff
 
-    from napari_hinge.training import atomic_write
+    place = prediction.placement
+    return write_map_ome_tiff(prediction.raster(which), prediction.genes, place["scale"],
+                              place["translate"], path)
 
-    data = prediction.raster(which)
-    um = float(prediction.placement["scale"][0])
-    origin = prediction.placement["translate"]
-    metadata = {"axes": "CYX", "Channel": {"Name": list(prediction.genes)},
-                "PhysicalSizeX": um, "PhysicalSizeXUnit": "µm",
-                "PhysicalSizeY": um, "PhysicalSizeYUnit": "µm",
-                "Plane": {"PositionX": [origin[1]] * len(prediction.genes),
-                          "PositionY": [origin[0]] * len(prediction.genes),
-                          "PositionXUnit": ["µm"] * len(prediction.genes),
-                          "PositionYUnit": ["µm"] * len(prediction.genes)}}
-    path = Path(path)
-    return atomic_write(path, lambda tmp: tifffile.imwrite(
-        tmp, data, ome=True, metadata=metadata, compression="zlib",
-        photometric="minisblack"))
+
+def write_ome_zarr(prediction: SlidePrediction, path: str | Path, *, which: str = "mean"
+                   ) -> Path:
+    """The (genes, H, W) raster as a multiscale OME-Zarr (NGFF 0.4) placed on the slide in
+    µm (:func:`napari_hinge.io.maps.write_map_ome_zarr`)."""
+    from napari_hinge.io.maps import write_map_ome_zarr
+
+    place = prediction.placement
+    return write_map_ome_zarr(prediction.raster(which), prediction.genes, place["scale"],
+                              place["translate"], path, name=f"hinge {which}")
+
+
+def write_spatialdata(prediction: SlidePrediction, path: str | Path, *, spots=None) -> Path:
+    """A SpatialData zarr store (optional extra ``spatialdata``): the slide (``he``, its
+    pyramid, µm), the maps (``hinge_mean``, ``hinge_std``: channels = genes, scaled and
+    translated onto the slide) and, when given, the measured spots (an AnnData read by
+    :func:`~napari_hinge.io.spatial.read_spatial`) as circles with their table; one
+    coordinate system ``'global'`` in µm, so napari-spatialdata and squidpy overlay them."""
+    try:
+        import spatialdata as sd
+        from spatialdata.models import Image2DModel, ShapesModel, TableModel
+        from spatialdata.transformations import Identity, Scale, Sequence, Translation
+    except ImportError as err:  # pragma: no cover - optional extra
+        raise ImportError("writing SpatialData needs the 'spatialdata' package "
+                          "(pip install 'napari-hinge[spatialdata]')") from err
+    import dask.array as da
+    import geopandas as gpd
+    import xarray as xr  # noqa: F401 - spatialdata's image type
+    from shapely.geometry import Point
+
+    from napari_hinge._files import atomic_write_dir
+    from napari_hinge.io.slides import open_slide
+
+    mpp = prediction.microns_per_pixel
+    place = prediction.placement
+    images = {}
+    slide = open_slide(prediction.slide_path, mpp=mpp)
+    levels = [da.moveaxis(lv, -1, 0) for lv in slide.levels]
+    he = Image2DModel.parse(levels[0], dims=("c", "y", "x"),
+                            scale_factors=[2] * (len(levels) - 1) if len(levels) > 1 else None,
+                            transformations={"global": Scale([mpp, mpp], axes=("y", "x"))},
+                            chunks=(3, 1024, 1024))
+    images["he"] = he
+    for which in ("mean", "std"):
+        raster = prediction.raster(which)
+        # a raster pixel (0, 0) is centred at translate: its corner sits half a pixel before
+        corner = [t - s / 2 for t, s in zip(place["translate"], place["scale"], strict=True)]
+        tf = Sequence([Scale(list(place["scale"]), axes=("y", "x")),
+                       Translation(corner, axes=("y", "x"))])
+        images[f"hinge_{which}"] = Image2DModel.parse(
+            raster, dims=("c", "y", "x"), c_coords=list(prediction.genes),
+            transformations={"global": tf})
+    shapes, tables = {}, {}
+    if spots is not None:
+        from napari_hinge._convention import META_KEY, SPATIAL_KEY
+
+        xy = np.asarray(spots.obsm[SPATIAL_KEY], dtype=float) * mpp
+        radius = float(spots.uns.get(META_KEY, {}).get("spot_diameter_px", 0) or 0) * mpp / 2
+        circles = gpd.GeoDataFrame({"geometry": [Point(x, y) for x, y in xy],
+                                    "radius": np.full(len(xy), radius or 50.0)},
+                                   index=spots.obs_names.astype(str))
+        shapes["spots"] = ShapesModel.parse(circles, transformations={"global": Identity()})
+        table = spots.copy()
+        table.obs["region"] = "spots"
+        table.obs["spot_id"] = table.obs_names.astype(str)
+        table.uns = {k: v for k, v in table.uns.items() if k != "spatial"}
+        tables["table"] = TableModel.parse(table, region="spots", region_key="region",
+                                           instance_key="spot_id")
+    sdata = sd.SpatialData(images=images, shapes=shapes, tables=tables)
+
+    def write(tmp: Path) -> None:
+        tmp.rmdir()  # spatialdata writes the store itself
+        sdata.write(str(tmp))
+
+    return atomic_write_dir(Path(path), write)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -314,7 +377,7 @@ def predict_slide_dense_iter(model, slide, *, stride_um: float | None = None,
     )
     from napari_hinge.device import default_device
     from napari_hinge.io.slides import open_slide
-    from napari_hinge.tissue import tile_grid, tissue_mask
+    from napari_hinge.tissue import TileGrid, tile_grid, tissue_mask
 
     from .defaults import SLIDE
     from .pipeline import (
@@ -348,6 +411,12 @@ def predict_slide_dense_iter(model, slide, *, stride_um: float | None = None,
     cell_um = geom.stride_px * mpp
     cells = tile_grid(tissue_mask(slide), slide.shape[:2], stride_px=geom.stride_px,
                       min_tissue=min_tissue, origin_xy=geom.origin_xy, shape=geom.shape)
+    inside = (cells.centers_xy >= -0.5).all(1) & \
+        (cells.centers_xy[:, 0] < slide.shape[1] - 0.5) & \
+        (cells.centers_xy[:, 1] < slide.shape[0] - 0.5)  # the halo is not map
+    cells = TileGrid(centers_xy=cells.centers_xy[inside], rows=cells.rows[inside],
+                     cols=cells.cols[inside], shape=cells.shape, origin_xy=cells.origin_xy,
+                     stride_px=cells.stride_px)
     on = np.zeros(geom.shape, bool)
     on[cells.rows, cells.cols] = True
     half = geom.window // 2
@@ -385,7 +454,6 @@ def predict_slide_dense_iter(model, slide, *, stride_um: float | None = None,
               "adapter": load_adapter(encoder) is not None,
               "uncertainty": "calibrated sd" if calibrated else "raw sample spread"}
     out_sel = (cells.rows % k_out == 0) & (cells.cols % k_out == 0)
-    from napari_hinge.tissue import TileGrid
 
     out_grid = TileGrid(centers_xy=cells.centers_xy[out_sel], rows=cells.rows[out_sel] // k_out,
                         cols=cells.cols[out_sel] // k_out,
