@@ -33,7 +33,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from napari_hinge._layers import UNITS, gene_values, robust_limits
+from napari_hinge._layers import gene_values, robust_limits
 from napari_hinge._widgets._jobs import JobPanel
 from napari_hinge._widgets._viewer import show_scale_bar, title_colorbar
 from napari_hinge._widgets.slide_spots import refill_combo, spot_layers
@@ -343,16 +343,21 @@ class PredictWidget(QWidget):
         self.save_button.setEnabled(True)
 
     def _flush_pending(self, name: str) -> None:
+        """A map made visible: its newest data, its colorbar, the colorbar's title."""
         layer = self.map_layers.get(name)
-        if layer is None or not layer.visible or name not in self._pending:
+        if layer is None or not layer.visible:
             return
-        prediction, gene, which = self._pending.pop(name)
-        raster = prediction.raster(which, [gene])[0]
-        layer.data = raster
-        layer.contrast_limits = robust_limits(raster)
-        layer.metadata["hinge"] = prediction.params
-        kind = "uncertainty, sd" if which == "std" else ""
-        title_colorbar(self.viewer, f"{gene}{' ' + kind if kind else ''}: log1p(counts per 10k)")
+        if name in self._pending:
+            prediction, gene, which = self._pending.pop(name)
+            raster = prediction.raster(which, [gene])[0]
+            layer.data = raster
+            layer.contrast_limits = robust_limits(raster)
+            layer.metadata["hinge"] = prediction.params
+        for other in self.map_layers.values():
+            other.colorbar.visible = other is layer
+        kind = " uncertainty (sd)" if layer.metadata.get("kind") == "std" else ""
+        title_colorbar(self.viewer, f"{layer.metadata.get('gene')}{kind}: "
+                                    "log1p(counts per 10k)")
 
     def _on_result(self, prediction) -> None:
         if prediction is None:

@@ -44,9 +44,8 @@ def _sampler_args(parser: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers) -> None:
-    from .defaults import RECIPE
+    from .defaults import RECIPE, SLIDE
     from .defaults import SAMPLER as RECIPE_SAMPLER
-    from .defaults import SLIDE
 
     p = subparsers.add_parser("train", help="train HINGE on spatial datasets",
                               description="Train HINGE (frozen backbone, SoftAdaLN modulation).")

@@ -479,7 +479,7 @@ def predict_slide_dense_iter(model, slide, *, stride_um: float | None = None,
 
     def prediction(final: bool) -> SlidePrediction:
         mean = state["prior"][:, cells.rows, cells.cols].T
-        std = np.zeros_like(mean)
+        std = np.full_like(mean, np.nan)  # no samples yet: no uncertainty to show
         if state["residual"] is not None:
             mean = mean + state["residual"][:, cells.rows, cells.cols].T
             std = state["std"][:, cells.rows, cells.cols].T
@@ -514,7 +514,7 @@ def predict_slide_dense_iter(model, slide, *, stride_um: float | None = None,
         yield TrainEvent("step", 0, step, total, metrics=metrics)
     y = network_values()
     state["prior"], state["code"] = y[:G], y[G:]
-    del maps
+    maps = None  # the cell maps are no longer needed: free them before sampling
     codes = state["code"][:, s_rows, s_cols].T.astype(np.float32)
     res_mean = np.zeros((len(s_rows), G), np.float32)
     res_std = np.zeros((len(s_rows), G), np.float32)
