@@ -55,8 +55,8 @@ def read_slide(path):
 
 
 def map_zarr_images(path: Path) -> list[Path]:
-    """The float OME-Zarr images a folder holds: itself (``maps.ome.zarr``) or, for a
-    SpatialData store, its ``images/*`` maps (the slide there is the file it came from)."""
+    """The float OME-Zarr images a folder holds: itself (``maps.ome.zarr``) or the
+    ``images/*`` maps of a SpatialData-layout store."""
     from napari_hinge.io.maps import is_map_zarr
 
     if is_map_zarr(path):

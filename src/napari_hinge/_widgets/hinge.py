@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from qtpy.QtCore import Qt, Signal
+from qtpy.QtCore import Qt, QTimer, Signal
 from qtpy.QtWidgets import (
     QAbstractItemView,
     QCheckBox,
@@ -203,6 +203,8 @@ class PredictWidget(QWidget):
         layout.addWidget(self.save_button)
         self.map_layers: dict[str, object] = {}  # name -> layer painted by the current run
         self._pending: dict[str, tuple] = {}  # hidden layers' newest data, set when shown
+        self._to_add: dict[str, tuple] = {}  # hidden maps not added yet
+        self._finish_when_added = None
 
         self.save_button.clicked.connect(self._ask_save)
         self.use_shipped.clicked.connect(lambda: self.set_model(SHIPPED))
@@ -294,7 +296,8 @@ class PredictWidget(QWidget):
             options["sample_stride_um"] = self.sample_stride_box.value()
         predict = predict_slide_dense_iter if dense else predict_slide_iter
         self._slide_layer = layer
-        self.map_layers, self._pending = {}, {}
+        self.map_layers, self._pending, self._to_add = {}, {}, {}
+        self._finish_when_added = None
         self.first_paint_s = None
         self._run_started = time.perf_counter()
         self.run_button.setEnabled(False)
@@ -309,8 +312,6 @@ class PredictWidget(QWidget):
         """Put ``prediction``'s maps on the viewer: add the layers at the first call of a
         run, then replace their data (visible layers now, hidden ones when shown), so a
         refinement costs one texture upload per visible map."""
-        from napari_hinge._layers import map_layer_kwargs
-
         slide = self._slide_layer.name
         for i, gene in enumerate(prediction.genes):
             for which, visible in (("mean", i == 0), ("std", False)):
@@ -318,16 +319,11 @@ class PredictWidget(QWidget):
                 name = f"{gene} {kind} ({slide})"
                 layer = self.map_layers.get(name)
                 if layer is None or layer not in self.viewer.layers:
-                    if name in self.viewer.layers:  # an earlier run's map of the same name
-                        self.viewer.layers.remove(name)
-                    raster = prediction.raster(which, [gene])[0]
-                    layer = self.viewer.add_image(raster, **map_layer_kwargs(
-                        prediction, gene, which, name=name, visible=visible,
-                        opacity=self.opacity.value() / 100))
-                    layer.colorbar.visible = visible
-                    layer.events.visible.connect(
-                        lambda event, n=name: self._flush_pending(n))
-                    self.map_layers[name] = layer
+                    if visible:
+                        self._add_map(prediction, gene, which, name, visible)
+                    elif name not in self._to_add:  # hidden: added one per event-loop turn
+                        self._to_add[name] = (gene, which)
+                        QTimer.singleShot(0, self._add_next)
                 elif layer.visible:
                     raster = prediction.raster(which, [gene])[0]
                     layer.data = raster
@@ -341,6 +337,31 @@ class PredictWidget(QWidget):
             show_scale_bar(self.viewer)
         self.last_prediction = prediction
         self.save_button.setEnabled(True)
+
+    def _add_map(self, prediction, gene: str, which: str, name: str, visible: bool):
+        from napari_hinge._layers import map_layer_kwargs
+
+        if name in self.viewer.layers:  # an earlier run's map of the same name
+            self.viewer.layers.remove(name)
+        raster = prediction.raster(which, [gene])[0]
+        layer = self.viewer.add_image(raster, **map_layer_kwargs(
+            prediction, gene, which, name=name, visible=visible,
+            opacity=self.opacity.value() / 100))
+        layer.colorbar.visible = visible
+        layer.events.visible.connect(lambda event, n=name: self._flush_pending(n))
+        self.map_layers[name] = layer
+        return layer
+
+    def _add_next(self) -> None:
+        """Add one queued hidden map (from the newest prediction): adding fifty layers in
+        one slot would block the event loop for a second."""
+        if self._to_add:
+            name, (gene, which) = next(iter(self._to_add.items()))
+            del self._to_add[name]
+            self._add_map(self.last_prediction, gene, which, name, False)
+        if not self._to_add and self._finish_when_added is not None:
+            prediction, self._finish_when_added = self._finish_when_added, None
+            self._finish(prediction)
 
     def _flush_pending(self, name: str) -> None:
         """A map made visible: its newest data, its colorbar, the colorbar's title."""
@@ -363,6 +384,12 @@ class PredictWidget(QWidget):
         if prediction is None:
             return
         self._paint(prediction)
+        if self._to_add:  # finish once the queued hidden maps are on the viewer
+            self._finish_when_added = prediction
+        else:
+            self._finish(prediction)
+
+    def _finish(self, prediction) -> None:
         added = list(self.map_layers.values())
         spots = self.spots_for(self._slide_layer)
         if spots is not None:

@@ -109,8 +109,7 @@ def register(subparsers) -> None:
                     "HINGE's prior every 16 µm and its samples every --sample-stride µm, or "
                     "(tiles) HINGE samples per tile: writes OUT (a folder) with maps.ome.tif "
                     "and uncertainty.ome.tif (pyramidal, genes x H x W, µm), maps.ome.zarr / "
-                    "uncertainty.ome.zarr (NGFF) and tiles.h5ad; --spatialdata also a "
-                    "SpatialData store.")
+                    "uncertainty.ome.zarr (NGFF) and tiles.h5ad.")
     p.add_argument("slide", type=Path, help="slide file (.svs, .ndpi, .tif, .ome.tif, .jpg, .png)")
     _sampler_args(p)
     p.add_argument("--genes", help="comma-separated genes or a file (default: all the model's)")
@@ -124,11 +123,6 @@ def register(subparsers) -> None:
                    help="dense: µm between the positions where HINGE draws its samples "
                         f"(residual and uncertainty, interpolated; default "
                         f"{SLIDE['sample_stride_um']:g})")
-    p.add_argument("--spots", default=None,
-                   help="spatial data on this slide (any path 'predict' reads): put into the "
-                        "SpatialData store with --spatialdata")
-    p.add_argument("--spatialdata", action="store_true",
-                   help="also write OUT/maps.sdata.zarr (slide, maps, spots; needs spatialdata)")
     p.add_argument("--mpp", type=float, default=None, help="µm per pixel when the file lacks it")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.set_defaults(func=cmd_predict_slide, samples=RECIPE_SAMPLER["slide_samples"])
@@ -309,7 +303,6 @@ def cmd_predict_slide(args) -> int:
         predict_slide_iter,
         write_ome_tiff,
         write_ome_zarr,
-        write_spatialdata,
     )
 
     if not args.slide.is_file():
@@ -329,9 +322,6 @@ def cmd_predict_slide(args) -> int:
     write_ome_tiff(prediction, out / "uncertainty.ome.tif", which="std")
     write_ome_zarr(prediction, out / "maps.ome.zarr")
     write_ome_zarr(prediction, out / "uncertainty.ome.zarr", which="std")
-    if args.spatialdata:
-        spots = _read(args.spots, None) if args.spots else None
-        write_spatialdata(prediction, out / "maps.sdata.zarr", spots=spots)
     tiles = prediction.to_adata()
     atomic_write(out / "tiles.h5ad", lambda tmp: tiles.write_h5ad(tmp))
     print(json.dumps({"out": str(out), "tiles": len(prediction.grid),

@@ -1,7 +1,6 @@
 """Predicted maps the package writes (``predict-slide``'s ``maps.ome.tif`` / ``maps.ome.zarr``,
 a map layer saved from napari): float rasters, genes x H x W, with their µm pixel size and
-origin on the slide, as pyramidal OME-TIFF (QuPath) or multiscale OME-Zarr (NGFF 0.4:
-napari-ome-zarr, spatialdata, vizarr).
+origin on the slide, as pyramidal OME-TIFF (QuPath) or multiscale OME-Zarr (NGFF 0.4).
 
 :func:`read_map` returns what napari needs to put them back where they were: the raster, one
 name per channel, and the ``scale``/``translate`` in µm that place a raster pixel on the slide
