@@ -137,8 +137,8 @@ def read_encoder_frame(slide, geom: CellGeometry, u0: int, v0: int, size: int) -
 def tiles_over(need: np.ndarray, geom: CellGeometry, *, tile_cells: int = TILE_CELLS,
                order: str = "coarse_first") -> list[tuple[int, int]]:
     """Top-left cells (row, col) of the tiles whose interior meets ``need`` (a boolean
-    cell mask over ``geom.shape``). ``'coarse_first'``: every third tile in each direction
-    first, so the first ninth of the work already spans the whole tissue."""
+    cell mask over ``geom.shape``). ``'coarse_first'``: every fourth tile in each direction
+    first, so the first sixteenth of the work already spans the whole tissue."""
     rows, cols = geom.shape
     out = []
     for r0 in range(0, rows, tile_cells):
@@ -146,9 +146,14 @@ def tiles_over(need: np.ndarray, geom: CellGeometry, *, tile_cells: int = TILE_C
             if need[r0:r0 + tile_cells, c0:c0 + tile_cells].any():
                 out.append((r0, c0))
     if order == "coarse_first":
-        out.sort(key=lambda rc: ((rc[0] // tile_cells) % 3, (rc[1] // tile_cells) % 3,
-                                 rc[0], rc[1]))
+        out.sort(key=lambda rc: (_bit_reversed((rc[0] // tile_cells) % 4),
+                                 _bit_reversed((rc[1] // tile_cells) % 4), rc[0], rc[1]))
     return out
+
+
+def _bit_reversed(i: int) -> int:
+    """0, 2, 1, 3 for 0..3: after every fourth tile, the ones half-way between come next."""
+    return ((i & 1) << 1) | (i >> 1)
 
 
 def iter_cell_maps(slide, encoder, geom: CellGeometry, tiles, *,

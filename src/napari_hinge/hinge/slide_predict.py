@@ -223,8 +223,6 @@ def dense_projection(model, encoder, gene_idx) -> tuple[np.ndarray, np.ndarray, 
     maps (prior of the genes ``gene_idx``, then the image code), with the shipped dense
     adapter and the feature standardisation folded in. A cell's network value is
     ``f @ A_self + mean_neighbours(f) @ A_ctx - section_mean + const``."""
-    import torch
-
     from napari_hinge.dense import load_adapter
 
     weight, bias = (t.double().numpy() for t in model.image_linear())
@@ -243,7 +241,6 @@ def dense_projection(model, encoder, gene_idx) -> tuple[np.ndarray, np.ndarray, 
         aw, ab = (np.asarray(a, np.float64) for a in adapter)
         bias = bias + sum(ab @ h for h in halves if h is not None)
         halves = [None if h is None else aw @ h for h in halves]
-    del torch
     return (halves[0].astype(np.float32),
             None if halves[1] is None else halves[1].astype(np.float32),
             bias.astype(np.float32))
@@ -295,8 +292,8 @@ def predict_slide_dense_iter(model, slide, *, stride_um: float | None = None,
     ``sample_stride_um``, interpolated onto the map.
 
     Yields 'step' events; with ``previews`` an event carries ``metrics['preview']``, a
-    :class:`SlidePrediction` of the map so far (the whole tissue from the first ninth of the
-    tiles on, refined as tiles and samples arrive), so a viewer can paint it in place.
+    :class:`SlidePrediction` of the map so far (the whole tissue from the first sixteenth of
+    the tiles on, refined as tiles and samples arrive), so a viewer can paint it in place.
     Returns the final :class:`SlidePrediction` (``params['mode'] == 'dense'``), or the last
     preview when stopped (what is painted stays).
     """
@@ -429,7 +426,9 @@ def predict_slide_dense_iter(model, slide, *, stride_um: float | None = None,
         yield TrainEvent("stopped", 0, step, total)
         return prediction(False) if state["prior"] is not None else None
 
-    preview_at = {max(1, len(tiles) // 9)} | {round(len(tiles) * f) for f in (0.35, 0.65)}
+    # previews once every fourth tile in each direction is in (the whole tissue, coarse),
+    # then at a quarter, a half and three quarters
+    preview_at = {max(1, len(tiles) // 16)} | {round(len(tiles) * f) for f in (0.25, 0.5, 0.75)}
     step = 0
     for r0, c0, fmap in iter_cell_maps(slide, encoder, geom, tiles, device=device):
         if stop is not None and stop.requested:
