@@ -44,7 +44,8 @@ def feature_agreement(a: np.ndarray, b: np.ndarray) -> dict:
             "per_channel_r_median": round(float(np.median(per_channel)), 4)}
 
 
-def model_scores(model, feats, coords_um, y, keep, n_samples, reveal_steps, seed) -> dict:
+def model_scores(model, feats, coords_um, y, keep, n_samples, reveal_steps, seed, *,
+                 sampled: bool = True) -> dict:
     import torch
 
     from napari_hinge.hinge.pipeline import model_inputs
@@ -56,10 +57,10 @@ def model_scores(model, feats, coords_um, y, keep, n_samples, reveal_steps, seed
         prior = model.prior_mean(torch.as_tensor(inputs)).numpy()
     one = sample(model, inputs, n_samples=1, reveal_steps=1, seed=seed).mean.numpy()
     full = sample(model, inputs, n_samples=n_samples, reveal_steps=reveal_steps,
-                  seed=seed).mean.numpy()
+                  seed=seed).mean.numpy() if sampled else None
 
     def pcc(p):
-        return round(float(np.mean(gene_pearson(p[keep], y[keep]))), 4)
+        return None if p is None else round(float(np.mean(gene_pearson(p[keep], y[keep]))), 4)
 
     return {"prior (tuned ridge)": pcc(prior), "one-step mean": pcc(one),
             f"sampled mean S={n_samples} T={reveal_steps}": pcc(full)}
@@ -102,7 +103,7 @@ def section(name, adata, model, encoder, args) -> dict:
     args_s = (args.samples, args.reveal_steps, args.seed)
     row["pcc_per_patch"] = model_scores(model, patch, coords_um, y, keep, *args_s)
     row["pcc_dense"] = model_scores(model, dense, coords_um, y, keep, *args_s)
-    row["pcc_dense_raw"] = model_scores(model, raw, coords_um, y, keep, *args_s)
+    row["pcc_dense_raw"] = model_scores(model, raw, coords_um, y, keep, *args_s, sampled=False)
     row["map"] = {}
     for stride in [] if args.no_map else args.sample_strides:
         t = time.perf_counter()
@@ -163,17 +164,17 @@ def main() -> None:
         for label, feat, pcc in (("per-patch", None, row["pcc_per_patch"]),
                                  ("dense raw", row["features_raw"], row["pcc_dense_raw"]),
                                  ("dense", row["features_adapted"], row["pcc_dense"])):
-            v = list(pcc.values())
+            v = ["" if x is None else f"{x:.3f}" for x in pcc.values()]
             fr = f"{feat['per_spot_r']:>8.3f}{feat['per_channel_r_median']:>8.3f}" if feat \
                 else f"{'':>8}{'':>8}"
-            print(f"{row['section']:<22}{label:<10}{fr}{v[0]:>8.3f}{v[1]:>8.3f}{v[2]:>8.3f}")
+            print(f"{row['section']:<22}{label:<10}{fr}{v[0]:>8}{v[1]:>8}{v[2]:>8}")
         for stride, m in row["map"].items():
             print(f"{row['section']:<22}map, samples every {stride} µm: prior map "
                   f"{m['prior map']:.3f}, + sampled residual {m['prior + sampled residual']:.3f}"
                   f" ({m['positions']} positions, {m['seconds']} s)")
         print(f"{'':<22}drop dense vs per-patch (target <= 0.01): "
               + ", ".join(f"{k} {row['pcc_per_patch'][k] - row['pcc_dense'][k]:+.3f}"
-                          for k in row["pcc_per_patch"]))
+                          for k in row["pcc_per_patch"] if row["pcc_dense"][k] is not None))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
     print(f"wrote {args.out}")
