@@ -220,6 +220,7 @@ def main() -> None:
                         help="positions timed for the per-tile baseline")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-gui", action="store_true")
+    parser.add_argument("--gui-only", action="store_true", help="only part 2")
     parser.add_argument("--big-sizes", type=int, nargs="*", default=[],
                         help="also pyramids of these sizes (px), e.g. 8192 16384 40000")
     parser.add_argument("--workdir", type=Path, default=REPO / "bench_out" / "big_slides")
@@ -239,13 +240,14 @@ def main() -> None:
                "reveal_steps": args.reveal_steps, "threads": args.threads,
                "cpus": os.cpu_count(), "machine": platform.processor() or platform.machine(),
                "load_avg_start": os.getloadavg()}
-    dense, prediction = dense_run(model, slide, genes, args)
-    results["dense"] = dense
-    results["per_tile"] = baseline(model, slide, genes, prediction, args)
-    results["speedup_same_grid"] = round(
-        results["per_tile"]["same_grid"]["extrapolated_s"] / dense["seconds"], 1)
-    results["dense_vs_per_tile_at_spot_pitch"] = round(
-        results["per_tile"]["spot_pitch"]["extrapolated_s"] / dense["seconds"], 2)
+    if not args.gui_only:
+        dense, prediction = dense_run(model, slide, genes, args)
+        results["dense"] = dense
+        results["per_tile"] = baseline(model, slide, genes, prediction, args)
+        results["speedup_same_grid"] = round(
+            results["per_tile"]["same_grid"]["extrapolated_s"] / dense["seconds"], 1)
+        results["dense_vs_per_tile_at_spot_pitch"] = round(
+            results["per_tile"]["spot_pitch"]["extrapolated_s"] / dense["seconds"], 2)
     if not args.no_gui:
         results["gui"] = gui(model_dir, genes, args)
     results["big"] = []
@@ -264,22 +266,11 @@ def main() -> None:
                 print(json.dumps(row), flush=True)
     results["load_avg_end"] = os.getloadavg()
 
-    d, pt = results["dense"], results["per_tile"]
     print(f"\nWhole-slide HINGE on {SLIDE.name}: {len(genes)} genes, S = {args.samples}, "
-          f"T = {args.reveal_steps}, {args.threads} threads, device {d['device']}, load "
+          f"T = {args.reveal_steps}, {args.threads} threads, load "
           f"{results['load_avg_start'][0]:.1f} -> {results['load_avg_end'][0]:.1f}")
-    print(f"{'path':<34}{'grid µm':>8}{'positions':>10}{'seconds':>10}")
-    label = f"dense (samples every {args.sample_stride:g} µm)"
-    print(f"{label:<34}{d['stride_um']:>8.1f}"
-          f"{d['positions']:>10}{d['seconds']:>10}")
-    print(f"{'per-tile, same grid (extrap.)':<34}{d['stride_um']:>8.1f}"
-          f"{pt['same_grid']['positions']:>10}{pt['same_grid']['extrapolated_s']:>10}")
-    print(f"{'per-tile, spot pitch (extrap.)':<34}{SPOT_PITCH_UM:>8.1f}"
-          f"{pt['spot_pitch']['positions']:>10}{pt['spot_pitch']['extrapolated_s']:>10}")
-    print(f"speed-up at the same grid x{results['speedup_same_grid']}; first preview "
-          f"{d['first_preview_s']} s, encoding done {d['encode_done_s']} s; per-tile "
-          f"{pt['same_grid']['s_per_position']:.3f} s/position measured on "
-          f"{pt['same_grid']['measured_positions']} positions; target < 60 s on 2 cores")
+    if not args.gui_only:
+        speed_table(results, args)
     if "gui" in results:
         g = results["gui"]
         print(f"GUI: first map painted {g['first_paint_s']} s after Run (target < 5 s); "
@@ -295,6 +286,23 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2, default=str))
     print(f"wrote {args.out}")
+
+
+def speed_table(results, args) -> None:
+    d, pt = results["dense"], results["per_tile"]
+    print(f"device {d['device']}")
+    print(f"{'path':<34}{'grid µm':>8}{'positions':>10}{'seconds':>10}")
+    label = f"dense (samples every {args.sample_stride:g} µm)"
+    print(f"{label:<34}{d['stride_um']:>8.1f}"
+          f"{d['positions']:>10}{d['seconds']:>10}")
+    print(f"{'per-tile, same grid (extrap.)':<34}{d['stride_um']:>8.1f}"
+          f"{pt['same_grid']['positions']:>10}{pt['same_grid']['extrapolated_s']:>10}")
+    print(f"{'per-tile, spot pitch (extrap.)':<34}{SPOT_PITCH_UM:>8.1f}"
+          f"{pt['spot_pitch']['positions']:>10}{pt['spot_pitch']['extrapolated_s']:>10}")
+    print(f"speed-up at the same grid x{results['speedup_same_grid']}; first preview "
+          f"{d['first_preview_s']} s, encoding done {d['encode_done_s']} s; per-tile "
+          f"{pt['same_grid']['s_per_position']:.3f} s/position measured on "
+          f"{pt['same_grid']['measured_positions']} positions; target < 60 s on 2 cores")
 
 
 if __name__ == "__main__":

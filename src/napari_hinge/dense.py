@@ -179,13 +179,26 @@ def iter_cell_maps(slide, encoder, geom: CellGeometry, tiles, *,
         yield r0, c0, fmap[:, margin_cells:margin_cells + h, margin_cells:margin_cells + w]
 
 
+# The map arithmetic below runs in torch, which releases the GIL: a worker thread doing it
+# leaves napari's event loop free (scipy.ndimage holds the GIL for seconds on a slide).
+
+
 def box_mean(maps: np.ndarray, window: int) -> np.ndarray:
     """Mean over the ``window x window`` cells centred on each cell of ``(C, H, W)`` maps;
     cells beyond the array count as zero (callers pad with a halo of encoded cells)."""
-    from scipy.ndimage import uniform_filter
+    x = torch.from_numpy(np.ascontiguousarray(maps, dtype=np.float32))[None]
+    out = F.avg_pool2d(x, window, stride=1, padding=window // 2, count_include_pad=True)
+    return out[0].numpy()
 
-    return uniform_filter(np.asarray(maps, np.float32), size=(1, window, window),
-                          mode="constant", cval=0.0)
+
+def _conv_same(x: torch.Tensor, kernel: np.ndarray) -> torch.Tensor:
+    """(C, H, W) convolved with a symmetric (kh, kw) kernel, zero outside, same size (FFT)."""
+    kh, kw = kernel.shape
+    h, w = x.shape[-2:]
+    size = (h + kh - 1, w + kw - 1)
+    k = torch.from_numpy(np.ascontiguousarray(kernel, dtype=np.float32))
+    y = torch.fft.irfft2(torch.fft.rfft2(x, s=size) * torch.fft.rfft2(k, s=size), s=size)
+    return y[..., kh // 2:kh // 2 + h, kw // 2:kw // 2 + w]
 
 
 def disc_kernel(radius_cells: float) -> np.ndarray:
@@ -202,16 +215,13 @@ def neighbour_mean(maps: np.ndarray, on: np.ndarray, radius_cells: float) -> np.
     """Mean of ``maps`` (C, H, W) over the ``on`` cells within ``radius_cells`` of each
     cell, the cell itself excluded; a cell without such neighbours gets its own value (the
     rule of :func:`~napari_hinge.features.context_features` on a cell grid)."""
-    from scipy.signal import fftconvolve
-
     k = disc_kernel(radius_cells)
-    on_f = on.astype(np.float32)
-    count = fftconvolve(on_f, k, mode="same")
-    count = np.where(count > 0.5, count, 0.0)
-    total = fftconvolve(maps * on_f, k[None], mode="same", axes=(1, 2))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        out = np.where(count > 0, total / np.maximum(count, 1e-6), maps)
-    return out.astype(np.float32)
+    on_t = torch.from_numpy(np.asarray(on, np.float32))
+    x = torch.from_numpy(np.ascontiguousarray(maps, dtype=np.float32))
+    count = _conv_same(on_t[None], k)[0].round()
+    total = _conv_same(x * on_t, k)
+    out = torch.where(count > 0, total / count.clamp_min(1.0), x)
+    return out.numpy()
 
 
 def sample_cells(maps: np.ndarray, rc: np.ndarray) -> np.ndarray:

@@ -249,20 +249,23 @@ def dense_projection(model, encoder, gene_idx) -> tuple[np.ndarray, np.ndarray, 
 def _spread(values: np.ndarray, have: np.ndarray, on: np.ndarray) -> np.ndarray:
     """Fill the ``on`` cells of (C, H, W) ``values`` that are not in ``have`` with the
     nearest cell that is (a preview before every tile is encoded or sampled)."""
+    import torch
     from scipy.ndimage import distance_transform_edt
 
     if have.all() or not have.any():
         return values
     _, (ri, ci) = distance_transform_edt(~have, return_indices=True)
-    out = values[:, ri, ci]
-    return np.where(on[None], out, values)
+    v = torch.from_numpy(np.ascontiguousarray(values))  # torch: no GIL held while indexing
+    out = v[:, torch.from_numpy(ri), torch.from_numpy(ci)]
+    return torch.where(torch.from_numpy(on)[None], out, v).numpy()
 
 
 def _smooth_upsample(values: np.ndarray, rows, cols, shape, step: int) -> np.ndarray:
     """(N, C) values at lattice cells ``rows``/``cols`` (every ``step`` cells) -> (C, H, W)
     over the cell grid, by normalised bilinear interpolation (cells beyond the sampled
     ones take the nearest sampled value)."""
-    from scipy.ndimage import map_coordinates
+    import torch
+    import torch.nn.functional as F
 
     lr, lc = rows // step, cols // step
     H, W = shape
@@ -272,11 +275,15 @@ def _smooth_upsample(values: np.ndarray, rows, cols, shape, step: int) -> np.nda
     lattice[:, lr, lc] = values.T
     weight[lr, lc] = 1.0
     lattice = _spread(lattice, weight > 0, np.ones_like(weight, bool))
-    yy, xx = np.mgrid[0:H, 0:W].astype(np.float32)
-    coords = np.stack([(yy.ravel() - step // 2) / step, (xx.ravel() - step // 2) / step])
-    out = np.stack([map_coordinates(ch, coords, order=1, mode="nearest").reshape(H, W)
-                    for ch in lattice])
-    return out
+    # cell (r, c) sits at lattice coordinate ((r - step // 2) / step, ...): bilinear, clamped
+    gy = (torch.arange(H, dtype=torch.float32) - step // 2) / step
+    gx = (torch.arange(W, dtype=torch.float32) - step // 2) / step
+    gy = 2 * gy / max(lh - 1, 1) - 1
+    gx = 2 * gx / max(lw - 1, 1) - 1
+    grid = torch.stack(torch.meshgrid(gy, gx, indexing="ij")[::-1], dim=-1)[None]
+    out = F.grid_sample(torch.from_numpy(lattice)[None], grid, mode="bilinear",
+                        padding_mode="border", align_corners=True)
+    return out[0].numpy()
 
 
 def predict_slide_dense_iter(model, slide, *, stride_um: float | None = None,
