@@ -169,3 +169,22 @@ def test_written_maps_reopen_on_their_slide(model, crop, tmp_path):
     if len(ts) > 1:
         t1 = ts[1]["coordinateTransformations"][1]["translation"]
         assert t1[1] == pytest.approx(place["translate"][0] + place["scale"][0] / 2)
+
+
+def test_predict_slide_command_writes_dense_maps(crop, tmp_path):
+    """The CLI's default: the dense map, as pyramidal OME-TIFF and OME-Zarr, same values."""
+    from napari_hinge.cli import main
+    from napari_hinge.io.maps import read_map
+
+    path, mpp, _ = crop
+    rc = main(["predict-slide", str(path), "--mpp", f"{mpp}", "--genes", "ERBB2,CD74",
+               "--sample-stride", "1000", "--samples", "1", "--reveal-steps", "1",
+               "--out", str(tmp_path / "out")])
+    assert rc == 0
+    tif, zarr_map = read_map(tmp_path / "out" / "maps.ome.tif"), \
+        read_map(tmp_path / "out" / "maps.ome.zarr")
+    assert tif.names == zarr_map.names == ["ERBB2", "CD74"]
+    assert tif.scale[0] <= 25 and tif.scale == zarr_map.scale
+    np.testing.assert_allclose(tif.translate, zarr_map.translate, atol=1e-6)
+    np.testing.assert_array_equal(tif.data, zarr_map.data)
+    assert (tmp_path / "out" / "uncertainty.ome.zarr").is_dir()

@@ -86,8 +86,8 @@ def test_predict_slide_command(model, shared_data, tmp_path):
     model_dir = save_model(model, tmp_path / "tiny")
     slide = shared_data / "wsi_small" / "her2st_C2_HE_pyramid.ome.tif"
     rc = main(["predict-slide", str(slide), "--model", str(model_dir), "--genes",
-               "ERBB2,GRB7,CD74", "--stride", "900", "--samples", "1", "--reveal-steps", "2",
-               "--out", str(tmp_path / "out")])
+               "ERBB2,GRB7,CD74", "--mode", "tiles", "--stride", "900", "--samples", "1",
+               "--reveal-steps", "2", "--out", str(tmp_path / "out")])
     assert rc == 0
     with tifffile.TiffFile(tmp_path / "out" / "maps.ome.tif") as tif:
         assert tif.series[0].shape[0] == 3 and "CD74" in tif.ome_metadata

@@ -239,7 +239,8 @@ def dense_projection(model, encoder, gene_idx) -> tuple[np.ndarray, np.ndarray, 
     adapter = load_adapter(encoder)
     if adapter is not None:
         aw, ab = (np.asarray(a, np.float64) for a in adapter)
-        bias = bias + sum(ab @ h for h in halves if h is not None)
+        if not model.config.center_sections:  # centring removes the adapter's offset
+            bias = bias + sum(ab @ h for h in halves if h is not None)
         halves = [None if h is None else aw @ h for h in halves]
     return (halves[0].astype(np.float32),
             None if halves[1] is None else halves[1].astype(np.float32),
