@@ -1,10 +1,14 @@
 """Whole-slide HINGE: predicted expression maps over all the tissue of a slide.
 
-Tissue mask -> tile grid at a chosen stride -> batched encoding (cached per batch of tile
-centres, so rerunning the same grid skips the encoder) -> S samples per tile -> a
-``genes x H x W`` mean raster and its per-gene standard deviation, with the scale and
-translation (µm) that place them on the slide. A generator of TrainEvents, so the CLI shows
-a progress bar and the widget a progress bar with Cancel.
+Two paths, both generators of TrainEvents (the CLI shows a progress bar, the widget a
+progress bar with Cancel) returning a :class:`SlidePrediction` (``genes x H x W`` mean and
+standard-deviation rasters with the scale and translation, µm, that place them on the slide):
+
+- :func:`predict_slide_dense_iter` (the default, ``defaults.SLIDE``): the encoder once over
+  the tissue (:mod:`napari_hinge.dense`), the model's prior at every 16 µm cell, HINGE's
+  samples every ``sample_stride_um`` interpolated, previews streamed as it goes;
+- :func:`predict_slide_iter`: tissue mask -> tile grid at a chosen stride -> batched
+  encoding (cached) -> S samples per tile.
 """
 
 from __future__ import annotations
