@@ -173,7 +173,7 @@ def test_dense_map_is_painted_early_and_refined_in_place(crop_viewer, qtbot, tin
     assert len(layers) == 4  # 2 genes x (map, uncertainty), added once
     assert previews, "no preview was painted before the run ended"
     first = previews[0]
-    assert all(first[name] is layer for name, layer in predict.map_layers.items())
+    assert first and all(predict.map_layers[name] is layer for name, layer in first.items())
     mean = next(layer for layer in layers if layer.metadata["kind"] == "mean" and layer.visible)
     prediction = predict.last_prediction
     assert prediction.params["final"] and prediction.params["stride_um"] <= 25

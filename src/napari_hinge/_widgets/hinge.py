@@ -322,8 +322,9 @@ class PredictWidget(QWidget):
                     if visible:
                         self._add_map(prediction, gene, which, name, visible)
                     elif name not in self._to_add:  # hidden: added one per event-loop turn
+                        if not self._to_add:
+                            QTimer.singleShot(1, self._add_next)
                         self._to_add[name] = (gene, which)
-                        QTimer.singleShot(0, self._add_next)
                 elif layer.visible:
                     raster = prediction.raster(which, [gene])[0]
                     layer.data = raster
@@ -359,7 +360,9 @@ class PredictWidget(QWidget):
             name, (gene, which) = next(iter(self._to_add.items()))
             del self._to_add[name]
             self._add_map(self.last_prediction, gene, which, name, False)
-        if not self._to_add and self._finish_when_added is not None:
+        if self._to_add:  # one timer at a time: other events run between two additions
+            QTimer.singleShot(1, self._add_next)
+        elif self._finish_when_added is not None:
             prediction, self._finish_when_added = self._finish_when_added, None
             self._finish(prediction)
 

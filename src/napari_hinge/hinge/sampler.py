@@ -112,6 +112,7 @@ def sample(model: HingeModel, features, *, n_samples: int = 8, reveal_steps: int
     was_training = model.training
     model.eval()
     stochastic = bool(model.config.predict_variance)
+    code_kw = {"image_code": True} if image_code else {}  # plain calls stay plain
     spots_per_batch = max(1, batch_size // S)
     means, stds, all_samples = [], [], []
     view_of = torch.arange(S) % K
@@ -133,10 +134,10 @@ def sample(model: HingeModel, features, *, n_samples: int = 8, reveal_steps: int
                 with autocast(device):
                     if stochastic:
                         x0_hat, logvar = model(x, tt, m_next, m_t, feats, return_logvar=True,
-                                               image_code=image_code)
+                                               **code_kw)
                         logvar = logvar.float()
                     else:
-                        x0_hat = model(x, tt, m_next, m_t, feats, image_code=image_code)
+                        x0_hat = model(x, tt, m_next, m_t, feats, **code_kw)
                 x0_hat = x0_hat.float()
                 reveal = m_next & ~m_t
                 value = x0_hat
