@@ -88,7 +88,7 @@ def scores(pred, true) -> dict:
 def downstream_hinge(setups: dict, test_x, test_y, genes: list[str], args):
     """HINGE trained on each downstream training set, scored on the test spots over the panel
     genes the builtin backbone knows (the others are reported, not modelled)."""
-    from napari_hinge.hinge.pipeline import fit_hinge_arrays, normalize_features
+    from napari_hinge.hinge.pipeline import fit_hinge_arrays
     from napari_hinge.hinge.sampler import sample
     from napari_hinge.scfm import load_backbone
     from napari_hinge.training import run_to_end
@@ -108,7 +108,7 @@ def downstream_hinge(setups: dict, test_x, test_y, genes: list[str], args):
                                                seed=args.seed, val_samples=0, context_um=None,
                                                center_sections=False, prior=None,
                                                predict_variance=False, calibrate=False))
-        res = sample(model, normalize_features(model, test_x), n_samples=4, reveal_steps=10,
+        res = sample(model, test_x, n_samples=4, reveal_steps=10,
                      seed=args.seed)
         runs[name] = {**scores(res.mean.numpy(), test_y[:, keep]), "n_train": int(len(Y)),
                       "n_real": int(real.sum())}

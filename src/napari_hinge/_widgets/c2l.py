@@ -318,16 +318,16 @@ class C2LWidget(TabbedDock, QWidget):
 
 def pairs_job(stop, result, *, encoder="efficientnet-lite0", chunk: int = 8):
     """Encode a fill's tiles chunk by chunk (progress, cancel); returns ``('pairs', pairs)``."""
+    from napari_hinge._progress import ProgressEvent
     from napari_hinge.hinge.pipeline import resolve_encoder
-    from napari_hinge.training import TrainEvent
 
     enc = resolve_encoder(encoder)
     n = len(result.patches)
     feats = np.empty((n, enc.dim), np.float32)
     for start in range(0, n, chunk):
         if stop.requested:
-            yield TrainEvent("stopped", 0, start, n)
+            yield ProgressEvent("stopped", None, start, n)
             return None
         feats[start:start + chunk] = enc.encode(result.patches[start:start + chunk])
-        yield TrainEvent("step", 0, min(n, start + chunk), n)
+        yield ProgressEvent("step", None, min(n, start + chunk), n)
     return "pairs", (feats, result.expression, list(result.genes))

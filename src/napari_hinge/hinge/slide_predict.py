@@ -1,6 +1,6 @@
 """Whole-slide HINGE: predicted expression maps over all the tissue of a slide.
 
-Two paths, both generators of TrainEvents (the CLI shows a progress bar, the widget a
+Two paths, both generators of ProgressEvents (the CLI shows a progress bar, the widget a
 progress bar with Cancel) returning a :class:`SlidePrediction` (``genes x H x W`` mean and
 standard-deviation rasters with the scale and translation, µm, that place them on the slide):
 
@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from napari_hinge.training import StopToken, TrainEvent
+from napari_hinge._progress import ProgressEvent
+from napari_hinge.training import StopToken
 
 PATCH_UM = 112.0  # the HINGE/Stem patch: max(spot diameter, 112 µm); tiles have no spot
 
@@ -100,7 +101,7 @@ def predict_slide_iter(model, slide, *, stride_um: float | None = None,
                        reveal_steps: int | None = None, batch_tiles: int = 64, seed: int = 0,
                        mpp: float | None = None, min_tissue: float = 0.5,
                        stop: StopToken | None = None, cache: bool = True,
-                       ) -> Generator[TrainEvent, None, SlidePrediction | None]:
+                       ) -> Generator[ProgressEvent, None, SlidePrediction | None]:
     """Predict ``genes`` (default: all the model's) on a tile grid over the tissue.
 
     Parameters
@@ -158,7 +159,7 @@ def predict_slide_iter(model, slide, *, stride_um: float | None = None,
     feats = None
     for b in range(n_batches):
         if stop is not None and stop.requested:
-            yield TrainEvent("stopped", 0, b, 2 * n_batches)
+            yield ProgressEvent("stopped", None, b, 2 * n_batches)
             return None
         sl = slice(b * batch_tiles, min(n, (b + 1) * batch_tiles))
         f = encode_spots(slide, grid.centers_xy[sl], encoder=encoder, side_px=side_px,
@@ -166,14 +167,14 @@ def predict_slide_iter(model, slide, *, stride_um: float | None = None,
         if feats is None:
             feats = np.empty((n, f.shape[-1]), np.float32)
         feats[sl] = f
-        yield TrainEvent("step", 0, b + 1, 2 * n_batches,
+        yield ProgressEvent("step", None, b + 1, 2 * n_batches,
                          metrics={"phase": "encode", "tiles": sl.stop, "of": n})
     inputs = model_inputs(model, feats, np.asarray(grid.centers_xy, np.float64) * mpp)
     mean = np.empty((n, len(genes)), np.float32)
     std = np.empty((n, len(genes)), np.float32)
     for b in range(n_batches):
         if stop is not None and stop.requested:
-            yield TrainEvent("stopped", 0, n_batches + b, 2 * n_batches)
+            yield ProgressEvent("stopped", None, n_batches + b, 2 * n_batches)
             return None
         sl = slice(b * batch_tiles, min(n, (b + 1) * batch_tiles))
         res = sample(model, inputs[sl], n_samples=n_samples, reveal_steps=reveal_steps,
@@ -182,7 +183,7 @@ def predict_slide_iter(model, slide, *, stride_um: float | None = None,
         mean[sl] = m
         std[sl] = calibrated_uncertainty(model, m, res.std.numpy()[:, gene_idx],
                                          genes=genes)["std"]
-        yield TrainEvent("step", 0, n_batches + b + 1, 2 * n_batches,
+        yield ProgressEvent("step", None, n_batches + b + 1, 2 * n_batches,
                          metrics={"phase": "sample", "tiles": sl.stop, "of": n})
     params = {"stride_um": float(stride_px * mpp), "patch_um": PATCH_UM, "n_samples": n_samples,
               "reveal_steps": reveal_steps, "seed": seed, "encoder": model.config.encoder,
@@ -233,11 +234,11 @@ def dense_projection(model, encoder, gene_idx) -> tuple[np.ndarray, np.ndarray, 
     G = model.n_genes
     keep = np.r_[np.asarray(gene_idx, int), np.arange(G, weight.shape[1])]
     weight, bias = weight[:, keep], bias[keep]
-    norm = getattr(model, "feature_norm", None)
-    if norm is not None:
-        mean, std = (np.asarray(t.numpy(), np.float64) for t in norm)
-        weight = weight / std[:, None]
-        bias = bias - mean @ weight
+    # the network standardises its features itself: fold that in too
+    mean = model.feature_mean.detach().double().cpu().numpy()
+    std = model.feature_std.detach().double().cpu().numpy()
+    weight = weight / std[:, None]
+    bias = bias - mean @ weight
     F = encoder.dim
     halves = [weight[:F], weight[F:]] if model.config.context_um else [weight, None]
     adapter = load_adapter(encoder)
@@ -298,7 +299,7 @@ def predict_slide_dense_iter(model, slide, *, stride_um: float | None = None,
                              mpp: float | None = None, min_tissue: float = 0.5,
                              stop: StopToken | None = None, device=None,
                              previews: bool = True,
-                             ) -> Generator[TrainEvent, None, SlidePrediction | None]:
+                             ) -> Generator[ProgressEvent, None, SlidePrediction | None]:
     """Dense whole-slide maps: the encoder once over the tissue, HINGE's prior at every
     16 µm cell, HINGE's samples (mean residual, calibrated uncertainty) every
     ``sample_stride_um``, interpolated onto the map.
@@ -435,7 +436,7 @@ def predict_slide_dense_iter(model, slide, *, stride_um: float | None = None,
                                params=p, prior=prior[out_sel].astype(np.float32))
 
     def stopped(step):
-        yield TrainEvent("stopped", 0, step, total)
+        yield ProgressEvent("stopped", None, step, total)
         return prediction(False) if state["prior"] is not None else None
 
     # previews once every fourth tile in each direction is in (the whole tissue, coarse),
@@ -457,7 +458,7 @@ def predict_slide_dense_iter(model, slide, *, stride_um: float | None = None,
             y = network_values()
             state["prior"], state["code"] = y[:G], y[G:]
             metrics["preview"] = prediction(False)
-        yield TrainEvent("step", 0, step, total, metrics=metrics)
+        yield ProgressEvent("step", None, step, total, metrics=metrics)
     y = network_values()
     state["prior"], state["code"] = y[:G], y[G:]
     maps = None  # the cell maps are no longer needed: free them before sampling
@@ -488,5 +489,5 @@ def predict_slide_dense_iter(model, slide, *, stride_um: float | None = None,
             state["residual"], state["std"] = both[:G], both[G:]
             if b + 1 < n_sample_batches:
                 metrics["preview"] = prediction(False)
-        yield TrainEvent("step", 0, step, total, metrics=metrics)
+        yield ProgressEvent("step", None, step, total, metrics=metrics)
     return prediction(True)
