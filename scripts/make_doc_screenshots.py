@@ -70,7 +70,32 @@ def scene_domains(viewer, app):
     return shoot(viewer, "domains_dlpfc_151673.png")
 
 
-SCENES = {"slide_spots": scene_slide_spots, "domains": scene_domains}
+def scene_hinge_dense(viewer, app):
+    """The shipped HINGE's dense SCGB2A2 map over the C3 H&E (16 µm, linear interpolation,
+    transparent off tissue) and its uncertainty, both saved."""
+    from napari_hinge._widgets.hinge import HingeWidget
+
+    viewer.open_sample("napari-hinge", "her2st_C3")
+    viewer.layers["her2st C3 spots"].visible = False
+    widget = HingeWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="HINGE")
+    predict = widget.predict
+    predict.mode_box.setCurrentText("dense")
+    item = predict.genes.list.findItems("SCGB2A2", __import__("qtpy").QtCore.Qt.MatchExactly)[0]
+    item.setSelected(True)
+    predict.run()
+    wait_for(predict.layers_added, app)
+    app.processEvents()
+    paths = [shoot(viewer, "hinge_dense_SCGB2A2_over_he.png")]
+    for layer in predict.map_layers.values():
+        layer.visible = layer.metadata["kind"] == "std"
+    app.processEvents()
+    paths.append(shoot(viewer, "hinge_dense_SCGB2A2_uncertainty.png"))
+    return paths
+
+
+SCENES = {"slide_spots": scene_slide_spots, "domains": scene_domains,
+          "hinge_dense": scene_hinge_dense}
 
 
 def main() -> None:

@@ -61,6 +61,25 @@ def map_layer_data(m) -> LayerData:
                     "contrast_limits": limits}, "image"
 
 
+MAP_COLORMAPS = {"mean": "magma", "prior": "magma", "std": "viridis"}
+
+
+def map_layer_kwargs(prediction, gene: str, which: str = "mean", *, name: str,
+                     visible: bool = True, opacity: float = 0.7) -> dict[str, Any]:
+    """Image-layer keywords for one gene's map of a
+    :class:`~napari_hinge.hinge.slide_predict.SlidePrediction`: placed on its slide in µm,
+    smoothly interpolated (a map is a sampled field, not a mosaic), NaN (transparent) off
+    the tissue, the colorbar on for the visible one."""
+    raster = prediction.raster(which, [gene])[0]
+    return {"name": name, "colormap": MAP_COLORMAPS[which],
+            "contrast_limits": robust_limits(raster), "opacity": opacity,
+            "blending": "translucent", "visible": visible, "units": UNITS,
+            "interpolation2d": "linear",
+            "metadata": {"hinge": prediction.params, "gene": gene, "kind": which,
+                         "unit": "log1p(counts per 10k)"},
+            **prediction.placement}
+
+
 def spot_features(adata, genes: list[str] = ()) -> pd.DataFrame:
     """Per-spot features: barcode, total counts (all genes), genes detected in ``X``, and the
     given genes' counts."""

@@ -54,10 +54,32 @@ def read_slide(path):
     return in_microns([slide_layer_data(open_slide(p))])
 
 
+def map_zarr_images(path: Path) -> list[Path]:
+    """The float OME-Zarr images a folder holds: itself (``maps.ome.zarr``) or the
+    ``images/*`` maps of a SpatialData-layout store."""
+    from napari_hinge.io.maps import is_map_zarr
+
+    if is_map_zarr(path):
+        return [path]
+    images = path / "images"
+    if images.is_dir():
+        return sorted(p for p in images.iterdir() if is_map_zarr(p))
+    return []
+
+
+def read_map_layers(path):
+    from napari_hinge._layers import map_layer_data
+    from napari_hinge.io.maps import read_map
+
+    return in_microns([map_layer_data(read_map(p)) for p in map_zarr_images(_single_path(path))])
+
+
 def get_spatial_reader(path):
     p = _single_path(path)
     if p is None or not p.exists():
         return None
+    if p.is_dir() and p.name.lower().endswith(".zarr"):
+        return read_map_layers if map_zarr_images(p) else None
     if p.is_file() and p.name.lower().endswith(SLIDE_ONLY_SUFFIXES):
         return None  # answer before importing anndata: slides are the other reader's
     from napari_hinge.io.spatial import detect_spatial_format

@@ -18,6 +18,14 @@ HINGE_RECIPE = {"context_um": 300.0, "center_sections": True, "prior": "ridge",
 # section has spots, so it draws fewer samples per position.
 SAMPLER = {"n_samples": 8, "reveal_steps": 10, "slide_samples": 4}
 
+# Whole-slide maps (benchmarks/dense_features.py and benchmarks/predict_slide.py measure the
+# choices): 'dense' runs the encoder once over the tissue and paints the model's prior and
+# HINGE's sampled residual; 'tiles' encodes and samples every map position on its own.
+# stride_um: map positions (rounded down to the dense encoder's 16 µm cells);
+# sample_stride_um: where HINGE draws its samples (mean residual and calibrated
+# uncertainty, interpolated onto the map).
+SLIDE = {"mode": "dense", "stride_um": 16.0, "sample_stride_um": 448.0}
+
 # Training. lr 1e-3: 1e-4 left the validation loss at 1.50 after 10 epochs on ~700 spots
 # (hinge/pipeline.py, fit_hinge_arrays); the milestones scale HINGE's (20, 35) of 40 epochs.
 HINGE_TRAIN = {"n_genes": 50, "epochs": 40, "batch_size": 32, "lr": 1e-3, "warmup_epochs": 5,

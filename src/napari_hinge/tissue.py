@@ -123,10 +123,17 @@ class TileGrid:
 
 
 def tile_grid(tissue: TissueMask, slide_shape: tuple[int, int], *, stride_px: float,
-              min_tissue: float = 0.5) -> TileGrid:
+              min_tissue: float = 0.5, origin_xy: tuple[float, float] | None = None,
+              shape: tuple[int, int] | None = None) -> TileGrid:
     """Tiles every ``stride_px`` level-0 pixels (:func:`napari_hinge.geometry.slide_grid`)
-    whose centre area is at least ``min_tissue`` tissue (measured on the mask)."""
+    whose centre area is at least ``min_tissue`` tissue (measured on the mask). ``origin_xy``
+    (level-0 centre of tile (0, 0)) and ``shape`` (rows, cols) place the grid on another
+    lattice, e.g. the dense encoder's cells (:func:`napari_hinge.dense.cell_geometry`)."""
     grid = slide_grid(slide_shape, stride_px)
+    if origin_xy is not None or shape is not None:
+        grid = Grid(grid.origin_xy if origin_xy is None else
+                    (float(origin_xy[0]), float(origin_xy[1])),
+                    grid.step_px, grid.shape if shape is None else (int(shape[0]), int(shape[1])))
     rows, cols, centers = grid.cells()
     keep = tissue.coverage_at(centers, stride_px) >= min_tissue
     if not keep.any():

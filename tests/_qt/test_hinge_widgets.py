@@ -37,6 +37,8 @@ def test_predict_adds_gene_layers_over_the_slide(sample_viewer, qtbot, tiny_mode
     viewer.window.add_dock_widget(widget)
     predict = widget.predict
     predict.set_model(tiny_model_dir)
+    assert predict.mode_box.currentText() == "dense"  # the default (hinge/defaults.SLIDE)
+    predict.mode_box.setCurrentText("tiles")
     assert predict.stride_box.value() == pytest.approx(200, rel=0.1)  # the ST spot pitch
     predict.stride_box.setValue(400)
     predict.genes.list.item(0).setSelected(True)  # ERBB2
@@ -82,6 +84,7 @@ def test_cancel_leaves_no_layer_and_a_live_gui(sample_viewer, qtbot, tiny_model_
     widget = HingeWidget(viewer)
     predict = widget.predict
     predict.set_model(tiny_model_dir)
+    predict.mode_box.setCurrentText("tiles")  # per-tile maps appear only when they end
     predict.stride_box.setValue(60)  # many tiles: still running when we cancel
     before = [layer.name for layer in viewer.layers]
     worker = predict.run()
@@ -122,3 +125,79 @@ def test_train_widget_two_epochs(sample_viewer, qtbot, tmp_path):
     train.use_button.click()
     assert widget.predict.model is train.model and widget.currentWidget() is widget.predict
     assert len(widget.predict.genes.genes) == 8
+
+
+@pytest.fixture
+def crop_viewer(make_napari_viewer, tmp_path):
+    """A real 900 px (1.2 mm) crop of the C3 H&E opened as a slide, with its pixel size."""
+    from PIL import Image
+
+    from napari_hinge._layers import slide_layer_data
+    from napari_hinge.io.slides import open_slide
+    from napari_hinge.io.spatial import read_spatial
+
+    section = read_spatial("src/napari_hinge/sample_data/her2st_C3")
+    meta = section.uns["napari_hinge"]
+    image = np.asarray(Image.open(meta["slide_path"]).convert("RGB"))
+    cx, cy = np.median(section.obsm["spatial"], 0).astype(int)
+    path = tmp_path / "c3_crop.png"
+    Image.fromarray(image[cy - 450:cy + 450, cx - 450:cx + 450]).save(path)
+    viewer = make_napari_viewer(show=True)
+    data, kwargs, _ = slide_layer_data(open_slide(path, mpp=meta["microns_per_pixel"]))
+    viewer.add_image(data, **kwargs)
+    return viewer
+
+
+def _dense_widget(viewer, model_dir):
+    widget = HingeWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    predict = widget.predict
+    predict.set_model(model_dir)
+    predict.mode_box.setCurrentText("dense")
+    predict.genes.top_n.setValue(2)
+    predict.sample_stride_box.setValue(400)
+    predict.samples_box.setValue(2)
+    predict.steps_box.setValue(2)
+    return predict
+
+
+def test_dense_map_is_painted_early_and_refined_in_place(crop_viewer, qtbot, tiny_model_dir):
+    viewer = crop_viewer
+    predict = _dense_widget(viewer, tiny_model_dir)
+    previews = []
+    predict.jobs.partial.connect(lambda p: previews.append(
+        dict(predict.map_layers)))
+    with qtbot.waitSignal(predict.layers_added, timeout=600_000) as added:
+        predict.run()
+    layers = added.args[0]
+    assert len(layers) == 4  # 2 genes x (map, uncertainty), added once
+    assert previews, "no preview was painted before the run ended"
+    first = previews[0]
+    assert first and all(predict.map_layers[name] is layer for name, layer in first.items())
+    mean = next(layer for layer in layers if layer.metadata["kind"] == "mean" and layer.visible)
+    prediction = predict.last_prediction
+    assert prediction.params["final"] and prediction.params["stride_um"] <= 25
+    assert mean.data.shape == prediction.grid.shape
+    assert mean.scale[0] == pytest.approx(prediction.params["stride_um"], rel=1e-6)
+    np.testing.assert_allclose(mean.translate, prediction.placement["translate"])
+    assert mean.interpolation2d == "linear"
+    assert np.isnan(mean.data).any()  # off tissue: transparent
+    predict.opacity.setValue(40)
+    assert all(layer.opacity == pytest.approx(0.4) for layer in layers)
+    # a hidden map was kept up to date when shown
+    hidden = next(layer for layer in layers if not layer.visible)
+    hidden.visible = True
+    np.testing.assert_array_equal(
+        np.isnan(hidden.data), np.isnan(prediction.raster(hidden.metadata["kind"])[0]))
+
+
+def test_dense_cancel_keeps_the_painted_map(crop_viewer, qtbot, tiny_model_dir):
+    viewer = crop_viewer
+    predict = _dense_widget(viewer, tiny_model_dir)
+    worker = predict.run()
+    qtbot.waitUntil(lambda: bool(predict.map_layers), timeout=600_000)
+    with qtbot.waitSignal(worker.finished, timeout=600_000):
+        predict.jobs.cancel_button.click()
+    assert all(layer in viewer.layers for layer in predict.map_layers.values())
+    assert "kept" in predict.jobs.status.text()
+    assert predict.run_button.isEnabled()

@@ -81,6 +81,9 @@ class JobPanel(QWidget):
     failed = Signal(object)
     #: emitted when the job has ended, whichever way (done, cancelled or failed)
     ended = Signal()
+    #: emitted with ``event.metrics['preview']`` when an event carries a partial result
+    #: (a map to paint in place while the job refines it)
+    partial = Signal(object)
 
     def __init__(self, *, plot: bool = False) -> None:
         super().__init__()
@@ -104,6 +107,7 @@ class JobPanel(QWidget):
         self.worker = None
         self.stop: StopToken | None = None
         self.last_event: ProgressEvent | None = None
+        self.shown_partial = False
 
     @property
     def running(self) -> bool:
@@ -117,6 +121,7 @@ class JobPanel(QWidget):
             raise RuntimeError("a job is already running in this panel")
         self.stop = StopToken()
         self.last_event = None
+        self.shown_partial = False
         self.progress.setValue(0)
         self.status.setText(f"{description}…")
         if self.plot is not None:
@@ -143,6 +148,9 @@ class JobPanel(QWidget):
             return
         self.last_event = event
         self.progress.setValue(int(1000 * event.fraction))
+        if event.metrics.get("preview") is not None:
+            self.shown_partial = True
+            self.partial.emit(event.metrics["preview"])
         parts = [f"step {event.step}/{event.total_steps}"]
         if event.is_training:
             parts.insert(0, f"epoch {event.epoch}")
@@ -159,7 +167,8 @@ class JobPanel(QWidget):
 
     def _on_returned(self, result) -> None:
         if self.stop is not None and self.stop.requested:
-            self.status.setText("cancelled: nothing was added")
+            self.status.setText("cancelled: what is painted so far is kept"
+                                if self.shown_partial else "cancelled: nothing was added")
             return
         self.progress.setValue(1000)
         self.succeeded.emit(result)

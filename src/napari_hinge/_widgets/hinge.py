@@ -1,8 +1,9 @@
 """HINGE dock widgets: paint predicted expression over a slide, and train a model.
 
 Both run the core's generators (:func:`~napari_hinge.hinge.slide_predict.predict_slide_iter`,
-:func:`~napari_hinge.hinge.pipeline.fit_hinge`) in a worker through :class:`JobPanel`; layers
-are added only when a run has finished, so Cancel never leaves a half-made layer.
+:func:`~napari_hinge.hinge.pipeline.fit_hinge`) in a worker through :class:`JobPanel`. A dense
+map is painted as soon as the worker's first preview arrives and refined in place (the same
+layers' data replaced); Cancel keeps what is painted. Per-tile maps appear when they end.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from qtpy.QtCore import Signal
+from qtpy.QtCore import Qt, QTimer, Signal
 from qtpy.QtWidgets import (
     QAbstractItemView,
     QCheckBox,
@@ -25,18 +26,19 @@ from qtpy.QtWidgets import (
     QLineEdit,
     QListWidget,
     QPushButton,
+    QSlider,
     QSpinBox,
     QTabWidget,
     QVBoxLayout,
     QWidget,
 )
 
-from napari_hinge._layers import UNITS, robust_limits
+from napari_hinge._layers import robust_limits
 from napari_hinge._widgets._jobs import JobPanel
 from napari_hinge._widgets._viewer import show_scale_bar, title_colorbar
 from napari_hinge._widgets.slide_spots import refill_combo, spot_layers
-from napari_hinge.geometry import FIELD_OF_VIEW_UM, spot_pitch_um
-from napari_hinge.hinge.defaults import RECIPE, SAMPLER, TRAIN
+from napari_hinge.geometry import spot_pitch_um
+from napari_hinge.hinge.defaults import RECIPE, SAMPLER, SLIDE, TRAIN
 
 if TYPE_CHECKING:
     import napari
@@ -120,11 +122,28 @@ class PredictWidget(QWidget):
                                     "275 genes, calibrated uncertainty)")
         self.slide_box = QComboBox()
         self.genes = GenePicker()
+        self.mode_box = QComboBox()
+        self.mode_box.addItems(["dense", "tiles"])
+        self.mode_box.setCurrentText(SLIDE["mode"])
+        self.mode_box.setToolTip("dense: the encoder runs once over the tissue, a value every "
+                                 "16 µm, painted at once and refined; tiles: every position "
+                                 "encoded and sampled on its own (slow below the spot pitch)")
         self.stride_box = QDoubleSpinBox(decimals=1, minimum=5.0, maximum=5000.0,
-                                         value=FIELD_OF_VIEW_UM)
+                                         value=SLIDE["stride_um"])
         self.stride_box.setSuffix(" µm")
-        self.stride_box.setToolTip("distance between map positions (default: the measured "
-                                   "spots' pitch); halving it quadruples the work")
+        self.stride_box.setToolTip("distance between map positions (dense: multiples of the "
+                                   "encoder's 16 µm cells; tiles: default the measured spots' "
+                                   "pitch, halving it quadruples the work)")
+        self.sample_stride_box = QDoubleSpinBox(decimals=0, minimum=16.0, maximum=5000.0,
+                                                value=SLIDE["sample_stride_um"])
+        self.sample_stride_box.setSuffix(" µm")
+        self.sample_stride_box.setToolTip("dense: HINGE's samples (residual over the prior and "
+                                          "the uncertainty) are drawn this far apart and "
+                                          "interpolated; halving it quadruples their cost")
+        self.opacity = QSlider(Qt.Orientation.Horizontal)
+        self.opacity.setRange(0, 100)
+        self.opacity.setValue(70)
+        self.opacity.setToolTip("opacity of the predicted maps over the slide")
         self.samples_box = QSpinBox(minimum=1, maximum=64, value=SAMPLER["slide_samples"])
         self.samples_box.setToolTip("samples per tile: their mean is the map, their spread the "
                                     "uncertainty; more samples, smoother uncertainty, slower")
@@ -144,7 +163,9 @@ class PredictWidget(QWidget):
         models.addWidget(self.choose_model)
         form = QFormLayout()
         form.addRow("Slide", self.slide_box)
+        form.addRow("Mode", self.mode_box)
         form.addRow("Stride", self.stride_box)
+        form.addRow("Samples every", self.sample_stride_box)
         form.addRow("Samples", self.samples_box)
         form.addRow("Reveal steps", self.steps_box)
         layout = QVBoxLayout(self)
@@ -155,13 +176,24 @@ class PredictWidget(QWidget):
         layout.addWidget(self.run_button)
         layout.addWidget(self.jobs)
         layout.addWidget(self.scores)
+        opacity_row = QHBoxLayout()
+        opacity_row.addWidget(QLabel("Map opacity"))
+        opacity_row.addWidget(self.opacity)
+        layout.addLayout(opacity_row)
         layout.addWidget(self.save_button)
+        self.map_layers: dict[str, object] = {}  # name -> layer painted by the current run
+        self._pending: dict[str, tuple] = {}  # hidden layers' newest data, set when shown
+        self._to_add: dict[str, tuple] = {}  # hidden maps not added yet
+        self._finish_when_added = None
 
         self.save_button.clicked.connect(self._ask_save)
         self.use_shipped.clicked.connect(lambda: self.set_model(SHIPPED))
         self.choose_model.clicked.connect(self._ask_model)
         self.run_button.clicked.connect(self.run)
         self.jobs.succeeded.connect(self._on_result)
+        self.jobs.partial.connect(self._paint)
+        self.opacity.valueChanged.connect(self._set_opacity)
+        self.mode_box.currentTextChanged.connect(self._on_mode)
         self.jobs.ended.connect(lambda: self.run_button.setEnabled(True))
         self.slide_box.currentTextChanged.connect(self._on_slide)
         self.viewer.layers.events.inserted.connect(self._refresh_layers)
@@ -205,9 +237,17 @@ class PredictWidget(QWidget):
                 return layer
         return None
 
+    def _on_mode(self, mode: str) -> None:
+        self.sample_stride_box.setEnabled(mode == "dense")
+        if mode == "dense":
+            self.stride_box.setValue(SLIDE["stride_um"])
+        else:
+            self._on_slide(self.slide_box.currentText())
+
     def _on_slide(self, name: str) -> None:
-        """Default stride: the measured spots' pitch when the slide has spots."""
-        if name not in self.viewer.layers:
+        """Default stride of per-tile maps: the measured spots' pitch when the slide has
+        spots (dense maps keep their 16 µm)."""
+        if name not in self.viewer.layers or self.mode_box.currentText() == "dense":
             return
         spots = self.spots_for(self.viewer.layers[name])
         pitch = spot_pitch_um(spots.metadata["adata"]) if spots is not None else None
@@ -216,7 +256,7 @@ class PredictWidget(QWidget):
 
     # -- run --------------------------------------------------------------------------------
     def run(self):
-        from napari_hinge.hinge.slide_predict import predict_slide_iter
+        from napari_hinge.hinge.slide_predict import predict_slide_dense_iter, predict_slide_iter
         from napari_hinge.io.slides import open_slide
 
         if self.model is None:
@@ -231,31 +271,109 @@ class PredictWidget(QWidget):
         options = {"stride_um": self.stride_box.value(), "genes": genes,
                    "n_samples": self.samples_box.value(),
                    "reveal_steps": self.steps_box.value()}
+        dense = self.mode_box.currentText() == "dense"
+        if dense:
+            options["sample_stride_um"] = self.sample_stride_box.value()
+        predict = predict_slide_dense_iter if dense else predict_slide_iter
         self._slide_layer = layer
+        self.map_layers, self._pending, self._to_add = {}, {}, {}
+        self._finish_when_added = None
+        self.first_paint_s = None
+        self._run_started = time.perf_counter()
         self.run_button.setEnabled(False)
-        return self.jobs.run(lambda stop: predict_slide_iter(model, slide, stop=stop, **options),
+        return self.jobs.run(lambda stop: predict(model, slide, stop=stop, **options),
                              description=f"predicting {len(genes)} genes on {name}")
+
+    def _set_opacity(self, value: int) -> None:
+        for layer in self.map_layers.values():
+            layer.opacity = value / 100
+
+    def _paint(self, prediction) -> None:
+        """Put ``prediction``'s maps on the viewer: add the layers at the first call of a
+        run, then replace their data (visible layers now, hidden ones when shown), so a
+        refinement costs one texture upload per visible map."""
+        slide = self._slide_layer.name
+        for i, gene in enumerate(prediction.genes):
+            for which, visible in (("mean", i == 0), ("std", False)):
+                kind = "predicted" if which == "mean" else "uncertainty"
+                name = f"{gene} {kind} ({slide})"
+                layer = self.map_layers.get(name)
+                if layer is None or layer not in self.viewer.layers:
+                    if visible:
+                        self._add_map(prediction, gene, which, name, visible)
+                    elif name not in self._to_add:  # hidden: added one per event-loop turn
+                        if not self._to_add:
+                            QTimer.singleShot(1, self._add_next)
+                        self._to_add[name] = (gene, which)
+                elif layer.visible:
+                    raster = prediction.raster(which, [gene])[0]
+                    layer.data = raster
+                    layer.contrast_limits = robust_limits(raster)
+                    layer.metadata["hinge"] = prediction.params
+                else:
+                    self._pending[name] = (prediction, gene, which)
+        if self.first_paint_s is None:
+            self.first_paint_s = time.perf_counter() - self._run_started
+            title_colorbar(self.viewer, f"{prediction.genes[0]}: log1p(counts per 10k)")
+            show_scale_bar(self.viewer)
+        self.last_prediction = prediction
+        self.save_button.setEnabled(True)
+
+    def _add_map(self, prediction, gene: str, which: str, name: str, visible: bool):
+        from napari_hinge._layers import map_layer_kwargs
+
+        if name in self.viewer.layers:  # an earlier run's map of the same name
+            self.viewer.layers.remove(name)
+        raster = prediction.raster(which, [gene])[0]
+        layer = self.viewer.add_image(raster, **map_layer_kwargs(
+            prediction, gene, which, name=name, visible=visible,
+            opacity=self.opacity.value() / 100))
+        layer.colorbar.visible = visible
+        layer.events.visible.connect(lambda event, n=name: self._flush_pending(n))
+        self.map_layers[name] = layer
+        return layer
+
+    def _add_next(self) -> None:
+        """Add one queued hidden map (from the newest prediction): adding fifty layers in
+        one slot would block the event loop for a second."""
+        if self._to_add:
+            name, (gene, which) = next(iter(self._to_add.items()))
+            del self._to_add[name]
+            self._add_map(self.last_prediction, gene, which, name, False)
+        if self._to_add:  # one timer at a time: other events run between two additions
+            QTimer.singleShot(1, self._add_next)
+        elif self._finish_when_added is not None:
+            prediction, self._finish_when_added = self._finish_when_added, None
+            self._finish(prediction)
+
+    def _flush_pending(self, name: str) -> None:
+        """A map made visible: its newest data, its colorbar, the colorbar's title."""
+        layer = self.map_layers.get(name)
+        if layer is None or not layer.visible:
+            return
+        if name in self._pending:
+            prediction, gene, which = self._pending.pop(name)
+            raster = prediction.raster(which, [gene])[0]
+            layer.data = raster
+            layer.contrast_limits = robust_limits(raster)
+            layer.metadata["hinge"] = prediction.params
+        for other in self.map_layers.values():
+            other.colorbar.visible = other is layer
+        kind = " uncertainty (sd)" if layer.metadata.get("kind") == "std" else ""
+        title_colorbar(self.viewer, f"{layer.metadata.get('gene')}{kind}: "
+                                    "log1p(counts per 10k)")
 
     def _on_result(self, prediction) -> None:
         if prediction is None:
             return
-        place = prediction.placement
-        slide = self._slide_layer.name
-        added = []
-        for i, gene in enumerate(prediction.genes):
-            for which, cmap, visible in (("mean", "magma", i == 0), ("std", "viridis", False)):
-                raster = prediction.raster(which, [gene])[0]
-                kind = "predicted" if which == "mean" else "uncertainty"
-                name = f"{gene} {kind} ({slide})"
-                if name in self.viewer.layers:
-                    self.viewer.layers.remove(name)
-                layer = self.viewer.add_image(
-                    raster, name=name, colormap=cmap, contrast_limits=robust_limits(raster),
-                    opacity=0.7, blending="translucent", visible=visible, units=UNITS,
-                    metadata={"hinge": prediction.params, "gene": gene, "kind": which},
-                    **place)
-                layer.colorbar.visible = visible
-                added.append(layer)
+        self._paint(prediction)
+        if self._to_add:  # finish once the queued hidden maps are on the viewer
+            self._finish_when_added = prediction
+        else:
+            self._finish(prediction)
+
+    def _finish(self, prediction) -> None:
+        added = list(self.map_layers.values())
         spots = self.spots_for(self._slide_layer)
         if spots is not None:
             scores = compare_with_spots(prediction, spots)
@@ -263,11 +381,6 @@ class PredictWidget(QWidget):
                 text = ", ".join(f"{g} {r:.2f}" for g, r in scores.items())
                 self.scores.setText(f"Pearson r at the {spots.metadata['adata'].n_obs} measured "
                                     f"spots: {text} (mean {np.mean(list(scores.values())):.2f})")
-        if prediction.genes:  # the colorbar shown is the first map's: name it
-            title_colorbar(self.viewer, f"{prediction.genes[0]}: log1p(counts per 10k)")
-            show_scale_bar(self.viewer)
-        self.last_prediction = prediction
-        self.save_button.setEnabled(True)
         self.layers_added.emit(added)
 
     def save(self, path: str | Path) -> list[Path]:

@@ -25,6 +25,9 @@ class Encoder(nn.Module):
     dim: int = 0
     input_size: int = 224
     weights_digest: str = "random"
+    #: input pixels per cell of ``forward_map`` for encoders that run fully convolutionally
+    #: (:mod:`napari_hinge.dense`); None: patch by patch only
+    dense_stride: int | None = None
 
     def preprocess(self, images: np.ndarray) -> torch.Tensor:  # pragma: no cover - abstract
         """uint8 RGB ``(N, H, W, 3)`` -> float ``(N, 3, S, S)`` ready for ``forward``."""

@@ -117,6 +117,7 @@ class EfficientNetLite0(Encoder):
     """EfficientNet-Lite0: ``forward`` gives 1280-d pooled features, ``logits`` ImageNet."""
 
     name = "efficientnet-lite0"
+    dense_stride = 32  # input pixels per cell of forward_map (five stride-2 stages)
 
     def __init__(self, config: EfficientNetLite0Config | None = None):
         super().__init__()
@@ -140,12 +141,17 @@ class EfficientNetLite0(Encoder):
         x = images_to_tensor(images, self.input_size)
         return (x - 127.0) / 128.0
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_map(self, x: torch.Tensor) -> torch.Tensor:
+        """The head's feature map before the pool: ``(N, 1280, H/32, W/32)``. On an input
+        whose sides are multiples of 32, cell ``(i, j)`` sees pixels ``32i..32i+31`` (rows)
+        and ``32j..32j+31`` of it, whatever the input size: the dense encoder's unit."""
         x = F.relu6(self._bn0(self._conv_stem(x)))
         for block in self._blocks:
             x = block(x)
-        x = F.relu6(self._bn1(self._conv_head(x)))
-        return x.mean(dim=(2, 3))
+        return F.relu6(self._bn1(self._conv_head(x)))
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_map(x).mean(dim=(2, 3))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_features(x)

@@ -45,7 +45,7 @@ def _sampler_args(parser: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers) -> None:
-    from .defaults import RECIPE, TRAIN
+    from .defaults import RECIPE, SLIDE, TRAIN
     from .defaults import SAMPLER as RECIPE_SAMPLER
 
     p = subparsers.add_parser("train", help="train HINGE on spatial datasets",
@@ -109,13 +109,24 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser(
         "predict-slide", help="paint predicted expression maps over a whole slide",
-        description="Tissue mask, tile grid, HINGE samples per tile: writes OUT (a folder) with "
-                    "maps.ome.tif (genes x H x W, µm), uncertainty.ome.tif and tiles.h5ad.")
+        description="Tissue mask, then (dense, the default) the encoder once over the tissue, "
+                    "HINGE's prior every 16 µm and its samples every --sample-stride µm, or "
+                    "(tiles) HINGE samples per tile: writes OUT (a folder) with maps.ome.tif "
+                    "and uncertainty.ome.tif (pyramidal, genes x H x W, µm), maps.ome.zarr / "
+                    "uncertainty.ome.zarr (NGFF) and tiles.h5ad.")
     p.add_argument("slide", type=Path, help="slide file (.svs, .ndpi, .tif, .ome.tif, .jpg, .png)")
     _sampler_args(p)
     p.add_argument("--genes", help="comma-separated genes or a file (default: all the model's)")
+    p.add_argument("--mode", choices=("dense", "tiles"), default=SLIDE["mode"],
+                   help=f"dense: encoder once over the tissue, a value every 16 µm; tiles: "
+                        f"every position encoded and sampled alone (default {SLIDE['mode']})")
     p.add_argument("--stride", type=float, default=None,
-                   help="µm between tile centres (default: 112, the patch side)")
+                   help=f"µm between map positions (default: dense {SLIDE['stride_um']:g}, "
+                        "tiles 112, the patch side)")
+    p.add_argument("--sample-stride", type=float, default=None,
+                   help="dense: µm between the positions where HINGE draws its samples "
+                        f"(residual and uncertainty, interpolated; default "
+                        f"{SLIDE['sample_stride_um']:g})")
     p.add_argument("--mpp", type=float, default=None, help="µm per pixel when the file lacks it")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.set_defaults(func=cmd_predict_slide, samples=RECIPE_SAMPLER["slide_samples"])
@@ -341,15 +352,19 @@ def cmd_evaluate(args) -> int:
 def cmd_predict_slide(args) -> int:
     from napari_hinge.cli import run_with_bar
 
-    from .slide_predict import predict_slide_iter, write_slide_outputs
+    from .slide_predict import predict_slide_dense_iter, predict_slide_iter, write_slide_outputs
 
     if not args.slide.is_file():
         raise FileNotFoundError(f"{args.slide} does not exist")
     model = _load(args.model, args.device)
-    gen = predict_slide_iter(model, args.slide, stride_um=args.stride, genes=_genes(args.genes),
-                             n_samples=args.samples, reveal_steps=args.reveal_steps,
-                             seed=args.seed, mpp=args.mpp)
-    prediction, _ = run_with_bar(gen, "tiles", unit="batch")
+    common = {"stride_um": args.stride, "genes": _genes(args.genes), "n_samples": args.samples,
+              "reveal_steps": args.reveal_steps, "seed": args.seed, "mpp": args.mpp}
+    if args.mode == "dense":
+        gen = predict_slide_dense_iter(model, args.slide, sample_stride_um=args.sample_stride,
+                                       device=args.device, previews=False, **common)
+    else:
+        gen = predict_slide_iter(model, args.slide, **common)
+    prediction, _ = run_with_bar(gen, "steps", unit="step")
     out = Path(args.out)
     write_slide_outputs(prediction, out)
     print(json.dumps({"out": str(out), "tiles": len(prediction.grid),

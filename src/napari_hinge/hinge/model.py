@@ -277,6 +277,19 @@ class HingeModel(nn.Module):
         z = features.float() if standardized else self.standardize(features)
         return torch.addmm(self.prior_bias, z, self.prior_weight)
 
+    def image_linear(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The affine maps standardised features (F) meet first, side by side: ``(F, G + d)``
+        weight and ``(G + d,)`` bias of the prior (zeros without one) and of the image
+        MLP's first layer. Everything before them (neighbour context, section centring,
+        standardisation) is linear too, so a dense map can be projected once per cell."""
+        lin = self.cond.mlp_img[0]
+        if self.config.prior is None:
+            pw = lin.weight.new_zeros(self.config.feature_dim, self.n_genes)
+            pb = lin.bias.new_zeros(self.n_genes)
+        else:
+            pw, pb = self.prior_weight, self.prior_bias
+        return torch.cat([pw, lin.weight.T], 1).detach(), torch.cat([pb, lin.bias]).detach()
+
     def set_prior(self, weight, bias) -> None:
         """Install the prior's (F, G) weight and (G,) bias (fitted outside the network)."""
         if self.config.prior is None:
@@ -310,7 +323,8 @@ class HingeModel(nn.Module):
 
     # -- forward --------------------------------------------------------------------------
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, m_prev: torch.Tensor,
-                m_t: torch.Tensor, features: torch.Tensor, *, return_logvar: bool = False):
+                m_t: torch.Tensor, features: torch.Tensor, *, return_logvar: bool = False,
+                image_code: bool = False):
         """Predict ``x0`` (B, G) (the residual around :meth:`prior_mean` when the model has a
         prior), and with ``return_logvar`` also its log-variance (B, G).
 
@@ -324,13 +338,16 @@ class HingeModel(nn.Module):
             (B, G) bool observed masks after and before this step; ``m_prev`` conditions, ``~m_t``
             selects the masked tokens.
         features
-            (B, F) image features (standardised inside, :meth:`standardize`).
+            (B, F) image features (standardised inside, :meth:`standardize`), or with
+            ``image_code`` their image code (B, d_model): standardised and through the first
+            linear layer of the conditioning's image MLP already (the dense slide path).
         """
         B = x_t.shape[0]
         t = torch.as_tensor(t, device=x_t.device)
         if t.ndim == 0:
             t = t.expand(B)
-        c = self.cond(t, self.standardize(features).to(x_t.dtype), m_prev)
+        img = features.float() if image_code else self.standardize(features)
+        c = self.cond(t, img.to(x_t.dtype), m_prev, image_code=image_code)
         masked = ~m_t.bool()
         ids = self.gene_ids.unsqueeze(0).expand(B, -1)
         h = self.backbone.embed(ids, x_t, masked)

@@ -57,7 +57,8 @@ def sample(model: HingeModel, features, *, n_samples: int = SAMPLER["n_samples"]
            reveal_steps: int | None = SAMPLER["reveal_steps"],
            batch_size: int | None = None, seed: int = 0, generator: torch.Generator | None = None,
            return_samples: bool = False, device: str | torch.device | None = None,
-           progress: Callable[[int, int], None] | None = None) -> SampleResult:
+           progress: Callable[[int, int], None] | None = None,
+           image_code: bool = False) -> SampleResult:
     """Sample ``n_samples`` expression vectors per spot.
 
     Parameters
@@ -85,6 +86,10 @@ def sample(model: HingeModel, features, *, n_samples: int = SAMPLER["n_samples"]
         Where to run (default: the model's device). bf16 autocast on CUDA.
     progress
         Called with ``(spots_done, n_spots)`` after each batch.
+    image_code
+        ``features`` are image codes (N, d_model) (:meth:`HingeModel.image_linear`'s last
+        d columns, as the dense slide path computes them); the prior is then left out (the
+        caller adds its own) and the result is ``residual_scale`` times the residual.
 
     Returns
     -------
@@ -99,7 +104,8 @@ def sample(model: HingeModel, features, *, n_samples: int = SAMPLER["n_samples"]
         batch_size = 1024 if device.type == "cuda" else 64
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    views = _as_views(features, model.config.feature_dim)
+    views = _as_views(features, model.cond.mlp_img[0].out_features if image_code
+                      else model.config.feature_dim)
     K, N, _ = views.shape
     G, S = model.n_genes, n_samples
     sched = model.schedule
@@ -109,6 +115,7 @@ def sample(model: HingeModel, features, *, n_samples: int = SAMPLER["n_samples"]
     was_training = model.training
     model.eval()
     stochastic = bool(model.config.predict_variance)
+    code_kw = {"image_code": True} if image_code else {}  # plain calls stay plain
     spots_per_batch = max(1, batch_size // S)
     means, stds, all_samples = [], [], []
     view_of = torch.arange(S) % K
@@ -129,10 +136,11 @@ def sample(model: HingeModel, features, *, n_samples: int = SAMPLER["n_samples"]
                 logvar = None
                 with autocast(device):
                     if stochastic:
-                        x0_hat, logvar = model(x, tt, m_next, m_t, feats, return_logvar=True)
+                        x0_hat, logvar = model(x, tt, m_next, m_t, feats, return_logvar=True,
+                                               **code_kw)
                         logvar = logvar.float()
                     else:
-                        x0_hat = model(x, tt, m_next, m_t, feats)
+                        x0_hat = model(x, tt, m_next, m_t, feats, **code_kw)
                 x0_hat = x0_hat.float()
                 reveal = m_next & ~m_t
                 value = x0_hat
@@ -145,9 +153,11 @@ def sample(model: HingeModel, features, *, n_samples: int = SAMPLER["n_samples"]
                     fresh = torch.zeros_like(x)
                 cond_mean = torch.where(reveal, x0_hat, cond_mean)
                 x = torch.where(m_t, x, torch.where(reveal, value, fresh))
-            # the prior of the mean of the standardised views
-            z = model.standardize(views[:, idx].to(device)).mean(0)
-            prior = model.prior_mean(z, standardized=True).float().cpu()
+            if image_code:  # the caller adds its own prior
+                prior = torch.zeros(n, G)
+            else:  # the prior of the mean of the standardised views
+                z = model.standardize(views[:, idx].to(device)).mean(0)
+                prior = model.prior_mean(z, standardized=True).float().cpu()
             lam = float(model.config.residual_scale) if model.config.prior else 1.0
             xs = x.view(n, S, G).cpu()
             mean = cond_mean.view(n, S, G).cpu().mean(1)

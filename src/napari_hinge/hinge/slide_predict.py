@@ -1,10 +1,14 @@
 """Whole-slide HINGE: predicted expression maps over all the tissue of a slide.
 
-Tissue mask -> tile grid at a chosen stride -> batched encoding (cached per batch of tile
-centres, so rerunning the same grid skips the encoder) -> S samples per tile -> a
-``genes x H x W`` mean raster and its per-gene standard deviation, with the scale and
-translation (µm) that place them on the slide. A generator of ProgressEvents, so the CLI shows
-a progress bar and the widget a progress bar with Cancel.
+Two paths, both generators of ProgressEvents (the CLI shows a progress bar, the widget a
+progress bar with Cancel) returning a :class:`SlidePrediction` (``genes x H x W`` mean and
+standard-deviation rasters with the scale and translation, µm, that place them on the slide):
+
+- :func:`predict_slide_dense_iter` (the default, ``defaults.SLIDE``): the encoder once over
+  the tissue (:mod:`napari_hinge.dense`), the model's prior at every 16 µm cell, HINGE's
+  samples every ``sample_stride_um`` interpolated, previews streamed as it goes;
+- :func:`predict_slide_iter`: tissue mask -> tile grid at a chosen stride -> batched
+  encoding (cached) -> S samples per tile.
 """
 
 from __future__ import annotations
@@ -31,10 +35,13 @@ class SlidePrediction:
     slide_path: str
     microns_per_pixel: float
     params: dict = field(default_factory=dict)
+    prior: np.ndarray | None = None  # (n_tiles, G) the model's deterministic prior (dense)
 
     def raster(self, which: str = "mean", genes: Sequence[str] | None = None) -> np.ndarray:
-        """(G', H, W) float32 raster of the mean or std; NaN off tissue."""
-        values = {"mean": self.mean, "std": self.std}[which]
+        """(G', H, W) float32 raster of the mean, std (or prior); NaN off tissue."""
+        values = {"mean": self.mean, "std": self.std, "prior": self.prior}[which]
+        if values is None:
+            raise ValueError(f"this prediction has no {which!r} values")
         idx = [self.genes.index(g) for g in genes] if genes else slice(None)
         return self.grid.to_raster(values[:, idx])
 
@@ -42,6 +49,28 @@ class SlidePrediction:
     def placement(self) -> dict:
         """``scale``/``translate`` (µm, row/col) of a raster pixel on the slide."""
         return self.grid.placement(self.microns_per_pixel)
+
+    def at(self, xy, which: str = "mean") -> np.ndarray:
+        """Values at level-0 (x, y) positions (N, 2): bilinear between map positions (a
+        neighbour off the tissue takes the nearest value on it; NaN where the nearest map
+        position is off the map): how a map is read at measured spots."""
+        from scipy.ndimage import distance_transform_edt, map_coordinates
+
+        raster = self.raster(which)
+        xy = np.asarray(xy, dtype=np.float64)
+        rows = (xy[:, 1] - self.grid.origin_xy[1]) / self.grid.stride_px
+        cols = (xy[:, 0] - self.grid.origin_xy[0]) / self.grid.stride_px
+        valid = np.isfinite(raster[0])
+        _, (ri, ci) = distance_transform_edt(~valid, return_indices=True)
+        filled = raster[:, ri, ci]
+        out = np.stack([map_coordinates(ch, [rows, cols], order=1, mode="nearest")
+                        for ch in filled], 1)
+        r, c = np.rint(rows).astype(int), np.rint(cols).astype(int)
+        inside = (r >= 0) & (r < valid.shape[0]) & (c >= 0) & (c < valid.shape[1])
+        on = np.zeros(len(xy), bool)
+        on[inside] = valid[r[inside], c[inside]]
+        out[~on] = np.nan
+        return out
 
     def to_adata(self):
         """Per-tile AnnData: X = mean, layers['std'], obsm['spatial'] in slide pixels, so
@@ -170,52 +199,45 @@ def predict_slide_iter(model, slide, *, stride_um: float | None = None,
 
 def write_ome_tiff(prediction: SlidePrediction, path: str | Path, *, which: str = "mean"
                    ) -> Path:
-    """The (genes, H, W) raster as an OME-TIFF with µm pixel size and gene channel names;
-    written atomically."""
-    import tifffile
+    """The (genes, H, W) raster as a pyramidal OME-TIFF with µm pixel size, origin and gene
+    channel names (:func:`napari_hinge.io.maps.write_map_ome_tiff`); written atomically."""
+    from napari_hinge.io.maps import write_map_ome_tiff
 
-    from napari_hinge.training import atomic_write
-
-    data = prediction.raster(which)
-    um = float(prediction.placement["scale"][0])
-    origin = prediction.placement["translate"]
-    metadata = {"axes": "CYX", "Channel": {"Name": list(prediction.genes)},
-                "PhysicalSizeX": um, "PhysicalSizeXUnit": "µm",
-                "PhysicalSizeY": um, "PhysicalSizeYUnit": "µm",
-                "Plane": {"PositionX": [origin[1]] * len(prediction.genes),
-                          "PositionY": [origin[0]] * len(prediction.genes),
-                          "PositionXUnit": ["µm"] * len(prediction.genes),
-                          "PositionYUnit": ["µm"] * len(prediction.genes)}}
-    path = Path(path)
-    return atomic_write(path, lambda tmp: tifffile.imwrite(
-        tmp, data, ome=True, metadata=metadata, compression="zlib",
-        photometric="minisblack"))
+    place = prediction.placement
+    return write_map_ome_tiff(prediction.raster(which), prediction.genes, place["scale"],
+                              place["translate"], path)
 
 
-SLIDE_OUTPUTS = ("maps.ome.tif", "uncertainty.ome.tif", "tiles.h5ad")
+SLIDE_OUTPUTS = ("maps.ome.tif", "uncertainty.ome.tif", "maps.ome.zarr", "uncertainty.ome.zarr",
+                 "tiles.h5ad")
 
 
 def write_slide_outputs(prediction: SlidePrediction, folder: str | Path) -> dict[str, str]:
-    """The files of ``predict-slide`` in ``folder``: the mean and the uncertainty rasters as
-    OME-TIFFs and the per-tile AnnData (each written atomically); returns name -> path."""
+    """The files of ``hinge predict-slide`` in ``folder``: the mean and the uncertainty rasters
+    as pyramidal OME-TIFFs (QuPath) and multiscale OME-Zarr (NGFF), and the per-tile AnnData
+    (each written atomically); returns name -> path."""
     from napari_hinge._files import atomic_write
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    maps, uncertainty, tiles_name = (folder / name for name in SLIDE_OUTPUTS)
+    maps, uncertainty, maps_zarr, uncertainty_zarr, tiles_name = (
+        folder / name for name in SLIDE_OUTPUTS)
     write_ome_tiff(prediction, maps)
     write_ome_tiff(prediction, uncertainty, which="std")
+    write_ome_zarr(prediction, maps_zarr)
+    write_ome_zarr(prediction, uncertainty_zarr, which="std")
     tiles = prediction.to_adata()
     atomic_write(tiles_name, lambda tmp: tiles.write_h5ad(tmp))
-    return {"maps": str(maps), "uncertainty": str(uncertainty), "tiles": str(tiles_name)}
+    return {"maps": str(maps), "uncertainty": str(uncertainty), "maps_zarr": str(maps_zarr),
+            "uncertainty_zarr": str(uncertainty_zarr), "tiles": str(tiles_name)}
 
 
 def compare_with_spots(prediction: SlidePrediction, adata
                        ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-    """The predicted map at measured spots (the tile whose cell holds each spot) against
-    their measurements.
+    """The predicted map read at measured spots (:meth:`SlidePrediction.at`: bilinear between
+    map positions) against their measurements.
 
-    Returns ``values`` (gene -> per-spot prediction, NaN where the map has no tile) and
+    Returns ``values`` (gene -> per-spot prediction, NaN where the map has no value) and
     ``scores`` (gene -> Pearson r over the spots with a value, for genes ``adata`` measures,
     on the log1p CP10k scale the model predicts).
     """
@@ -223,12 +245,10 @@ def compare_with_spots(prediction: SlidePrediction, adata
     from napari_hinge._layers import gene_values
     from napari_hinge.metrics import gene_pearson
 
-    rows, cols, inside = prediction.grid.grid.cell_of(adata.obsm[SPATIAL_KEY])
-    raster = prediction.raster("mean")
+    at_spots = prediction.at(np.asarray(adata.obsm[SPATIAL_KEY], dtype=float))
     values, scores = {}, {}
     for i, gene in enumerate(prediction.genes):
-        predicted = np.full(adata.n_obs, np.nan, np.float32)
-        predicted[inside] = raster[i, rows[inside], cols[inside]]
+        predicted = at_spots[:, i].astype(np.float32)
         values[gene] = predicted
         if gene in adata.var_names:
             ok = np.isfinite(predicted)
@@ -236,3 +256,288 @@ def compare_with_spots(prediction: SlidePrediction, adata
                 measured = gene_values(adata, gene)
                 scores[gene] = float(gene_pearson(predicted[ok, None], measured[ok, None])[0])
     return values, scores
+
+
+def write_ome_zarr(prediction: SlidePrediction, path: str | Path, *, which: str = "mean"
+                   ) -> Path:
+    """The (genes, H, W) raster as a multiscale OME-Zarr (NGFF 0.4) placed on the slide in
+    µm (:func:`napari_hinge.io.maps.write_map_ome_zarr`)."""
+    from napari_hinge.io.maps import write_map_ome_zarr
+
+    place = prediction.placement
+    return write_map_ome_zarr(prediction.raster(which), prediction.genes, place["scale"],
+                              place["translate"], path, name=f"hinge {which}")
+
+
+# ---------------------------------------------------------------------------------------------
+# dense maps
+
+
+def dense_projection(model, encoder, gene_idx) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(A_self, A_ctx, const)``: encoder cell features (F) -> the model's first affine
+    maps (prior of the genes ``gene_idx``, then the image code), with the shipped dense
+    adapter and the feature standardisation folded in. A cell's network value is
+    ``f @ A_self + mean_neighbours(f) @ A_ctx - section_mean + const``."""
+    from napari_hinge.dense import load_adapter
+
+    weight, bias = (t.double().numpy() for t in model.image_linear())
+    G = model.n_genes
+    keep = np.r_[np.asarray(gene_idx, int), np.arange(G, weight.shape[1])]
+    weight, bias = weight[:, keep], bias[keep]
+    # the network standardises its features itself: fold that in too
+    mean = model.feature_mean.detach().double().cpu().numpy()
+    std = model.feature_std.detach().double().cpu().numpy()
+    weight = weight / std[:, None]
+    bias = bias - mean @ weight
+    F = encoder.dim
+    halves = [weight[:F], weight[F:]] if model.config.context_um else [weight, None]
+    adapter = load_adapter(encoder)
+    if adapter is not None:
+        aw, ab = (np.asarray(a, np.float64) for a in adapter)
+        if not model.config.center_sections:  # centring removes the adapter's offset
+            bias = bias + sum(ab @ h for h in halves if h is not None)
+        halves = [None if h is None else aw @ h for h in halves]
+    return (halves[0].astype(np.float32),
+            None if halves[1] is None else halves[1].astype(np.float32),
+            bias.astype(np.float32))
+
+
+def _spread(values: np.ndarray, have: np.ndarray, on: np.ndarray) -> np.ndarray:
+    """Fill the ``on`` cells of (C, H, W) ``values`` that are not in ``have`` with the
+    nearest cell that is (a preview before every tile is encoded or sampled)."""
+    import torch
+    from scipy.ndimage import distance_transform_edt
+
+    if have.all() or not have.any():
+        return values
+    _, (ri, ci) = distance_transform_edt(~have, return_indices=True)
+    v = torch.from_numpy(np.ascontiguousarray(values))  # torch: no GIL held while indexing
+    out = v[:, torch.from_numpy(ri), torch.from_numpy(ci)]
+    return torch.where(torch.from_numpy(on)[None], out, v).numpy()
+
+
+def _smooth_upsample(values: np.ndarray, rows, cols, shape, step: int) -> np.ndarray:
+    """(N, C) values at lattice cells ``rows``/``cols`` (every ``step`` cells) -> (C, H, W)
+    over the cell grid, by normalised bilinear interpolation (cells beyond the sampled
+    ones take the nearest sampled value)."""
+    import torch
+    import torch.nn.functional as F
+
+    lr, lc = rows // step, cols // step
+    H, W = shape
+    lh, lw = (H + step - 1) // step + 1, (W + step - 1) // step + 1
+    lattice = np.zeros((values.shape[1], lh, lw), np.float32)
+    weight = np.zeros((lh, lw), np.float32)
+    lattice[:, lr, lc] = values.T
+    weight[lr, lc] = 1.0
+    lattice = _spread(lattice, weight > 0, np.ones_like(weight, bool))
+    # cell (r, c) sits at lattice coordinate ((r - step // 2) / step, ...): bilinear, clamped
+    gy = (torch.arange(H, dtype=torch.float32) - step // 2) / step
+    gx = (torch.arange(W, dtype=torch.float32) - step // 2) / step
+    gy = 2 * gy / max(lh - 1, 1) - 1
+    gx = 2 * gx / max(lw - 1, 1) - 1
+    grid = torch.stack(torch.meshgrid(gy, gx, indexing="ij")[::-1], dim=-1)[None]
+    out = F.grid_sample(torch.from_numpy(lattice)[None], grid, mode="bilinear",
+                        padding_mode="border", align_corners=True)
+    return out[0].numpy()
+
+
+def predict_slide_dense_iter(model, slide, *, stride_um: float | None = None,
+                             sample_stride_um: float | None = None,
+                             genes: Sequence[str] | None = None, n_samples: int | None = None,
+                             reveal_steps: int | None = None, seed: int = 0,
+                             mpp: float | None = None, min_tissue: float = 0.5,
+                             stop: StopToken | None = None, device=None,
+                             previews: bool = True,
+                             ) -> Generator[ProgressEvent, None, SlidePrediction | None]:
+    """Dense whole-slide maps: the encoder once over the tissue, HINGE's prior at every
+    16 µm cell, HINGE's samples (mean residual, calibrated uncertainty) every
+    ``sample_stride_um``, interpolated onto the map.
+
+    Yields 'step' events; with ``previews`` an event carries ``metrics['preview']``, a
+    :class:`SlidePrediction` of the map so far (the whole tissue from the first sixteenth of
+    the tiles on, refined as tiles and samples arrive), so a viewer can paint it in place.
+    Returns the final :class:`SlidePrediction` (``params['mode'] == 'dense'``), or the last
+    preview when stopped (what is painted stays).
+    """
+    import torch
+
+    from napari_hinge.dense import (
+        box_mean,
+        cell_geometry,
+        iter_cell_maps,
+        load_adapter,
+        neighbour_mean,
+        tiles_over,
+    )
+    from napari_hinge.device import default_device
+    from napari_hinge.io.slides import open_slide
+    from napari_hinge.tissue import TileGrid, tile_grid, tissue_mask
+
+    from .defaults import SLIDE
+    from .pipeline import (
+        SAMPLER,
+        calibrated_uncertainty,
+        resolve_encoder,
+        unknown_genes_message,
+    )
+    from .sampler import sample
+
+    n_samples = SAMPLER["slide_samples"] if n_samples is None else n_samples
+    reveal_steps = SAMPLER["reveal_steps"] if reveal_steps is None else reveal_steps
+    stride_um = SLIDE["stride_um"] if stride_um is None else float(stride_um)
+    sample_stride_um = SLIDE["sample_stride_um"] if sample_stride_um is None \
+        else float(sample_stride_um)
+    if not hasattr(slide, "levels"):
+        slide = open_slide(slide, mpp=mpp)
+    mpp = mpp or slide.microns_per_pixel
+    if not mpp:
+        raise ValueError(f"{slide.path}: the pixel size is unknown; pass mpp= (µm per pixel)")
+    all_genes = list(model.config.genes)
+    genes = list(genes) if genes else all_genes
+    unknown = [g for g in genes if g not in all_genes]
+    if unknown:
+        raise KeyError(unknown_genes_message(unknown, all_genes))
+    gene_idx = [all_genes.index(g) for g in genes]
+    G = len(genes)
+    device = default_device(device)
+    encoder = resolve_encoder(model.config.encoder).to(device)
+    geom = cell_geometry(encoder, slide.shape[:2], mpp)
+    cell_um = geom.stride_px * mpp
+    cells = tile_grid(tissue_mask(slide), slide.shape[:2], stride_px=geom.stride_px,
+                      min_tissue=min_tissue, origin_xy=geom.origin_xy, shape=geom.shape)
+    inside = (cells.centers_xy >= -0.5).all(1) & \
+        (cells.centers_xy[:, 0] < slide.shape[1] - 0.5) & \
+        (cells.centers_xy[:, 1] < slide.shape[0] - 0.5)  # the halo is not map
+    cells = TileGrid(centers_xy=cells.centers_xy[inside], rows=cells.rows[inside],
+                     cols=cells.cols[inside], shape=cells.shape, origin_xy=cells.origin_xy,
+                     stride_px=cells.stride_px)
+    on = np.zeros(geom.shape, bool)
+    on[cells.rows, cells.cols] = True
+    half = geom.window // 2
+    from scipy.ndimage import binary_dilation
+
+    need = binary_dilation(on, structure=np.ones((2 * half + 1, 2 * half + 1), bool))
+    tiles = tiles_over(need, geom)
+    a_self, a_ctx, const = dense_projection(model, encoder, gene_idx)
+    D = a_self.shape[1]
+    proj = torch.as_tensor(np.concatenate([a_self] + ([a_ctx] if a_ctx is not None else []),
+                                          1)).to(device)
+    # float16 around a per-channel offset (the first tile's mean): half the memory, and
+    # centring later subtracts values of similar size, not large raw ones
+    maps = np.zeros((proj.shape[1], *geom.shape), np.float16)
+    offset = None
+    have = np.zeros(geom.shape, bool)
+    k_out = max(1, int(np.floor(stride_um / cell_um + 1e-6)))
+    k_smp = max(1, int(round(sample_stride_um / cell_um)))
+    smp = (cells.rows % k_smp == k_smp // 2) & (cells.cols % k_smp == k_smp // 2)
+    s_rows, s_cols = cells.rows[smp], cells.cols[smp]
+    if not len(s_rows):  # a tissue sliver narrower than the sample stride
+        s_rows, s_cols = cells.rows[:1], cells.cols[:1]
+    model = model.to(device)
+    sample_batch = 8  # positions per sampler call: one progress event (and Cancel check) each
+    n_sample_batches = (len(s_rows) + sample_batch - 1) // sample_batch
+    total = len(tiles) + n_sample_batches
+    radius = (model.config.context_um or 0.0) / cell_um
+    calibrated = getattr(model, "calibration", None) is not None
+    params = {"mode": "dense", "stride_um": float(k_out * cell_um), "cell_um": float(cell_um),
+              "sample_stride_um": float(k_smp * cell_um), "patch_um": FIELD_OF_VIEW_UM,
+              "n_samples": n_samples, "reveal_steps": reveal_steps, "seed": seed,
+              "encoder": model.config.encoder, "min_tissue": min_tissue,
+              "value_transform": model.config.value_transform,
+              "context_um": model.config.context_um, "device": str(device),
+              "adapter": load_adapter(encoder) is not None,
+              "uncertainty": "calibrated sd" if calibrated else "raw sample spread"}
+    out_sel = (cells.rows % k_out == 0) & (cells.cols % k_out == 0)
+
+    out_grid = TileGrid(centers_xy=cells.centers_xy[out_sel], rows=cells.rows[out_sel] // k_out,
+                        cols=cells.cols[out_sel] // k_out,
+                        shape=((geom.shape[0] + k_out - 1) // k_out,
+                               (geom.shape[1] + k_out - 1) // k_out),
+                        origin_xy=geom.origin_xy, stride_px=geom.stride_px * k_out)
+    state = {"prior": None, "code": None, "residual": None, "std": None}
+
+    def network_values():
+        """(D, H, W) prior+code per cell from the encoded cells so far."""
+        pooled = np.empty(maps.shape, np.float32)
+        for k in range(0, len(maps), 64):  # channel chunks bound the float32 copies
+            pooled[k:k + 64] = box_mean(maps[k:k + 64].astype(np.float32), geom.window)
+        pooled += offset[:, None, None]
+        complete = box_mean(have[None].astype(np.float32), geom.window)[0] > 0.999
+        pooled = _spread(pooled, complete & on, on) if not complete[on].all() else pooled
+        y = pooled[:D]
+        if a_ctx is not None:
+            y = y + neighbour_mean(pooled[D:], on, radius)
+        if model.config.center_sections:
+            y = y - y[:, on].mean(1)[:, None, None]
+        return y + const[:, None, None]
+
+    def prediction(final: bool) -> SlidePrediction:
+        mean = state["prior"][:, cells.rows, cells.cols].T
+        std = np.full_like(mean, np.nan)  # no samples yet: no uncertainty to show
+        if state["residual"] is not None:
+            mean = mean + state["residual"][:, cells.rows, cells.cols].T
+            std = state["std"][:, cells.rows, cells.cols].T
+        p = dict(params, final=final)
+        prior = state["prior"][:, cells.rows, cells.cols].T
+        return SlidePrediction(genes=genes, mean=mean[out_sel].astype(np.float32),
+                               std=std[out_sel].astype(np.float32), grid=out_grid,
+                               slide_path=str(Path(slide.path)), microns_per_pixel=float(mpp),
+                               params=p, prior=prior[out_sel].astype(np.float32))
+
+    def stopped(step):
+        yield ProgressEvent("stopped", None, step, total)
+        return prediction(False) if state["prior"] is not None else None
+
+    # previews once every fourth tile in each direction is in (the whole tissue, coarse),
+    # then at a quarter, a half and three quarters
+    preview_at = {max(1, len(tiles) // 16)} | {round(len(tiles) * f) for f in (0.25, 0.5, 0.75)}
+    step = 0
+    for r0, c0, fmap in iter_cell_maps(slide, encoder, geom, tiles, device=device):
+        if stop is not None and stop.requested:
+            return (yield from stopped(step))
+        c, h, w = fmap.shape
+        projected = torch.einsum("chw,cd->dhw", fmap, proj).cpu().numpy()
+        if offset is None:
+            offset = projected.reshape(len(projected), -1).mean(1)
+        maps[:, r0:r0 + h, c0:c0 + w] = projected - offset[:, None, None]
+        have[r0:r0 + h, c0:c0 + w] = True
+        step += 1
+        metrics = {"phase": "encode", "tiles": step, "of": len(tiles)}
+        if previews and step in preview_at and step < len(tiles):
+            y = network_values()
+            state["prior"], state["code"] = y[:G], y[G:]
+            metrics["preview"] = prediction(False)
+        yield ProgressEvent("step", None, step, total, metrics=metrics)
+    y = network_values()
+    state["prior"], state["code"] = y[:G], y[G:]
+    maps = None  # the cell maps are no longer needed: free them before sampling
+    codes = state["code"][:, s_rows, s_cols].T.astype(np.float32)
+    res_mean = np.zeros((len(s_rows), G), np.float32)
+    res_std = np.zeros((len(s_rows), G), np.float32)
+    done = np.zeros(len(s_rows), bool)
+    # samples coarse-first too: a spread-out subset refines the whole map early
+    order = np.argsort(((s_rows // k_smp) % 4) * 4 + (s_cols // k_smp) % 4, kind="stable")
+    preview_b = {max(1, n_sample_batches // 4), max(1, n_sample_batches // 2)}
+    for b in range(n_sample_batches):
+        if stop is not None and stop.requested:
+            return (yield from stopped(step))
+        idx = order[b * sample_batch:(b + 1) * sample_batch]
+        res = sample(model, codes[idx], n_samples=n_samples, reveal_steps=reveal_steps,
+                     seed=seed + b, device=device, image_code=True)
+        m = res.mean.numpy()[:, gene_idx]
+        res_mean[idx] = m
+        res_std[idx] = res.std.numpy()[:, gene_idx]
+        done[idx] = True
+        step += 1
+        metrics = {"phase": "sample", "positions": int(done.sum()), "of": len(s_rows)}
+        if (previews and b + 1 in preview_b) or b + 1 == n_sample_batches:
+            full = state["prior"][:, s_rows[done], s_cols[done]].T + res_mean[done]
+            sd = calibrated_uncertainty(model, full, res_std[done], genes=genes)["std"]
+            both = _smooth_upsample(np.concatenate([res_mean[done], sd], 1), s_rows[done],
+                                    s_cols[done], geom.shape, k_smp)
+            state["residual"], state["std"] = both[:G], both[G:]
+            if b + 1 < n_sample_batches:
+                metrics["preview"] = prediction(False)
+        yield ProgressEvent("step", None, step, total, metrics=metrics)
+    return prediction(True)

@@ -241,7 +241,9 @@ class CondNet(nn.Module):
         self.mlp_mask = _mlp(n_genes, d_model)
 
     def forward(self, t: torch.Tensor, features: torch.Tensor,
-                m_prev: torch.Tensor) -> torch.Tensor:
+                m_prev: torch.Tensor, *, image_code: bool = False) -> torch.Tensor:
+        """``image_code``: ``features`` are already ``mlp_img[0](features)`` (the dense
+        slide path projects its feature maps through that linear layer once)."""
         temb = timestep_embedding(t, self.t_dim, self.max_period).to(features.dtype)
-        return (self.mlp_t(temb) + self.mlp_img(features)
-                + self.mlp_mask(m_prev.to(features.dtype)))
+        img = self.mlp_img[1:](features) if image_code else self.mlp_img(features)
+        return self.mlp_t(temb) + img + self.mlp_mask(m_prev.to(features.dtype))

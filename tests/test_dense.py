@@ -1,0 +1,190 @@
+"""Dense whole-slide maps on real H&E (a 1.4 mm crop of the shipped her2st C3 sample, the
+shipped HINGE): the encoder frame is the per-patch input, the projected dense map is the
+model's own prior on the same features, the maps stream previews and stop cleanly, and
+every written format reopens on its slide."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from napari_hinge.training import StopToken, run_to_end
+
+SAMPLE = "src/napari_hinge/sample_data/her2st_C3"
+GENES = ["ERBB2", "SCGB2A2", "CD74"]
+
+
+@pytest.fixture(scope="module")
+def section():
+    from napari_hinge.io.spatial import read_spatial
+
+    return read_spatial(SAMPLE)
+
+
+@pytest.fixture(scope="module")
+def model():
+    from napari_hinge.hinge.pipeline import load_model
+
+    return load_model("shipped")
+
+
+@pytest.fixture(scope="module")
+def crop(section, tmp_path_factory):
+    """A real 1000 x 1000 px crop (1.4 mm) of the C3 H&E around its spots' centre, as a file
+    with its pixel size, and the spots inside it (crop pixel coordinates)."""
+    from PIL import Image
+
+    meta = section.uns["napari_hinge"]
+    image = np.asarray(Image.open(meta["slide_path"]).convert("RGB"))
+    xy = np.asarray(section.obsm["spatial"], float)
+    cx, cy = np.median(xy, 0).astype(int)
+    x0, y0 = cx - 500, cy - 500
+    path = tmp_path_factory.mktemp("crop") / "c3_crop.png"
+    Image.fromarray(image[y0:y0 + 1000, x0:x0 + 1000]).save(path)
+    inside = (xy[:, 0] > x0 + 60) & (xy[:, 0] < x0 + 940) & (xy[:, 1] > y0 + 60) & \
+        (xy[:, 1] < y0 + 940)
+    return path, float(meta["microns_per_pixel"]), xy[inside] - [x0, y0]
+
+
+def drain(gen):
+    events = []
+    value, _ = run_to_end(gen, events.append)
+    return value, events
+
+
+def test_encoder_frame_is_the_per_patch_input(section):
+    """The dense reader resamples the slide exactly as a per-patch crop + resize does."""
+    from napari_hinge.dense import cell_geometry, read_encoder_frame
+    from napari_hinge.encoders import get_encoder
+    from napari_hinge.encoders.base import images_to_tensor
+    from napari_hinge.io.slides import open_slide
+    from napari_hinge.patches import spot_patches
+
+    meta = section.uns["napari_hinge"]
+    mpp = meta["microns_per_pixel"]
+    encoder = get_encoder("efficientnet-lite0")
+    slide = open_slide(meta["slide_path"], mpp=mpp)
+    geom = cell_geometry(encoder, slide.shape[:2], mpp)
+    side = int(round(112 / mpp))
+    for x, y in np.asarray(section.obsm["spatial"])[:5]:
+        patch = images_to_tensor(spot_patches(slide, [[x, y]], side_px=side), 224)[0]
+        x0, y0 = np.floor(x - side / 2 + 0.5), np.floor(y - side / 2 + 0.5)
+        frame = read_encoder_frame(slide, geom, int(round(x0 * geom.scale)),
+                                   int(round(y0 * geom.scale)), 224)
+        # same pixels up to the sub-pixel rounding of the crop's corner
+        assert (frame - patch).abs().mean() < 4.0
+        with torch.inference_mode():
+            a = encoder(((frame - 127) / 128)[None])[0]
+            b = encoder(((patch - 127) / 128)[None])[0]
+        assert np.corrcoef(a, b)[0, 1] > 0.98
+
+
+def test_dense_map_is_the_models_prior_on_dense_features(model, crop):
+    """The projected map (context, section centring, standardisation folded into the first
+    affine maps) equals the model's prior computed the ordinary way from the same dense
+    features at every map position."""
+    from napari_hinge.dense import encode_dense_at
+    from napari_hinge.hinge.pipeline import model_inputs, resolve_encoder
+    from napari_hinge.hinge.slide_predict import predict_slide_dense_iter
+
+    path, mpp, _ = crop
+    prediction, events = drain(predict_slide_dense_iter(
+        model, path, mpp=mpp, genes=GENES, sample_stride_um=1000, n_samples=1,
+        reveal_steps=1, previews=True))
+    assert prediction.params["mode"] == "dense" and prediction.params["final"]
+    assert prediction.params["stride_um"] <= 25
+    previews = [e.metrics["preview"] for e in events if "preview" in e.metrics]
+    assert previews and all(p.mean.shape == prediction.mean.shape for p in previews)
+    xy = prediction.grid.centers_xy
+    feats = encode_dense_at(path, xy, encoder=resolve_encoder(model.config.encoder),
+                            microns_per_pixel=mpp)
+    inputs = model_inputs(model, feats, xy * mpp)
+    with torch.no_grad():
+        prior = model.prior_mean(torch.as_tensor(inputs)).numpy()
+    idx = [model.config.genes.index(g) for g in GENES]
+    for k, i in enumerate(idx):
+        r = np.corrcoef(prior[:, i], prediction.prior[:, k])[0, 1]
+        assert r > 0.995, (GENES[k], r)
+        assert np.abs(prior[:, i] - prediction.prior[:, k]).mean() < 0.05
+    # the sampled residual moves the mean off the prior; the uncertainty is positive
+    assert not np.allclose(prediction.mean, prediction.prior)
+    assert (prediction.std > 0).all()
+
+
+def test_dense_map_stops_with_what_it_has(model, crop):
+    from napari_hinge.hinge.slide_predict import predict_slide_dense_iter
+
+    path, mpp, _ = crop
+    stop = StopToken()
+    gen = predict_slide_dense_iter(model, path, mpp=mpp, genes=GENES[:1], stop=stop)
+    events = []
+    while True:
+        try:
+            event = next(gen)
+        except StopIteration as done:
+            value = done.value
+            break
+        events.append(event)
+        if "preview" in event.metrics:
+            stop.request()
+    assert events[-1].kind == "stopped"
+    assert value is not None and not value.params["final"]  # the painted preview stays
+
+
+def test_written_maps_reopen_on_their_slide(model, crop, tmp_path):
+    from napari_hinge._reader import get_slide_reader, get_spatial_reader
+    from napari_hinge.hinge.slide_predict import (
+        predict_slide_dense_iter,
+        write_ome_tiff,
+        write_ome_zarr,
+    )
+    from napari_hinge.io.maps import read_map
+
+    path, mpp, _ = crop
+    prediction, _ = drain(predict_slide_dense_iter(
+        model, path, mpp=mpp, genes=GENES, sample_stride_um=1000, n_samples=1,
+        reveal_steps=1, previews=False))
+    place = prediction.placement
+    raster = prediction.raster("mean")
+    written = [write_ome_tiff(prediction, tmp_path / "maps.ome.tif"),
+               write_ome_zarr(prediction, tmp_path / "maps.ome.zarr")]
+    for out in written:
+        m = read_map(out)
+        assert m.names == GENES
+        np.testing.assert_allclose(m.scale, place["scale"], rtol=1e-6)
+        np.testing.assert_allclose(m.translate, place["translate"], rtol=1e-6, atol=1e-6)
+        np.testing.assert_array_equal(np.isnan(m.data), np.isnan(raster))
+        np.testing.assert_allclose(m.data[np.isfinite(m.data)], raster[np.isfinite(raster)])
+        reader = get_slide_reader(out) if out.is_file() else get_spatial_reader(out)
+        (data, kwargs, kind), = reader(out)
+        assert kind == "image" and kwargs["name"] == GENES
+        np.testing.assert_allclose(kwargs["translate"], place["translate"], atol=1e-6)
+    # the pyramid's coarser levels stay on the slide: level 1 pixel (0, 0) is centred at the
+    # mean of level 0's first 2 x 2 pixels
+    import zarr
+
+    group = zarr.open_group(str(written[1]), mode="r")
+    ts = group.attrs["multiscales"][0]["datasets"]
+    if len(ts) > 1:
+        t1 = ts[1]["coordinateTransformations"][1]["translation"]
+        assert t1[1] == pytest.approx(place["translate"][0] + place["scale"][0] / 2)
+
+
+def test_predict_slide_command_writes_dense_maps(crop, tmp_path):
+    """The CLI's default: the dense map, as pyramidal OME-TIFF and OME-Zarr, same values."""
+    from napari_hinge.cli import main
+    from napari_hinge.io.maps import read_map
+
+    path, mpp, _ = crop
+    rc = main(["predict-slide", str(path), "--mpp", f"{mpp}", "--genes", "ERBB2,CD74",
+               "--sample-stride", "1000", "--samples", "1", "--reveal-steps", "1",
+               "--out", str(tmp_path / "out")])
+    assert rc == 0
+    tif, zarr_map = read_map(tmp_path / "out" / "maps.ome.tif"), \
+        read_map(tmp_path / "out" / "maps.ome.zarr")
+    assert tif.names == zarr_map.names == ["ERBB2", "CD74"]
+    assert tif.scale[0] <= 25 and tif.scale == zarr_map.scale
+    np.testing.assert_allclose(tif.translate, zarr_map.translate, atol=1e-6)
+    np.testing.assert_array_equal(tif.data, zarr_map.data)
+    assert (tmp_path / "out" / "uncertainty.ome.zarr").is_dir()
