@@ -330,8 +330,12 @@ def main(argv=None) -> int:
     from napari_hinge.c2l.data import paired_spots
     from napari_hinge.encoders import get_encoder
     from napari_hinge.expression import select_gene_panel
-    from napari_hinge.hinge.pipeline import (coords_um_of, library_size, spot_features,
-                                             transform_values)
+    from napari_hinge.hinge.pipeline import (
+        coords_um_of,
+        library_size,
+        spot_features,
+        transform_values,
+    )
     from napari_hinge.io.spatial import read_her2st
     from napari_hinge.scfm import load_backbone
 

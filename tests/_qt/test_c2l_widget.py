@@ -77,7 +77,8 @@ def test_fill_a_drawn_region_adds_a_placed_mosaic(viewer_widget, qtbot, tmp_path
     from napari_hinge._widgets.hinge import HingeWidget
     from napari_hinge.c2l.pairs import load_pairs
 
-    train = HingeWidget(viewer).train
+    hinge = HingeWidget(viewer)  # held: its Train tab lives as long as the dock
+    train = hinge.train
     got = []
     widget.training_pairs.connect(got.append)
     widget.pairs_button.click()

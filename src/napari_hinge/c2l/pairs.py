@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -93,12 +94,12 @@ def load_pairs(path: str | os.PathLike) -> SyntheticPairs:
         raise InputError.at(path, "pairs file not found")
     try:
         z = np.load(path, allow_pickle=False)
+        if not hasattr(z, "files"):  # a bare .npy array
+            raise ValueError("one array, not an .npz archive of named fields")
         data = {k: z[k] for k in z.files}
-    except (OSError, ValueError, EOFError) as exc:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as exc:
+        # not a zip, a broken member, a pickled (object) array
         raise InputError.at(path, f"not a pairs .npz file ({exc})") from None
-    except Exception as exc:  # a zip with a broken member: zipfile/BadZipFile and friends
-        raise InputError.at(path, f"not a readable .npz file ({type(exc).__name__}: {exc})") \
-            from None
     for key in ("patches", "expression", "genes"):
         if key not in data:
             raise InputError.at(path, "missing (a pairs file holds patches, expression, genes)",
