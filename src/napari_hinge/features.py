@@ -147,8 +147,8 @@ def encode_patches(patches: np.ndarray, *, encoder, side_px: int | None = None,
     :data:`napari_hinge.patches.PATCH_UM`) at whatever pixel size it has; it is first resized
     (antialiased bilinear, the resampler real patches go through) to :func:`read_size` of
     ``side_px`` -- the pixels a real patch reaches the encoder with -- and then into the encoder,
-    which resizes both to its input. A 64 px C2L tile next to her2st spots (~190 px) is thus
-    upsampled to 190 px, then to 224, like the real patch. ``side_px=None``: straight into the
+    which resizes both to its input. A 64 px C2L tile next to her2st spots (163 px) is thus
+    upsampled to 163 px, then to 224, like the real patch. ``side_px=None``: straight into the
     encoder. uint8 ``(N, S, S, 3)`` -> float32 ``(N, dim)``.
     """
     from .patches import _resize
