@@ -30,8 +30,8 @@ Protocol (no leakage; every figure of the README's C2L tables comes from this sc
   rows only.
 - Predictors: the tuned ridge (alpha by inner folds) and HINGE (builtin backbone, ridge prior,
   ``--hinge-epochs``, one feature view, no validation split: every measured spot trains; mean
-  of 4 samples, 10 reveal steps) on the panel genes the backbone knows. Score: mean PCC over genes on the test spots; ratio to 100% real of the
-  same seed.
+  of 4 samples, 10 reveal steps) on the panel genes the backbone knows. Score: mean PCC over
+  genes on the test spots; ratio to 100% real of the same seed.
 - Realism: Frechet distance (``--pcs``-d PCA of the features, fitted on the measured real
   patches) between the held-out real patches at the unmeasured positions and each kind of tile,
   the central autoencoder's reconstructions of the measured patches (the floor of any latent

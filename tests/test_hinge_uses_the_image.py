@@ -11,7 +11,7 @@ import pytest
 from napari_hinge.baselines import TunedRidge
 from napari_hinge.encoders import get_encoder
 from napari_hinge.expression import load_her2st_sections, make_fold
-from napari_hinge.hinge.pipeline import fit_hinge_arrays, model_inputs
+from napari_hinge.hinge.pipeline import fit_hinge_arrays, model_inputs, standardized
 from napari_hinge.hinge.sampler import sample
 from napari_hinge.metrics import gene_pearson, interval_coverage
 from napari_hinge.training import run_to_end
@@ -39,9 +39,10 @@ def test_hinge_needs_the_image_and_keeps_up_with_a_ridge(fold):
     pcc = gene_pearson(res.mean.numpy(), fold.Y_test).mean()
 
     # the tuned ridge on exactly the inputs the network sees
-    train_inputs = model_inputs(model, fold.X_train, fold.coords_train, fold.groups_train)
+    train_inputs = standardized(model, model_inputs(model, fold.X_train, fold.coords_train,
+                                                    fold.groups_train))
     ridge = TunedRidge().fit(train_inputs, fold.Y_train, groups=fold.groups_train)
-    ridge_pcc = gene_pearson(ridge.predict(inputs), fold.Y_test).mean()
+    ridge_pcc = gene_pearson(ridge.predict(standardized(model, inputs)), fold.Y_test).mean()
 
     # the same training with each spot's features given to another spot
     perm = np.random.default_rng(0).permutation(len(fold.X_train))

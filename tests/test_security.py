@@ -159,9 +159,9 @@ def test_stmgac_resume(tmp_path, marker, shared_data):
 
     adata = read_her2st(shared_data / "her2st_subset", "C2", images=False)[:60]
     x = np.log1p(adata.X[:, :32].toarray())
-    path = write_payload(tmp_path / "ck.pt", marker)
+    path = write_payload(tmp_path / "last.pt", marker)
     gen = train_stmgac(x, knn_adjacency(adata.obsm["spatial"], 6), "legacy_st", n_domains=3,
-                       epochs=1, checkpoint=path, resume=True)
+                       epochs=1, checkpoint_dir=path.parent, resume=True)
     refused(lambda: next(gen), path, marker)
 
 
@@ -171,7 +171,7 @@ def _copy(src: Path, dst: Path) -> Path:
     return dst
 
 
-@pytest.mark.parametrize("target", ["model.safetensors", "feature_norm.safetensors"])
+@pytest.mark.parametrize("target", ["model.safetensors", "meta.json", "calibration.json"])
 def test_hinge_model_folder(tmp_path, marker, target):
     from napari_hinge.hinge.pipeline import load_model, shipped_model_dir
 

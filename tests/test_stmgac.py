@@ -230,18 +230,18 @@ def test_stop_request_honoured(crop_input, fast_preset, tmp_path):
     pre, adj = crop_input
     stop = StopToken()
     seen = []
-    gen = train_stmgac(pre.x, adj, fast_preset, n_domains=5, epochs=50, seed=0, stop=stop,
-                       checkpoint=tmp_path / "ck.pt")
+    gen = train_stmgac(pre.x, adj, fast_preset, n_domains=5, epochs=5, seed=0, stop=stop,
+                       checkpoint_dir=tmp_path)
     for ev in gen:
         seen.append(ev.kind)
-        if ev.kind == "epoch" and ev.epoch == 2:
+        if ev.kind == "epoch" and ev.epoch == 3:  # epochs count from 1
             stop.request()
     assert seen[-1] == "stopped" and seen.count("epoch") == 3
-    assert (tmp_path / "ck.pt").is_file()
+    assert (tmp_path / "last.pt").is_file()
     # Resuming from the checkpoint continues to the end.
     rest = list(train_stmgac(pre.x, adj, fast_preset, n_domains=5, epochs=5, seed=0,
-                             checkpoint=tmp_path / "ck.pt", resume=True))
-    assert [e.epoch for e in rest if e.kind == "epoch"] == [3, 4]
+                             checkpoint_dir=tmp_path, resume=True))
+    assert [e.epoch for e in rest if e.kind == "epoch"] == [4, 5]
 
 
 def test_domains_stop_writes_nothing(dlpfc_crop, fast_preset):

@@ -7,15 +7,34 @@ import contextlib
 import torch
 
 
-def default_device(prefer: str | None = None) -> torch.device:
-    """CUDA when present, else Apple MPS, else CPU (or ``prefer`` when given)."""
-    if prefer:
-        return torch.device(prefer)
+def default_device(device: str | torch.device | None = None) -> torch.device:
+    """The device rule of every trainer, sampler and CLI (``--device``): ``device`` when
+    given, else CUDA when present, else Apple MPS, else the CPU.
+
+    Raises
+    ------
+    ValueError
+        ``device`` names CUDA or MPS and this machine's torch has none.
+    """
+    if device is not None and str(device) != "":
+        dev = torch.device(device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {str(device)!r} was asked for but this torch sees no "
+                             "CUDA GPU; use --device cpu (or leave it out)")
+        if dev.type == "mps" and not _mps_available():
+            raise ValueError(f"device {str(device)!r} was asked for but Apple MPS is not "
+                             "available; use --device cpu (or leave it out)")
+        return dev
     if torch.cuda.is_available():
         return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+    if _mps_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def _mps_available() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    return mps is not None and mps.is_available()
 
 
 def autocast(device: torch.device):

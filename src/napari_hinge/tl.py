@@ -12,6 +12,7 @@ from collections.abc import Callable, Generator
 import numpy as np
 import pandas as pd
 
+from ._progress import ProgressEvent
 from .training import StopToken, TrainEvent
 
 # ----------------------------------------------------------------------------------------
@@ -69,7 +70,7 @@ def domains_iter(
     coords = _coords(adata, 1.0)
     adjacency = knn_adjacency(coords, p.k)
     pre = preprocess(adata, p, layer=layer)
-    dev = default_device(device) if device is not None else torch.device("cpu")
+    dev = default_device(device)
 
     trainer = train_stmgac(pre.x, adjacency, p, n_domains=n_domains, epochs=epochs, seed=seed,
                            stop=stop, device=dev)
@@ -133,7 +134,7 @@ def domains_iter(
     }
     counts = np.bincount(labels, minlength=n_domains)
     yield TrainEvent(
-        "done", summary.get("epochs", 1) - 1, summary.get("epochs", 1), summary.get("epochs", 1),
+        "done", summary.get("epochs", 1), summary.get("epochs", 1), summary.get("epochs", 1),
         final_loss, metrics={**summary, "domain_sizes": counts.tolist(), "result": target},
     )
     return target
@@ -249,7 +250,8 @@ def predict(adata, model="shipped", *, key_added: str = "hinge", progress: bool 
         return predict_spots(model, adata, key_added=key_added, **kwargs)
     with EventBar("HINGE", unit="spot") as bar:
         return predict_spots(model, adata, key_added=key_added,
-                             progress=lambda done, total: bar(TrainEvent("step", 0, done, total)),
+                             progress=lambda done, total: bar(
+                                 ProgressEvent("step", None, done, total)),
                              **kwargs)
 
 

@@ -1,12 +1,29 @@
 """What every trainer in the package shares: progress events, stop requests,
-seeding, RNG capture and atomic checkpoints.
+seeding, RNG capture, the device rule and atomic checkpoints that resume exactly.
 
-Trainers are generators: they ``yield`` a :class:`TrainEvent` after every
-optimisation step and at the end of every epoch, and check ``stop.requested``
-between steps. The command line prints the events with a progress bar; the
-napari widgets run the generator in a ``thread_worker`` and forward them to a
-progress bar and a loss plot. Cancelling never leaves a half-written file: the
-last good checkpoint stays on disk.
+The trainer contract (HINGE, STMGAC, the C2L models):
+
+- Trainers are generators: they ``yield`` a :class:`ProgressEvent` (``TrainEvent``) after
+  every optimisation step ('step') and at the end of every epoch ('epoch'; for the
+  step-based C2L trainers an epoch is one ``eval_every`` round), check ``stop.requested``
+  between steps ('stopped') and end with 'done'; the generator's return value is the model.
+- Numbering: ``epoch`` counts from 1 (the epoch being run, or just finished), ``step`` is
+  the number of optimiser steps done so far (the first 'step' event has ``step == 1``),
+  ``total_steps`` their total.
+- Checkpoints: ``checkpoint_dir/last.pt`` (:data:`CHECKPOINT_FILE`), written atomically.
+  ``resume=True`` continues it exactly (the same weights as an uninterrupted run); it needs
+  the file (FileNotFoundError), and a checkpoint written with other settings (another model,
+  data, split, seed or optimiser setting) is refused with an InputError naming them. Only the
+  run's length (:data:`EXTENDABLE`: ``epochs``/``steps``) may grow on a resume: the run goes
+  on to the new length along the same trajectory. Without ``resume`` an existing checkpoint is
+  never overwritten (FileExistsError).
+  :func:`open_checkpoint` is the one implementation.
+- Device: ``device=None`` takes CUDA, then Apple MPS, then the CPU
+  (:func:`napari_hinge.device.default_device`); every CLI has ``--device``.
+
+The command line prints the events with a progress bar; the napari widgets run the generator
+in a ``thread_worker`` and forward them to a progress bar and a loss plot. Cancelling never
+leaves a half-written file: the last good checkpoint stays on disk.
 """
 
 from __future__ import annotations
@@ -15,7 +32,6 @@ import os
 import random
 import re
 import threading
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,32 +39,14 @@ import numpy as np
 import torch
 
 from napari_hinge._files import atomic_write  # the one implementation; kept importable here
+from napari_hinge._progress import ProgressEvent
 from napari_hinge.errors import InputError
 
-
-@dataclass
-class TrainEvent:
-    """One progress record.
-
-    ``kind`` is 'step' (after an optimiser step), 'epoch' (end of epoch, with
-    validation figures when computed), 'stopped' (a stop request was honoured)
-    or 'done' (the run finished; ``metrics`` holds the final summary).
-    """
-
-    kind: str
-    epoch: int
-    step: int
-    total_steps: int
-    loss: float | None = None
-    val_loss: float | None = None
-    metrics: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def fraction(self) -> float:
-        return min(1.0, self.step / max(1, self.total_steps))
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+#: the name trainers give the event (the same type inference jobs yield)
+TrainEvent = ProgressEvent
+CHECKPOINT_FILE = "last.pt"
+#: settings a resume may change: the run's length (a longer run starts the same way)
+EXTENDABLE = ("epochs", "steps")
 
 
 class StopToken:
@@ -135,6 +133,75 @@ def _from_plain(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return type(obj)(_from_plain(v) for v in obj)
     return obj
+
+
+def open_checkpoint(checkpoint_dir: str | os.PathLike | None, *, resume: bool,
+                    settings: dict[str, Any]) -> tuple[Path | None, dict[str, Any] | None]:
+    """The trainer contract's checkpoint rules: ``(checkpoint path or None, the checkpoint
+    to resume from or None)``.
+
+    ``settings`` are what a run's trajectory depends on (model config, data split, seed,
+    length, optimiser settings); :func:`save_checkpoint` callers store them under
+    ``'settings'`` and a resume compares them key by key.
+    """
+    path = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir is not None else None
+    if resume and path is None:
+        raise ValueError("resume=True needs checkpoint_dir")
+    if not resume:
+        if path is not None and path.exists():
+            raise FileExistsError(f"{path} exists; pass resume=True (--resume) to continue "
+                                  "that run or choose another checkpoint folder")
+        return path, None
+    if not path.is_file():
+        raise FileNotFoundError(f"cannot resume: {path} does not exist")
+    state = load_checkpoint(path)
+    saved = state.get("settings")
+    if not isinstance(saved, dict):
+        raise InputError(f"{path}: a checkpoint without its run settings (written by an "
+                         "earlier napari-hinge); it cannot be resumed exactly", path=path)
+    differ = [k for k in sorted(set(saved) | set(settings)) if k not in EXTENDABLE
+              and _comparable(saved.get(k)) != _comparable(settings.get(k))]
+    if differ:
+        shown = "; ".join(f"{k}: checkpoint {_short(saved.get(k))}, now {_short(settings.get(k))}"
+                          for k in differ[:6])
+        raise InputError(f"{path} was written by a run with other settings ({shown}); resume "
+                         "with the same ones or start a new checkpoint folder", path=path,
+                         field=differ[0])
+    return path, state
+
+
+def data_fingerprint(*arrays) -> str:
+    """SHA-256 over arrays' dtypes, shapes and bytes: a run's settings name its data by it,
+    so a resume on other data is refused."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for a in arrays:
+        t = a.detach().cpu().numpy() if torch.is_tensor(a) else np.asarray(a)
+        t = np.ascontiguousarray(t)
+        h.update(f"{t.dtype}:{t.shape};".encode())
+        h.update(t.view(np.uint8).reshape(-1).data if t.size else b"")
+    return h.hexdigest()
+
+
+def _comparable(value: Any) -> Any:
+    """Settings as plain nested lists/dicts (tuples and arrays compare as lists)."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if torch.is_tensor(value):
+        return value.tolist()
+    if isinstance(value, dict):
+        return {k: _comparable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_comparable(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _short(value: Any) -> str:
+    text = repr(_comparable(value))
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:

@@ -1,6 +1,7 @@
 """One background-job panel shared by every widget that trains or predicts.
 
-The core yields :class:`~napari_hinge.training.TrainEvent` records from a generator and
+The core yields :class:`~napari_hinge._progress.ProgressEvent` records (trainers and
+inference jobs alike) from a generator and
 returns its result; this panel runs that generator in a napari ``thread_worker``, shows a
 determinate progress bar, a status line and (optionally) a live loss / validation curve,
 and cancels through a :class:`~napari_hinge.training.StopToken`: the core stops at its next
@@ -15,9 +16,10 @@ from typing import Any
 from qtpy.QtCore import Signal
 from qtpy.QtWidgets import QHBoxLayout, QLabel, QProgressBar, QPushButton, QVBoxLayout, QWidget
 
-from napari_hinge.training import StopToken, TrainEvent
+from napari_hinge._progress import ProgressEvent
+from napari_hinge.training import StopToken
 
-Job = Callable[[StopToken], Generator[TrainEvent, None, Any]]
+Job = Callable[[StopToken], Generator[ProgressEvent, None, Any]]
 
 
 def _drive(job: Job, stop: StopToken):
@@ -46,7 +48,7 @@ class LossPlot(QWidget):
         self.epochs: list[tuple[float, float]] = []
         self._draw()
 
-    def add(self, event: TrainEvent) -> None:
+    def add(self, event: ProgressEvent) -> None:
         x = event.step
         if event.kind == "step" and event.loss is not None:
             self.steps.append((x, event.loss))
@@ -101,7 +103,7 @@ class JobPanel(QWidget):
             layout.addWidget(self.plot)
         self.worker = None
         self.stop: StopToken | None = None
-        self.last_event: TrainEvent | None = None
+        self.last_event: ProgressEvent | None = None
 
     @property
     def running(self) -> bool:
@@ -137,12 +139,12 @@ class JobPanel(QWidget):
 
     # -- slots (GUI thread) ---------------------------------------------------------------
     def _on_event(self, event) -> None:
-        if not isinstance(event, TrainEvent):
+        if not isinstance(event, ProgressEvent):
             return
         self.last_event = event
         self.progress.setValue(int(1000 * event.fraction))
         parts = [f"step {event.step}/{event.total_steps}"]
-        if event.loss is not None or event.val_loss is not None:  # training: epochs mean something
+        if event.is_training:
             parts.insert(0, f"epoch {event.epoch}")
         if event.loss is not None:
             parts.append(f"loss {event.loss:.4g}")

@@ -5,9 +5,10 @@ A *central* diffusion model learns H&E morphology from unpaired patches
 *local* model freezes it and adds zero-initialised gene-conditioned FiLM, trained on a few paired
 spots of one slide (:mod:`~napari_hinge.c2l.local`). :mod:`~napari_hinge.c2l.fill` generates tiles
 over sparse regions; :mod:`~napari_hinge.c2l.pairs` holds them as training pairs (the
-``pairs.npz`` format, their encoding, their rows next to real spots); :mod:`~napari_hinge.c2l.train` holds the
-trainers (generators of TrainEvents); :mod:`~napari_hinge.c2l.schedule` the noise schedule and
-the DDIM sampler with classifier-free guidance.
+``pairs.npz`` format, their encoding, their rows next to real spots);
+:mod:`~napari_hinge.c2l.train` holds the trainers (generators of TrainEvents);
+:mod:`~napari_hinge.c2l.schedule` the noise schedule and the DDIM sampler with classifier-free
+guidance.
 """
 
 from __future__ import annotations

@@ -8,26 +8,25 @@ every caller cuts patches the way the model saw them) and, for a latent model, t
 patches of many slides; the local model (:mod:`napari_hinge.c2l.local`) freezes it and adds
 gene-conditioned modulation.
 
-Folder layout written by :meth:`CentralModel.save`: ``config.json`` and ``model.safetensors``.
+Folder layout written by :meth:`CentralModel.save`: ``config.json`` and ``model.safetensors``
+(:data:`FORMAT`, the :mod:`napari_hinge.persistence` contract).
 """
 
 from __future__ import annotations
 
-import json
 import os
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from napari_hinge.persistence import WEIGHTS_FILE, ModelFormat, config_from_dict, load_state_strict
+
 from .autoencoder import AutoencoderConfig, PatchAutoencoder
 from .schedule import NoiseSchedule, ddim_sample, from_uint8, to_uint8
 from .unet import UNet, UNetConfig
 
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
 SHIPPED = "shipped"
 
 
@@ -42,7 +41,6 @@ class CentralConfig:
     prediction: str = "v"
     #: latent model: the autoencoder whose code the UNet works on (None: pixel space)
     autoencoder: AutoencoderConfig | None = None
-    kind: str = "c2l-central"
 
     def __post_init__(self) -> None:
         if self.autoencoder is not None:
@@ -80,11 +78,11 @@ class CentralConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> CentralConfig:
-        data = dict(data)
-        unet = UNetConfig(**data.pop("unet", {}))
-        ae = data.pop("autoencoder", None)
-        known = {k: data[k] for k in ("timesteps", "patch_um", "prediction", "kind") if k in data}
-        return cls(unet=unet, autoencoder=AutoencoderConfig(**ae) if ae else None, **known)
+        """Strict: unknown keys raise :class:`~napari_hinge.errors.InputError`."""
+        return config_from_dict(cls, data, where="C2L central config")
+
+
+FORMAT = ModelFormat("c2l-central", 2, CentralConfig, title="C2L central")
 
 
 class CentralModel(nn.Module):
@@ -157,88 +155,25 @@ class CentralModel(nn.Module):
 
     # -- persistence ---------------------------------------------------------------------------
     def save(self, directory: str | os.PathLike, *, half: bool = False) -> Path:
-        """Write ``config.json`` + ``model.safetensors`` (atomically) into ``directory``;
-        ``half`` stores the floating-point tensors as float16 (half the size; reload the
-        folder to work with exactly what was written)."""
-        return save_module(self, self.config.to_dict(), directory, half=half)
+        """Write the model folder atomically (:data:`FORMAT`); ``half`` stores the
+        floating-point tensors as float16 (half the size; reload the folder to work with
+        exactly what was written)."""
+        state = self.state_dict()
+        if half:
+            state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+        return FORMAT.save(directory, self.config, state)
 
     @classmethod
     def load(cls, directory: str | os.PathLike = SHIPPED, *,
              map_location: str | torch.device = "cpu") -> CentralModel:
         """Load a folder written by :meth:`save`, or ``'shipped'`` for the packaged weights."""
         directory = shipped_central_dir() if str(directory) == SHIPPED else Path(directory)
-        config = read_config(directory, expect_kind="c2l-central")
-        model = cls(CentralConfig.from_dict(config))
-        load_weights(model, directory, map_location=map_location)
+        config, state = FORMAT.load(directory, device=str(map_location))
+        model = cls(config).to(map_location)
+        load_state_strict(model, state, directory / WEIGHTS_FILE)
         return model.eval()
 
 
 def shipped_central_dir() -> Path:
     """Folder of the shipped central weights."""
     return Path(__file__).resolve().parents[1] / "weights" / "c2l_central"
-
-
-# ---------------------------------------------------------------------------------------------
-# shared persistence helpers (the local model uses them too)
-
-
-def save_module(module: nn.Module, config: dict, directory: str | os.PathLike,
-                extra: dict[str, torch.Tensor] | None = None, half: bool = False,
-                subfolders: dict[str, Callable[[Path], object]] | None = None) -> Path:
-    """Write ``config.json`` + ``model.safetensors`` (and ``subfolders``: name -> a function
-    that saves into the path it is given) into a new folder beside ``directory``, then swap it
-    in (:func:`~napari_hinge._files.replace_dir`): the files always belong together, and a
-    kill or a full disk leaves the old model (or none) at the path, never a mix."""
-    from safetensors.torch import save_file
-
-    from napari_hinge._files import atomic_write_dir
-
-    state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
-    if extra:
-        state.update({k: v.detach().cpu().contiguous() for k, v in extra.items()})
-    if half:
-        state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
-
-    def write(tmp: Path) -> None:
-        for name, save in (subfolders or {}).items():
-            save(tmp / name)
-        save_file(state, str(tmp / WEIGHTS_FILE))
-        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
-
-    return atomic_write_dir(directory, write)
-
-
-def read_config(directory: Path, *, expect_kind: str) -> dict:
-    cfg_file = directory / CONFIG_FILE
-    if not directory.is_dir():
-        raise FileNotFoundError(f"C2L model folder not found: {directory}")
-    if not cfg_file.is_file() or not (directory / WEIGHTS_FILE).is_file():
-        raise FileNotFoundError(f"{directory}: not a C2L model folder (needs {CONFIG_FILE} and "
-                                f"{WEIGHTS_FILE})")
-    try:
-        config = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{cfg_file}: invalid JSON ({exc})") from exc
-    kind = config.get("kind")
-    if kind != expect_kind:
-        raise ValueError(f"{cfg_file}: a {kind!r} model, expected {expect_kind!r}")
-    return config
-
-
-def load_weights(module: nn.Module, directory: Path, *, map_location="cpu",
-                 strict: bool = True) -> dict[str, torch.Tensor]:
-    """Load ``model.safetensors`` into ``module``; returns the tensors not in the module."""
-    from napari_hinge.training import load_safetensors
-
-    state = load_safetensors(directory / WEIGHTS_FILE, device=str(map_location))
-    path = directory / WEIGHTS_FILE
-    own = set(module.state_dict())
-    extra = {k: v for k, v in state.items() if k not in own}
-    missing = own - set(state)
-    if strict and missing:
-        raise ValueError(f"{path}: missing {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
-    try:
-        module.load_state_dict({k: v for k, v in state.items() if k in own}, strict=strict)
-    except RuntimeError as exc:
-        raise ValueError(f"{path}: weights do not fit the configured network ({exc})") from exc
-    return extra

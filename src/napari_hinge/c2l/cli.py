@@ -36,7 +36,8 @@ def _train_args(p: argparse.ArgumentParser, steps: int, lr: float, ema: float) -
                    help="checkpoint folder (default: OUT.checkpoints)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
-    p.add_argument("--device", default=None, help="cpu, cuda, mps (default: best)")
+    p.add_argument("--device", default=None,
+                      help="cpu, cuda, mps (default: CUDA, then MPS, then the CPU)")
 
 
 def register(subparsers) -> None:
@@ -99,7 +100,8 @@ def register(subparsers) -> None:
     p.add_argument("--max-tiles", type=int, default=2000,
                    help="refuse regions that need more tiles than this (default 2000)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
-    p.add_argument("--device", default=None, help="cpu, cuda, mps (default: best)")
+    p.add_argument("--device", default=None,
+                      help="cpu, cuda, mps (default: CUDA, then MPS, then the CPU)")
     p.set_defaults(func=cmd_synthesize)
 
 

@@ -26,8 +26,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from napari_hinge._convention import META_KEY, SPATIAL_KEY
+from napari_hinge._progress import ProgressEvent
 from napari_hinge.patches import slide_path as slide_file
-from napari_hinge.training import StopToken, TrainEvent
+from napari_hinge.training import StopToken
 
 from .local import LocalModel
 
@@ -293,8 +294,8 @@ def fill_region_iter(local: LocalModel, slide, adata, *, region=None, n_spacings
                      max_tiles: int | None = 2000, batch_size: int = 32,
                      strength: float = 1.0, seamless: bool = True,
                      stop: StopToken | None = None, device=None
-                     ) -> Generator[TrainEvent, None, FillResult | None]:
-    """Generate synthetic tiles over a region; a generator of TrainEvents ('step' per
+                     ) -> Generator[ProgressEvent, None, FillResult | None]:
+    """Generate synthetic tiles over a region; a generator of ProgressEvents ('step' per
     denoising step of a batch, 'stopped' or 'done') whose value is a :class:`FillResult`
     (``None`` when stopped: nothing half-made is returned).
 
@@ -372,14 +373,14 @@ def fill_region_iter(local: LocalModel, slide, adata, *, region=None, n_spacings
     while True:
         if stop.requested:
             gen.close()
-            yield TrainEvent("stopped", 0, 0, total)
+            yield ProgressEvent("stopped", None, 0, total)
             return None
         try:
             done, total = next(gen)
         except StopIteration as fin:
             generated = fin.value
             break
-        yield TrainEvent("step", 0, done, total)
+        yield ProgressEvent("step", None, done, total)
     params = {"source": source, "guidance": float(guidance), "steps": int(steps),
               "seed": int(seed), "n_tiles": len(layout), "tile_side_px": side,
               "n_spacings": None if region is not None else float(n_spacings),
@@ -392,7 +393,7 @@ def fill_region_iter(local: LocalModel, slide, adata, *, region=None, n_spacings
                else generated)
     result = FillResult(assemble_mosaic(patches, layout), layout, patches, expression, genes,
                         mpp, params)
-    yield TrainEvent("done", 0, total, total, metrics={"n_tiles": len(layout)})
+    yield ProgressEvent("done", None, total, total, metrics={"n_tiles": len(layout)})
     return result
 
 

@@ -29,7 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .central import CentralModel, load_weights, read_config, save_module
+from napari_hinge.persistence import WEIGHTS_FILE, ModelFormat, config_from_dict, load_state_strict
+
+from .central import CentralModel
 from .schedule import ddim_sample_iter, from_uint8, to_uint8
 
 CENTRAL_SUBDIR = "central"
@@ -44,15 +46,17 @@ class LocalConfig:
     cond_drop: float = 0.1
     #: where the central weights came from ('shipped' or a folder); informational
     central_ref: str = "shipped"
-    kind: str = "c2l-local"
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> LocalConfig:
-        names = {"genes", "hidden", "cond_drop", "central_ref", "kind"}
-        return cls(**{k: v for k, v in data.items() if k in names})
+        """Strict: unknown keys raise :class:`~napari_hinge.errors.InputError`."""
+        return config_from_dict(cls, data, where="C2L local config")
+
+
+FORMAT = ModelFormat("c2l-local", 2, LocalConfig, title="C2L local")
 
 
 class LocalModel(nn.Module):
@@ -192,18 +196,19 @@ class LocalModel(nn.Module):
         return {k: v for k, v in self.state_dict().items() if not k.startswith("central.")}
 
     def save(self, directory: str | os.PathLike) -> Path:
-        # one folder swap for the central copy and the adapter: they never mismatch
-        return save_module(_Adapter(self), self.config.to_dict(), directory,
-                           subfolders={CENTRAL_SUBDIR: self.central.save})
+        """Write the adapter (:data:`FORMAT`) with a copy of the central model in
+        ``central/``, in one atomic folder swap: the two never mismatch."""
+        return FORMAT.save(directory, self.config, self.state_for_save(),
+                           write_extra=lambda tmp: self.central.save(tmp / CENTRAL_SUBDIR))
 
     @classmethod
     def load(cls, directory: str | os.PathLike, *,
              map_location: str | torch.device = "cpu") -> LocalModel:
         directory = Path(directory)
-        config = LocalConfig.from_dict(read_config(directory, expect_kind="c2l-local"))
+        config, state = FORMAT.load(directory, device=str(map_location))
         central = CentralModel.load(directory / CENTRAL_SUBDIR, map_location=map_location)
-        model = cls(central, config)
-        load_weights(_Adapter(model), directory, map_location=map_location)
+        model = cls(central, config).to(map_location)
+        load_state_strict(_Adapter(model), state, directory / WEIGHTS_FILE)
         return model.eval()
 
 
@@ -219,7 +224,7 @@ def no_grad_model(model):
 
 
 class _Adapter(nn.Module):
-    """A view of a local model's own tensors (everything but ``central.*``), for saving."""
+    """A view of a local model's own tensors (everything but ``central.*``), for loading."""
 
     def __init__(self, model: LocalModel):
         super().__init__()

@@ -11,10 +11,12 @@
 Both draw random batches with a random dihedral flip/rotation per batch (H&E has no preferred
 orientation), keep an exponential moving average (EMA) of the trained weights (what a diffusion
 model should sample with), yield 'step' after every optimiser step and 'epoch' every
-``eval_every`` steps with a validation loss on a fixed held-out set (fixed noise and
-timesteps, so the curve is comparable across steps), check ``stop.requested`` between steps,
-and write atomic checkpoints (``checkpoint_dir/last.pt``) that resume exactly. The generator's
-return value is the model with the EMA weights loaded.
+``eval_every`` steps (an epoch here is one such round, numbered from 1) with a validation loss
+on a fixed held-out set (fixed noise and timesteps, so the curve is comparable across steps),
+check ``stop.requested`` between steps, and write atomic checkpoints
+(``checkpoint_dir/last.pt``) that resume exactly: the trainer contract of
+:mod:`napari_hinge.training` (numbering, resume rules, device rule). The generator's return
+value is the model with the EMA weights loaded.
 """
 
 from __future__ import annotations
@@ -26,10 +28,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from napari_hinge.device import default_device
 from napari_hinge.training import (
     StopToken,
     TrainEvent,
-    load_checkpoint,
+    open_checkpoint,
     rng_state,
     save_checkpoint,
     seed_everything,
@@ -47,8 +50,6 @@ from .central import CentralModel
 from .data import dihedral_torch
 from .local import LocalModel
 from .schedule import from_uint8
-
-CHECKPOINT = "last.pt"
 
 
 class EMA:
@@ -80,29 +81,42 @@ def _split(n: int, val_count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return np.sort(order[val_count:]), np.sort(order[:val_count])
 
 
+def _run(n_train: int, steps: int, batch_size: int, lr: float, ema_decay: float, seed: int,
+         eval_every: int) -> dict:
+    """The settings every C2L trainer passes to :func:`_loop` (and records in checkpoints)."""
+    return {"n_train": int(n_train), "steps": int(steps), "batch_size": int(batch_size),
+            "lr": float(lr), "ema_decay": float(ema_decay), "seed": int(seed),
+            "eval_every": int(eval_every)}
+
+
+def _open(checkpoint_dir, resume: bool, kind: str, config: dict, run: dict,
+          **more) -> tuple[Path | None, dict | None, dict]:
+    """The checkpoint path, the state to resume (or None) and the run's settings, checked
+    against the checkpoint's (:func:`napari_hinge.training.open_checkpoint`)."""
+    settings = {"kind": kind, "config": config, **run, **more}
+    path, state = open_checkpoint(checkpoint_dir, resume=resume, settings=settings)
+    return path, state, settings
+
+
 def _loop(*, model, trainable: dict[str, torch.nn.Parameter], loss_fn: Callable, n_train: int,
           val_loss_fn: Callable | None, steps: int, batch_size: int, lr: float,
           weight_decay: float, ema_decay: float, seed: int, eval_every: int,
-          checkpoint_dir, resume: bool, stop: StopToken | None, device,
-          extra_state: dict, companions: dict | None = None
-          ) -> Generator[TrainEvent, None, None]:
-    """The shared loop. ``companions``: other stateful objects ``loss_fn`` updates itself (a
-    critic and its optimiser), saved in and restored from the checkpoints with the rest."""
+          checkpoint: Path | None, state: dict | None, settings: dict,
+          stop: StopToken | None, extra_state: dict | None = None,
+          companions: dict | None = None) -> Generator[TrainEvent, None, None]:
+    """The shared loop; ``state`` is the checkpoint to resume (from :func:`_open`).
+    ``companions``: other stateful objects ``loss_fn`` updates itself (a critic and its
+    optimiser), saved in and restored from the checkpoints with the rest."""
     companions = companions or {}
     stop = stop or StopToken()
+    resume = state is not None
     seed_everything(seed)
     opt = torch.optim.AdamW(list(trainable.values()), lr=lr, weight_decay=weight_decay)
     ema = EMA(trainable, ema_decay)
     start = 0
-    ckpt = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir is not None else None
+    ckpt = checkpoint
     history: list[dict] = []
     if resume:
-        if ckpt is None or not ckpt.is_file():
-            raise FileNotFoundError(f"resume: no checkpoint at {ckpt}")
-        state = load_checkpoint(ckpt)
-        if state.get("kind") != extra_state.get("kind"):
-            raise ValueError(f"{ckpt}: a {state.get('kind')!r} checkpoint, expected "
-                             f"{extra_state.get('kind')!r}")
         with torch.no_grad():
             for k, p in trainable.items():
                 p.copy_(state["params"][k])
@@ -117,12 +131,9 @@ def _loop(*, model, trainable: dict[str, torch.nn.Parameter], loss_fn: Callable,
     g = torch.Generator()
     g.manual_seed(seed * 7919)
     rng = np.random.default_rng(seed * 31)
-    if resume and "generator" in state:
+    if resume:
         g.set_state(state["generator"])
         rng.bit_generator.state = state["numpy_generator"]
-    elif resume:  # a checkpoint without generator states: continue on fresh streams
-        g.manual_seed(seed * 7919 + start)
-        rng = np.random.default_rng(seed * 31 + start)
 
     def save(step: int) -> None:
         if ckpt is None:
@@ -133,11 +144,11 @@ def _loop(*, model, trainable: dict[str, torch.nn.Parameter], loss_fn: Callable,
                                "generator": g.get_state(),
                                "numpy_generator": rng.bit_generator.state,
                                "companions": {k: v.state_dict() for k, v in companions.items()},
-                               **extra_state})
+                               "settings": settings, **(extra_state or {})})
 
     losses: list[float] = []
     t0 = time.perf_counter()
-    epoch = start // max(1, eval_every)
+    epoch = start // max(1, eval_every) + 1  # the eval round under way, from 1
     step = start
     for step in range(start, steps):
         if stop.requested:
@@ -174,7 +185,7 @@ def _loop(*, model, trainable: dict[str, torch.nn.Parameter], loss_fn: Callable,
             epoch += 1
     _load_ema(trainable, ema)
     last = history[-1] if history else {}
-    yield TrainEvent("done", epoch, steps, steps, last.get("loss"), last.get("val_loss"),
+    yield TrainEvent("done", len(history), steps, steps, last.get("loss"), last.get("val_loss"),
                      metrics={"history": history, "steps": steps, "seed": seed,
                               "batch_size": batch_size, "lr": lr, "ema_decay": ema_decay,
                               "seconds": time.perf_counter() - t0})
@@ -217,7 +228,7 @@ def train_autoencoder(model: PatchAutoencoder, patches: np.ndarray, *, steps: in
     its code statistics on (up to ``stats_count``) training patches. Returns the model with
     the EMA weights."""
     patches = _check_patches(patches, model.config.image_size)
-    device = torch.device(device) if device is not None else torch.device("cpu")
+    device = default_device(device)
     model.to(device)
     train_idx, val_idx = _split(len(patches), val_count, seed)
     data = from_uint8(patches[train_idx])
@@ -231,13 +242,13 @@ def train_autoencoder(model: PatchAutoencoder, patches: np.ndarray, *, steps: in
         with torch.no_grad():
             return float(image_loss(model.decoder(model.encoder(val_x)), val_x))
 
+    run = _run(len(data), steps, batch_size, lr, ema_decay, seed, eval_every)
+    ckpt, state, settings = _open(checkpoint_dir, resume, "c2l-autoencoder",
+                                  model.config.to_dict(), run)
     trainable = dict(model.named_parameters())
-    yield from _loop(model=model, trainable=trainable, loss_fn=loss_fn, n_train=len(data),
-                     val_loss_fn=val_loss_fn if val_x is not None else None, steps=steps,
-                     batch_size=batch_size, lr=lr, weight_decay=0.0, ema_decay=ema_decay,
-                     seed=seed, eval_every=eval_every, checkpoint_dir=checkpoint_dir,
-                     resume=resume, stop=stop, device=device,
-                     extra_state={"kind": "c2l-autoencoder", "config": model.config.to_dict()})
+    yield from _loop(model=model, trainable=trainable, loss_fn=loss_fn,
+                     val_loss_fn=val_loss_fn if val_x is not None else None, weight_decay=0.0,
+                     checkpoint=ckpt, state=state, settings=settings, stop=stop, **run)
     model.eval()
     pick = np.random.default_rng(seed).permutation(len(data))[:stats_count]
     model.set_latent_stats(data[np.sort(pick)].to(device))
@@ -275,7 +286,7 @@ def refine_decoder(model: PatchAutoencoder, patches: np.ndarray, *, steps: int =
     trades pixel accuracy for sharpness). Returns the autoencoder with the EMA decoder.
     """
     patches = _check_patches(patches, model.config.image_size)
-    device = torch.device(device) if device is not None else torch.device("cpu")
+    device = default_device(device)
     model.to(device)
     model.encoder.requires_grad_(False)
     model.decoder.requires_grad_(True)
@@ -314,16 +325,17 @@ def refine_decoder(model: PatchAutoencoder, patches: np.ndarray, *, steps: int =
         with torch.no_grad():
             return float(image_loss(model.decoder(model.encoder(val_x)), val_x))
 
+    run = _run(len(data), steps, batch_size, lr, ema_decay, seed, eval_every)
+    ckpt, state, settings = _open(checkpoint_dir, resume, "c2l-decoder", model.config.to_dict(),
+                                  run, critic_lr=float(critic_lr),
+                                  adversarial_weight=float(adversarial_weight),
+                                  critic_warmup=int(critic_warmup))
     trainable = {f"decoder.{n}": p for n, p in model.decoder.named_parameters()}
-    yield from _loop(model=model, trainable=trainable, loss_fn=loss_fn, n_train=len(data),
-                     val_loss_fn=val_loss_fn if val_x is not None else None, steps=steps,
-                     batch_size=batch_size, lr=lr, weight_decay=0.0, ema_decay=ema_decay,
-                     seed=seed, eval_every=eval_every, checkpoint_dir=checkpoint_dir,
-                     resume=resume, stop=stop, device=device,
-                     extra_state={"kind": "c2l-decoder", "config": model.config.to_dict(),
-                                  "adversarial_weight": adversarial_weight},
+    yield from _loop(model=model, trainable=trainable, loss_fn=loss_fn,
+                     val_loss_fn=val_loss_fn if val_x is not None else None, weight_decay=0.0,
+                     checkpoint=ckpt, state=state, settings=settings, stop=stop,
                      companions={"critic": critic, "critic_optimizer": critic_opt,
-                                 "decoder_steps": decoder_steps})
+                                 "decoder_steps": decoder_steps}, **run)
     model.requires_grad_(False)
     return model.eval()
 
@@ -341,16 +353,18 @@ def train_central(model: CentralModel, patches: np.ndarray, *, steps: int = 2000
     needs nothing else. Returns (as the generator's value) the model with the EMA weights.
     """
     patches = _check_patches(patches, model.config.image_size)
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    model.to(device)
+    device = default_device(device)
+    train_idx, val_idx = _split(len(patches), val_count, seed)
+    run = _run(len(train_idx), steps, batch_size, lr, ema_decay, seed, eval_every)
+    ckpt, state, settings = _open(checkpoint_dir, resume, "c2l-central", model.config.to_dict(),
+                                  run, weight_decay=float(weight_decay))
     frozen = {}
     if model.autoencoder is not None:
-        if resume and checkpoint_dir is not None and (Path(checkpoint_dir) / CHECKPOINT).is_file():
-            state = load_checkpoint(Path(checkpoint_dir) / CHECKPOINT)
+        if state is not None:
             model.autoencoder.load_state_dict(state["autoencoder"])
         frozen = {"autoencoder": {k: v.detach().cpu()
                                   for k, v in model.autoencoder.state_dict().items()}}
-    train_idx, val_idx = _split(len(patches), val_count, seed)
+    model.to(device)
     data = from_uint8(patches[train_idx])
     val_x = (model.encode(from_uint8(patches[val_idx]).to(device)) if len(val_idx)
              else None)
@@ -364,13 +378,10 @@ def train_central(model: CentralModel, patches: np.ndarray, *, steps: int = 2000
         return _fixed_val_loss(model, val_x, seed)
 
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    yield from _loop(model=model, trainable=trainable, loss_fn=loss_fn, n_train=len(data),
-                     val_loss_fn=val_loss_fn if val_x is not None else None, steps=steps,
-                     batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-                     ema_decay=ema_decay, seed=seed, eval_every=eval_every,
-                     checkpoint_dir=checkpoint_dir, resume=resume, stop=stop, device=device,
-                     extra_state={"kind": "c2l-central", "config": model.config.to_dict(),
-                                  **frozen})
+    yield from _loop(model=model, trainable=trainable, loss_fn=loss_fn,
+                     val_loss_fn=val_loss_fn if val_x is not None else None,
+                     weight_decay=weight_decay, checkpoint=ckpt, state=state,
+                     settings=settings, stop=stop, extra_state=frozen, **run)
     return model.eval()
 
 
@@ -391,14 +402,16 @@ def train_local(model: LocalModel, patches: np.ndarray, expression: np.ndarray, 
                          f"model's genes, got {expression.shape}")
     if len(patches) < 2:
         raise ValueError("local adaptation needs at least 2 paired spots")
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    model.to(device)
+    device = default_device(device)
     train_idx, val_idx = _split(len(patches), val_count, seed)
-    if not resume:
+    run = _run(len(train_idx), steps, batch_size, lr, ema_decay, seed, eval_every)
+    ckpt, state, settings = _open(checkpoint_dir, resume, "c2l-local", model.config.to_dict(),
+                                  run, weight_decay=float(weight_decay))
+    model.to(device)
+    if state is None:
         model.set_expression_stats(expression[train_idx])
-    elif checkpoint_dir is not None and (Path(checkpoint_dir) / CHECKPOINT).is_file():
-        state = load_checkpoint(Path(checkpoint_dir) / CHECKPOINT)
-        if "expr_mean" in state:
+    else:
+        with torch.no_grad():
             model.expr_mean.copy_(state["expr_mean"])
             model.expr_std.copy_(state["expr_std"])
     data, cond = from_uint8(patches[train_idx]), torch.as_tensor(expression[train_idx])
@@ -415,13 +428,11 @@ def train_local(model: LocalModel, patches: np.ndarray, expression: np.ndarray, 
         return _fixed_val_loss(model, val_x, seed, val_c)
 
     trainable = {n: p for n, p in model.named_parameters() if not n.startswith("central.")}
-    yield from _loop(model=model, trainable=trainable, loss_fn=loss_fn, n_train=len(data),
-                     val_loss_fn=val_loss_fn if val_x is not None else None, steps=steps,
-                     batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-                     ema_decay=ema_decay, seed=seed, eval_every=eval_every,
-                     checkpoint_dir=checkpoint_dir, resume=resume, stop=stop, device=device,
-                     extra_state={"kind": "c2l-local", "config": model.config.to_dict(),
-                                  "expr_mean": model.expr_mean.cpu(),
-                                  "expr_std": model.expr_std.cpu()})
+    yield from _loop(model=model, trainable=trainable, loss_fn=loss_fn,
+                     val_loss_fn=val_loss_fn if val_x is not None else None,
+                     weight_decay=weight_decay, checkpoint=ckpt, state=state,
+                     settings=settings, stop=stop,
+                     extra_state={"expr_mean": model.expr_mean.cpu(),
+                                  "expr_std": model.expr_std.cpu()}, **run)
     return model.eval()
 

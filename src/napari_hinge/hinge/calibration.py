@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from napari_hinge.errors import InputError
+
 CALIBRATION_FILE = "calibration.json"
 LEVELS = (0.8, 0.95)
 _GAUSS_MAD = 0.6744897501960817  # median |z| of a standard normal
@@ -78,10 +80,13 @@ class Calibration:
         path = Path(directory) / CALIBRATION_FILE
         if not path.is_file():
             return None
+        from napari_hinge.persistence import read_json
+
         try:
-            cal = cls(**json.loads(path.read_text()))
-        except (json.JSONDecodeError, TypeError) as exc:
-            raise ValueError(f"{path} is not a valid calibration file: {exc}") from exc
+            cal = cls(**read_json(path))
+        except TypeError as exc:
+            raise InputError(f"{path} is not a valid calibration file: {exc}",
+                             path=path) from exc
         n = len(cal.genes)
         values = [*cal.scale, *cal.floor, *cal.multipliers.values()]
         if len(cal.scale) != n or len(cal.floor) != n or not all(

@@ -40,7 +40,8 @@ def _sampler_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="sampler seed (same seed, same maps)")
     parser.add_argument("--augment", action="store_true",
                         help="sample over the 8 dihedral views of each patch")
-    parser.add_argument("--device", default=None, help="cpu, cuda, mps (default: best)")
+    parser.add_argument("--device", default=None,
+                           help="cpu, cuda, mps (default: CUDA, then MPS, then the CPU)")
 
 
 def register(subparsers) -> None:
@@ -87,7 +88,8 @@ def register(subparsers) -> None:
                    help="checkpoint folder (default: OUT.checkpoints)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT model")
-    p.add_argument("--device", default=None, help="cpu, cuda, mps (default: best)")
+    p.add_argument("--device", default=None,
+                      help="cpu, cuda, mps (default: CUDA, then MPS, then the CPU)")
     p.set_defaults(func=cmd_train)
 
     p = subparsers.add_parser("predict", help="predict expression on spots with HINGE")
@@ -220,9 +222,11 @@ def cmd_train(args) -> int:
 
 
 def _load(spec: str, device):
+    from napari_hinge.device import default_device
+
     from .pipeline import load_model
 
-    return load_model(spec, map_location=device or "cpu")
+    return load_model(spec, map_location=default_device(device))
 
 
 def _predict(args, adata):

@@ -10,10 +10,16 @@ exactly as the backbone's own forward does. At initialisation the model reproduc
 (see :mod:`napari_hinge.hinge.softadaln`). The mask schedule lives in
 :mod:`napari_hinge.hinge.schedule`, the sampler in :mod:`napari_hinge.hinge.sampler`.
 
-A saved model folder holds ``config.json`` (:class:`HingeConfig`: genes, image encoder name,
-feature size, backbone reference, schedule), ``model.safetensors`` (the trainable part only),
-``meta.json`` (parameter counts, backbone digest) and, unless the backbone is a named shipped
-one, ``backbone/`` (its config, vocabulary and weights).
+The network standardises its image features itself (``feature_mean`` / ``feature_std``
+buffers, set from the training features by :meth:`HingeModel.set_feature_norm`): callers pass
+the features as the encoder (plus neighbour context) made them.
+
+A saved model folder (:data:`FORMAT`, the :mod:`napari_hinge.persistence` contract) holds
+``config.json`` (kind, version, weights digest and :class:`HingeConfig`: genes, image encoder
+name, feature size, backbone reference, schedule), ``model.safetensors`` (the trainable part and
+the feature standardisation), ``meta.json`` (parameter counts, backbone digest),
+``calibration.json`` when the model has an interval calibration and, unless the backbone is a
+named shipped one, ``backbone/`` (a saved backbone folder).
 """
 
 from __future__ import annotations
@@ -26,17 +32,17 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
-from napari_hinge._files import atomic_write_dir
-from napari_hinge.scfm.base import GeneTokenBackbone, save_backbone
+from napari_hinge.errors import InputError
+from napari_hinge.persistence import CONFIG_FILE, ModelFormat, read_json
+from napari_hinge.scfm.base import BACKBONE_FORMAT, GeneTokenBackbone, save_backbone
 from napari_hinge.training import load_safetensors
 
 from .schedule import MaskSchedule
 from .softadaln import CondNet, ModulatedDecoder, SoftAdaLNBlock
 
-FORMAT_VERSION = 1
+META_FILE = "meta.json"
 # Registry names whose weights ship with the package: a saved model refers to them by name.
 NAMED_BACKBONES = ("builtin",)
 PRIORS = (None, "ridge")
@@ -135,6 +141,9 @@ def state_digest(module: nn.Module) -> str:
     return h.hexdigest()
 
 
+FORMAT = ModelFormat("hinge", 2, HingeConfig, title="HINGE")
+
+
 class HingeModel(nn.Module):
     """Frozen backbone + CondNet + SoftAdaLN-wrapped blocks + modulated value decoder.
 
@@ -188,6 +197,11 @@ class HingeModel(nn.Module):
         self.register_buffer("extra_positions", (~in_vocab).nonzero().flatten(),
                              persistent=False)
         self.extra_gene_offset = nn.Parameter(torch.zeros(len(extra), d)) if extra else None
+        # the training features' statistics (identity until set_feature_norm): saved with the
+        # weights, so no caller has to remember to standardise
+        self.register_buffer("feature_mean", torch.zeros(config.feature_dim))
+        self.register_buffer("feature_std", torch.ones(config.feature_dim))
+        self.calibration = None  # a hinge.calibration.Calibration, saved with the model
         if config.prior is not None:
             self.register_buffer("prior_weight", torch.zeros(config.feature_dim, config.n_genes))
             self.register_buffer("prior_bias", torch.zeros(config.n_genes))
@@ -233,11 +247,35 @@ class HingeModel(nn.Module):
     def n_genes(self) -> int:
         return self.config.n_genes
 
-    def prior_mean(self, features: torch.Tensor) -> torch.Tensor:
-        """The deterministic prior (B, G) of (B, F) network features; zeros without a prior."""
+    @torch.no_grad()
+    def set_feature_norm(self, mean, std) -> None:
+        """Install the (F,) mean and std that standardise the features inside the network."""
+        m = torch.as_tensor(mean, dtype=torch.float32).reshape(-1)
+        s = torch.as_tensor(std, dtype=torch.float32).reshape(-1)
+        if m.shape != self.feature_mean.shape or s.shape != self.feature_std.shape:
+            raise ValueError(f"feature statistics of size {m.numel()}/{s.numel()}; the model "
+                             f"takes {self.config.feature_dim} features")
+        if not (torch.isfinite(m).all() and torch.isfinite(s).all() and (s > 0).all()):
+            raise ValueError("feature statistics must be finite with a positive std")
+        self.feature_mean.copy_(m)
+        self.feature_std.copy_(s)
+
+    def standardize(self, features: torch.Tensor) -> torch.Tensor:
+        """``(features - feature_mean) / feature_std`` (float32): what the network sees."""
+        f = torch.as_tensor(features)
+        if f.shape[-1] != self.config.feature_dim:
+            raise ValueError(f"features have {f.shape[-1]} channels; the model expects "
+                             f"{self.config.feature_dim} ({self.config.encoder})")
+        f = f.to(self.feature_mean.device, torch.float32)
+        return (f - self.feature_mean) / self.feature_std
+
+    def prior_mean(self, features: torch.Tensor, *, standardized: bool = False) -> torch.Tensor:
+        """The deterministic prior (B, G) of (B, F) features (already passed through
+        :meth:`standardize` when ``standardized``); zeros without a prior."""
         if self.config.prior is None:
             return features.new_zeros(features.shape[0], self.n_genes)
-        return torch.addmm(self.prior_bias, features.float(), self.prior_weight)
+        z = features.float() if standardized else self.standardize(features)
+        return torch.addmm(self.prior_bias, z, self.prior_weight)
 
     def set_prior(self, weight, bias) -> None:
         """Install the prior's (F, G) weight and (G,) bias (fitted outside the network)."""
@@ -286,13 +324,13 @@ class HingeModel(nn.Module):
             (B, G) bool observed masks after and before this step; ``m_prev`` conditions, ``~m_t``
             selects the masked tokens.
         features
-            (B, F) image features.
+            (B, F) image features (standardised inside, :meth:`standardize`).
         """
         B = x_t.shape[0]
         t = torch.as_tensor(t, device=x_t.device)
         if t.ndim == 0:
             t = t.expand(B)
-        c = self.cond(t, features.to(x_t.dtype), m_prev)
+        c = self.cond(t, self.standardize(features).to(x_t.dtype), m_prev)
         masked = ~m_t.bool()
         ids = self.gene_ids.unsqueeze(0).expand(B, -1)
         h = self.backbone.embed(ids, x_t, masked)
@@ -311,7 +349,8 @@ class HingeModel(nn.Module):
 
     # -- save / load ----------------------------------------------------------------------
     def save(self, directory: str | os.PathLike, *, include_backbone: bool | None = None) -> Path:
-        """Write the model folder atomically (a temporary folder renamed into place).
+        """Write the model folder atomically (:data:`FORMAT`; with ``calibration.json`` when
+        the model has a calibration).
 
         ``include_backbone=None`` saves the backbone weights unless ``config.backbone_ref`` names
         a shipped backbone (:data:`NAMED_BACKBONES`).
@@ -319,55 +358,58 @@ class HingeModel(nn.Module):
         directory = Path(directory)
         if include_backbone is None:
             include_backbone = self.config.backbone_ref not in NAMED_BACKBONES
+        meta = {"backbone_digest": state_digest(self.backbone),
+                "backbone_saved": bool(include_backbone), **self.param_counts()}
 
-        def write(tmp: Path) -> None:
-            (tmp / "config.json").write_text(json.dumps(asdict(self.config), indent=2))
-            state = {k: v.detach().cpu().contiguous()
-                     for k, v in self.trainable_state_dict().items()}
-            save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-            meta = {"format_version": FORMAT_VERSION,
-                    "backbone_digest": state_digest(self.backbone),
-                    "backbone_saved": bool(include_backbone), **self.param_counts()}
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        def write_extra(tmp: Path) -> None:
+            (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+            if self.calibration is not None:
+                self.calibration.save(tmp)
             if include_backbone and not _reuse_backbone(directory, meta["backbone_digest"],
                                                         tmp / "backbone"):
                 _save_backbone(self.backbone, tmp / "backbone")
 
         # a kill at any moment leaves a loadable model; a full disk names the folder
-        return atomic_write_dir(directory, write)
+        return FORMAT.save(directory, self.config, self.trainable_state_dict(),
+                           write_extra=write_extra)
 
     @classmethod
     def load(cls, directory: str | os.PathLike, *, backbone: GeneTokenBackbone | None = None,
              map_location: str | torch.device = "cpu") -> HingeModel:
-        """Rebuild a saved model bit-identically.
+        """Rebuild a saved model bit-identically (with its feature standardisation and
+        calibration).
 
         The backbone structure comes from ``backbone`` when given, else from
         ``load_backbone(folder/'backbone')`` or ``load_backbone(config.backbone_ref)``; saved
         backbone weights, when present, then overwrite it. The backbone digest recorded at save
-        time is checked (ValueError on a mismatch: other weights than the model was trained on).
+        time is checked (InputError on a mismatch: other weights than the model was trained on).
         """
+        from .calibration import Calibration
+
         directory = Path(directory)
-        for name in ("config.json", "model.safetensors", "meta.json"):
-            if not (directory / name).is_file():
-                raise FileNotFoundError(f"{directory / name} is missing: not a saved HINGE model")
-        try:
-            config = HingeConfig(**json.loads((directory / "config.json").read_text()))
-            meta = json.loads((directory / "meta.json").read_text())
-        except (json.JSONDecodeError, TypeError) as exc:
-            raise ValueError(f"{directory} holds an invalid config.json/meta.json: {exc}") from exc
+        config, state = FORMAT.load(directory)
+        meta_path = directory / META_FILE
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"{meta_path} is missing: not a saved HINGE model")
+        meta = read_json(meta_path)
         saved = directory / "backbone"
         if backbone is None:
             backbone = _resolve_backbone(saved, config.backbone_ref, directory)
-        if (saved / "model.safetensors").is_file():
-            state = load_safetensors(saved / "model.safetensors")
-            backbone.load_state_dict(state, strict=True)
+        elif (saved / "model.safetensors").is_file():
+            BACKBONE_FORMAT.read_envelope(saved)  # the saved weights must be this format too
+            backbone.load_state_dict(load_safetensors(saved / "model.safetensors"), strict=True)
         digest = state_digest(backbone)
         if digest != meta.get("backbone_digest"):
-            raise ValueError(f"the backbone for {directory} differs from the one the model was "
+            raise InputError(f"the backbone for {directory} differs from the one the model was "
                              f"saved with (digest {digest[:12]} != "
-                             f"{str(meta.get('backbone_digest'))[:12]})")
+                             f"{str(meta.get('backbone_digest'))[:12]})", path=directory)
         model = cls(backbone, config)
-        model.load_trainable_state_dict(load_safetensors(directory / "model.safetensors"))
+        try:
+            model.load_trainable_state_dict(state)
+        except KeyError as exc:
+            raise InputError(f"{directory / 'model.safetensors'}: {exc.args[0]}",
+                             path=directory) from exc
+        model.calibration = Calibration.load(directory)
         return model.to(map_location)
 
 
@@ -382,11 +424,13 @@ def _reuse_backbone(old: Path, digest: str, new: Path) -> bool:
     """Hard-link the backbone files of an earlier save of the same backbone (e.g. ``best/``
     rewritten every epoch) instead of writing gigabytes again; False when there is none."""
     try:
-        meta = json.loads((old / "meta.json").read_text())
-    except (OSError, json.JSONDecodeError):
+        meta = json.loads((old / META_FILE).read_text())
+        src = old / "backbone"
+        version = json.loads((src / CONFIG_FILE).read_text()).get("version")
+    except (OSError, ValueError, AttributeError):  # no earlier save to reuse
         return False
-    src = old / "backbone"
-    if meta.get("backbone_digest") != digest or not (src / "model.safetensors").is_file():
+    if meta.get("backbone_digest") != digest or not (src / "model.safetensors").is_file() \
+            or version != BACKBONE_FORMAT.version:
         return False
     if not all(f.is_file() for f in src.iterdir()):
         return False

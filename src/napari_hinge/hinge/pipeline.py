@@ -14,8 +14,8 @@ The glue a user calls (and the command line, the widgets and the benchmark build
   :mod:`napari_hinge.metrics`.
 
 Image features are standardised with the training mean/std before they reach the network (the
-raw EfficientNet features span two orders of magnitude per channel); the statistics are part of
-the model folder (``feature_norm.safetensors``, written by :func:`save_model`).
+raw EfficientNet features span two orders of magnitude per channel); the statistics are buffers
+of the model (:meth:`HingeModel.set_feature_norm`), applied inside it and saved with its weights.
 """
 
 from __future__ import annotations
@@ -41,7 +41,6 @@ DEFAULT_ENCODER = "efficientnet-lite0"
 DEFAULT_BACKBONE = "builtin"
 SHIPPED_MODEL = "shipped"
 MIN_UMI = 100
-FEATURE_NORM_FILE = "feature_norm.safetensors"
 VALUE_TRANSFORMS = ("log1p_cp10k", "log2p1")
 
 
@@ -247,25 +246,6 @@ def feature_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return f.mean(0).astype(np.float32), np.where(std > 1e-6, std, 1.0).astype(np.float32)
 
 
-def set_feature_norm(model: HingeModel, mean, std) -> None:
-    """Attach the standardisation applied to features before :meth:`HingeModel.forward`."""
-    model.feature_norm = (torch.as_tensor(np.asarray(mean, np.float32)),
-                          torch.as_tensor(np.asarray(std, np.float32)))
-
-
-def normalize_features(model: HingeModel, features) -> np.ndarray:
-    """Features as the network sees them (standardised when the model carries statistics)."""
-    f = np.asarray(features, dtype=np.float32)
-    if f.shape[-1] != model.config.feature_dim:
-        raise ValueError(f"features have {f.shape[-1]} channels; the model expects "
-                         f"{model.config.feature_dim} ({model.config.encoder})")
-    norm = getattr(model, "feature_norm", None)
-    if norm is None:
-        return f
-    mean, std = (t.numpy() for t in norm)
-    return ((f - mean) / std).astype(np.float32)
-
-
 def unknown_genes_message(unknown: Sequence[str], panel: Sequence[str]) -> str:
     """'N genes are not predicted by this model: ... (did you mean ...); it predicts: ...'."""
     import difflib
@@ -286,7 +266,7 @@ def model_inputs(model: HingeModel, features, coords_um=None, groups=None,
                  synthetic=None) -> np.ndarray:
     """Encoder features ``(N, F)`` / ``(K, N, F)`` -> what the network takes: with the
     neighbour context the model was trained with (``coords_um`` (N, 2) in µm needed then),
-    standardised.
+    centred per section when the model was (the network standardises them itself).
 
     ``synthetic`` (bool, N) marks synthetic C2L pairs among training rows. Their context is
     the mean of the *real* spots around their position in the same group (NaN coordinates:
@@ -305,7 +285,14 @@ def model_inputs(model: HingeModel, features, coords_um=None, groups=None,
                              reference=real)
     if model.config.center_sections:
         f = center_per_group(f, centring_groups(groups, synthetic, f.shape[-2]))
-    return normalize_features(model, f)
+    return f
+
+
+def standardized(model: HingeModel, inputs) -> np.ndarray:
+    """:func:`model_inputs` as the network sees them (its feature standardisation applied), for
+    fitting or scoring a baseline on exactly the network's inputs."""
+    with torch.no_grad():
+        return model.standardize(torch.as_tensor(np.asarray(inputs, np.float32))).cpu().numpy()
 
 
 def centring_groups(groups, synthetic, n: int):
@@ -343,22 +330,13 @@ def calibrated_uncertainty(model: HingeModel, mean, raw_std, genes=None) -> dict
 
 
 def save_model(model: HingeModel, directory: str | os.PathLike) -> Path:
-    """:meth:`HingeModel.save` plus the feature standardisation (``feature_norm.safetensors``)."""
-    from safetensors.torch import save_file
-
-    from napari_hinge.training import atomic_write
+    """Write a model folder (:meth:`HingeModel.save`: weights, feature standardisation and
+    calibration, atomically), and ``training_data.json`` (real vs synthetic rows)."""
+    from napari_hinge._files import atomic_write
 
     directory = model.save(directory)
-    norm = getattr(model, "feature_norm", None)
-    if norm is not None:
-        state = {"mean": norm[0].contiguous(), "std": norm[1].contiguous()}
-        atomic_write(directory / FEATURE_NORM_FILE,
-                     lambda tmp: save_file(state, str(tmp)))
-    calibration = getattr(model, "calibration", None)
-    if calibration is not None:
-        calibration.save(directory)
     mix = getattr(model, "training_data", None)
-    if mix is not None:  # real vs synthetic rows, for the record (never read back as code)
+    if mix is not None:  # for the record (never read back as code)
         atomic_write(directory / "training_data.json",
                      lambda tmp: Path(tmp).write_text(json.dumps(mix, indent=2)))
     return directory
@@ -371,21 +349,12 @@ def shipped_model_dir() -> Path:
 
 def load_model(path_or_name: str | os.PathLike = SHIPPED_MODEL, *,
                map_location: str | torch.device = "cpu") -> HingeModel:
-    """Load a model folder (or ``'shipped'``) with its feature standardisation."""
-    from napari_hinge.training import load_safetensors
-
+    """Load a model folder (or ``'shipped'``) with its feature standardisation and
+    calibration (:meth:`HingeModel.load`)."""
     path = shipped_model_dir() if str(path_or_name) == SHIPPED_MODEL else Path(path_or_name)
     if not path.is_dir():
         raise FileNotFoundError(f"HINGE model folder not found: {path}")
-    model = HingeModel.load(path, map_location=map_location)
-    norm = path / FEATURE_NORM_FILE
-    if norm.is_file():
-        state = load_safetensors(norm)
-        set_feature_norm(model, state["mean"], state["std"])
-    from .calibration import Calibration
-
-    model.calibration = Calibration.load(path)
-    return model.eval()
+    return HingeModel.load(path, map_location=map_location).eval()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -428,7 +397,8 @@ def fit_hinge_arrays(features, targets, genes: Sequence[str], *, encoder: str = 
     reached 0.62), ``ada_rank=32`` (low-rank SoftAdaLN heads; ``None`` = the paper's full
     heads) and standardised image features (``standardize``). With
     ``checkpoint_dir`` the final model is saved to ``checkpoint_dir/final`` (with
-    :func:`save_model`); ``best/`` holds the best-validation weights.
+    :func:`save_model`); ``best/`` holds the best-validation weights. A resumed run keeps the
+    milestones of its checkpoint unless ``milestones`` is given (so ``epochs`` may grow).
 
     ``synthetic`` (bool, N) marks synthetic pairs (C2L tiles, :func:`napari_hinge.c2l.
     load_pairs`): their inputs follow :func:`model_inputs`; they weigh ``synthetic_weight`` in
@@ -436,7 +406,7 @@ def fit_hinge_arrays(features, targets, genes: Sequence[str], *, encoder: str = 
     real spots only. The model records the mix (``model.training_data``, saved by
     :func:`save_model` as ``training_data.json``).
     """
-    from .train import split_groups, train_hinge
+    from .train import checkpoint_milestones, split_groups, train_hinge
 
     features = np.asarray(features, dtype=np.float32)
     targets = np.asarray(targets, np.float32)
@@ -463,9 +433,9 @@ def fit_hinge_arrays(features, targets, genes: Sequence[str], *, encoder: str = 
                             context_um=context_um, prior=prior,
                             predict_variance=predict_variance, center_sections=center_sections,
                             residual_scale=residual_scale, **config)
-        if standardize:  # statistics of the features as the network sees them
-            set_feature_norm(model, *feature_stats(model_inputs(model, features, coords_um,
-                                                                groups, mark)[:, real]))
+        if standardize:  # statistics of the features as the network takes them (real rows)
+            model.set_feature_norm(*feature_stats(model_inputs(model, features, coords_um,
+                                                               groups, mark)[:, real]))
         model.init_extra_genes(targets[real])
     inputs = model_inputs(model, features, coords_um, groups, mark)
     prior_values = None
@@ -480,6 +450,9 @@ def fit_hinge_arrays(features, targets, genes: Sequence[str], *, encoder: str = 
         for g in np.unique(labels):
             sel = labels == g
             prior_values[sel] += (targets[sel] - oof[sel]).mean(0)
+    if milestones is None and resume and checkpoint_dir is not None:
+        # a resumed run keeps its schedule, also when it is made longer (--epochs)
+        milestones = checkpoint_milestones(checkpoint_dir)
     if milestones is None:
         milestones = tuple(sorted({max(1, round(epochs * f)) for f in (20 / 40, 35 / 40)}))
     gen = train_hinge(model, inputs, targets,
@@ -506,9 +479,6 @@ def fit_hinge_arrays(features, targets, genes: Sequence[str], *, encoder: str = 
                 done.metrics["calibration_spots"] = int(len(val_idx))
             if checkpoint_dir is not None:
                 save_model(model.cpu(), Path(checkpoint_dir) / "final")
-                if (Path(checkpoint_dir) / "best").is_dir():
-                    save_model(_with_norm_of(Path(checkpoint_dir) / "best", model),
-                               Path(checkpoint_dir) / "best")
         yield event
     model.train_summary = done.metrics if done is not None else None
     return model.cpu().eval()
@@ -525,7 +495,7 @@ def fit_ridge_prior(model: HingeModel, inputs, targets, groups=None, *, sample_w
     (smoother training features than the test's)."""
     from napari_hinge.baselines import TunedRidge
 
-    ridge = TunedRidge().fit(np.asarray(inputs)[0], targets, groups=groups,
+    ridge = TunedRidge().fit(standardized(model, np.asarray(inputs)[0]), targets, groups=groups,
                              sample_weight=sample_weight, score_rows=score_rows)
     model.set_prior(*ridge.linear_map())
     return ridge
@@ -548,14 +518,6 @@ def calibrate_on(model: HingeModel, inputs, targets, prior_values=None, *, n_sam
             own = model.prior_mean(torch.as_tensor(view[0])).numpy()
         mean = mean - own + prior_values
     return fit_calibration(mean, res.std.numpy(), targets, model.config.genes)
-
-
-def _with_norm_of(folder: Path, model: HingeModel) -> HingeModel:
-    best = HingeModel.load(folder, backbone=model.backbone)
-    norm = getattr(model, "feature_norm", None)
-    if norm is not None:
-        set_feature_norm(best, *norm)
-    return best
 
 
 def _as_pairs(pairs):

@@ -142,7 +142,9 @@ def sample(model: HingeModel, features, *, n_samples: int = 8, reveal_steps: int
                     fresh = torch.zeros_like(x)
                 cond_mean = torch.where(reveal, x0_hat, cond_mean)
                 x = torch.where(m_t, x, torch.where(reveal, value, fresh))
-            prior = model.prior_mean(views[:, idx].mean(0).to(device)).float().cpu()
+            # the prior of the mean of the standardised views
+            z = model.standardize(views[:, idx].to(device)).mean(0)
+            prior = model.prior_mean(z, standardized=True).float().cpu()
             lam = float(model.config.residual_scale) if model.config.prior else 1.0
             xs = x.view(n, S, G).cpu()
             mean = cond_mean.view(n, S, G).cpu().mean(1)

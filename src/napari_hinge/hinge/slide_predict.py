@@ -3,7 +3,7 @@
 Tissue mask -> tile grid at a chosen stride -> batched encoding (cached per batch of tile
 centres, so rerunning the same grid skips the encoder) -> S samples per tile -> a
 ``genes x H x W`` mean raster and its per-gene standard deviation, with the scale and
-translation (µm) that place them on the slide. A generator of TrainEvents, so the CLI shows
+translation (µm) that place them on the slide. A generator of ProgressEvents, so the CLI shows
 a progress bar and the widget a progress bar with Cancel.
 """
 
@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from napari_hinge.training import StopToken, TrainEvent
+from napari_hinge._progress import ProgressEvent
+from napari_hinge.training import StopToken
 
 PATCH_UM = 112.0  # the HINGE/Stem patch: max(spot diameter, 112 µm); tiles have no spot
 
@@ -71,7 +72,7 @@ def predict_slide_iter(model, slide, *, stride_um: float | None = None,
                        reveal_steps: int | None = None, batch_tiles: int = 64, seed: int = 0,
                        mpp: float | None = None, min_tissue: float = 0.5,
                        stop: StopToken | None = None, cache: bool = True,
-                       ) -> Generator[TrainEvent, None, SlidePrediction | None]:
+                       ) -> Generator[ProgressEvent, None, SlidePrediction | None]:
     """Predict ``genes`` (default: all the model's) on a tile grid over the tissue.
 
     Parameters
@@ -129,7 +130,7 @@ def predict_slide_iter(model, slide, *, stride_um: float | None = None,
     feats = None
     for b in range(n_batches):
         if stop is not None and stop.requested:
-            yield TrainEvent("stopped", 0, b, 2 * n_batches)
+            yield ProgressEvent("stopped", None, b, 2 * n_batches)
             return None
         sl = slice(b * batch_tiles, min(n, (b + 1) * batch_tiles))
         f = encode_spots(slide, grid.centers_xy[sl], encoder=encoder, side_px=side_px,
@@ -137,14 +138,14 @@ def predict_slide_iter(model, slide, *, stride_um: float | None = None,
         if feats is None:
             feats = np.empty((n, f.shape[-1]), np.float32)
         feats[sl] = f
-        yield TrainEvent("step", 0, b + 1, 2 * n_batches,
+        yield ProgressEvent("step", None, b + 1, 2 * n_batches,
                          metrics={"phase": "encode", "tiles": sl.stop, "of": n})
     inputs = model_inputs(model, feats, np.asarray(grid.centers_xy, np.float64) * mpp)
     mean = np.empty((n, len(genes)), np.float32)
     std = np.empty((n, len(genes)), np.float32)
     for b in range(n_batches):
         if stop is not None and stop.requested:
-            yield TrainEvent("stopped", 0, n_batches + b, 2 * n_batches)
+            yield ProgressEvent("stopped", None, n_batches + b, 2 * n_batches)
             return None
         sl = slice(b * batch_tiles, min(n, (b + 1) * batch_tiles))
         res = sample(model, inputs[sl], n_samples=n_samples, reveal_steps=reveal_steps,
@@ -153,7 +154,7 @@ def predict_slide_iter(model, slide, *, stride_um: float | None = None,
         mean[sl] = m
         std[sl] = calibrated_uncertainty(model, m, res.std.numpy()[:, gene_idx],
                                          genes=genes)["std"]
-        yield TrainEvent("step", 0, n_batches + b + 1, 2 * n_batches,
+        yield ProgressEvent("step", None, n_batches + b + 1, 2 * n_batches,
                          metrics={"phase": "sample", "tiles": sl.stop, "of": n})
     params = {"stride_um": float(stride_px * mpp), "patch_um": PATCH_UM, "n_samples": n_samples,
               "reveal_steps": reveal_steps, "seed": seed, "encoder": model.config.encoder,

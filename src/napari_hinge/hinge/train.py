@@ -11,7 +11,8 @@ steps (comparable across epochs) and, optionally, the gene-wise Pearson r of a c
 Checkpoints: ``checkpoint_dir/last.pt`` after every epoch (trainable weights, optimiser,
 scheduler, RNG, history; written atomically) and ``checkpoint_dir/best/`` (a full
 :meth:`HingeModel.save` folder) whenever the validation loss improves. ``resume=True``
-continues from ``last.pt`` and gives the same weights as an uninterrupted run.
+continues from ``last.pt`` and gives the same weights as an uninterrupted run. Numbering,
+resume rules and the device rule are the trainer contract of :mod:`napari_hinge.training`.
 """
 
 from __future__ import annotations
@@ -27,9 +28,12 @@ import torch
 from napari_hinge.device import autocast, default_device
 from napari_hinge.metrics import gene_pearson
 from napari_hinge.training import (
+    CHECKPOINT_FILE,
     StopToken,
     TrainEvent,
+    data_fingerprint,
     load_checkpoint,
+    open_checkpoint,
     rng_state,
     save_checkpoint,
     seed_everything,
@@ -81,6 +85,25 @@ def split_groups(n: int, val_fraction: float, seed: int,
         raise ValueError(f"need at least 2 spots to hold out validation spots, got {n}")
     perm = np.random.default_rng(seed).permutation(n)
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+def checkpoint_milestones(checkpoint_dir: str | Path) -> tuple[int, ...] | None:
+    """The learning-rate milestones a checkpoint folder's run was started with (None when
+    there is no readable checkpoint: the caller's error says why on resume)."""
+    path = Path(checkpoint_dir) / CHECKPOINT_FILE
+    if not path.is_file():
+        return None
+    settings = load_checkpoint(path).get("settings") or {}
+    return tuple(settings["milestones"]) if "milestones" in settings else None
+
+
+def epoch_rows(train_idx: np.ndarray, K: int, aug_ratio: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One epoch's training rows ``(views, spots)``: ``aug_ratio`` of each spot's ``K`` views
+    (without replacement), shuffled (the global torch RNG, seeded by the trainer)."""
+    views = torch.rand(len(train_idx), K).argsort(1)[:, :aug_ratio].reshape(-1)
+    spots = torch.as_tensor(train_idx).repeat_interleave(aug_ratio)
+    order = torch.randperm(len(spots))
+    return views[order], spots[order]
 
 
 @torch.no_grad()
@@ -145,8 +168,9 @@ def train_hinge(model: HingeModel, train_features, train_targets, *, val_fractio
         Where ``last.pt`` and ``best/`` go (None: no checkpoints, no resume). Without validation
         spots ``best/`` holds the latest epoch's model.
     resume
-        Continue from ``checkpoint_dir/last.pt``. Without it an existing ``last.pt`` is never
-        overwritten (FileExistsError).
+        Continue from ``checkpoint_dir/last.pt`` (FileNotFoundError without one; InputError
+        when it was written with other settings or data). Without it an existing ``last.pt``
+        is never overwritten (FileExistsError).
     stop
         Checked between steps; when requested a 'stopped' event is yielded and the generator
         returns (the last completed epoch's checkpoint stays).
@@ -177,7 +201,7 @@ def train_hinge(model: HingeModel, train_features, train_targets, *, val_fractio
     if epochs < 1 or batch_size < 1 or val_every < 1:
         raise ValueError("epochs, batch_size and val_every must be >= 1")
     stop = stop or StopToken()
-    device = default_device(str(device) if device is not None else None)
+    device = default_device(device)
     feats, targets = _check_inputs(model, train_features, train_targets)
     K, N, _ = feats.shape
     if model.config.prior is not None:
@@ -194,15 +218,6 @@ def train_hinge(model: HingeModel, train_features, train_targets, *, val_fractio
     if not 1 <= aug_ratio <= K:
         raise ValueError(f"aug_ratio must be in 1..{K} (the number of feature views)")
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    last_path = ckpt_dir / "last.pt" if ckpt_dir is not None else None
-    if resume and last_path is None:
-        raise ValueError("resume=True needs checkpoint_dir")
-    if resume and not last_path.is_file():
-        raise FileNotFoundError(f"cannot resume: {last_path} does not exist")
-    if not resume and last_path is not None and last_path.exists():
-        raise FileExistsError(f"{last_path} exists; pass resume=True to continue that run or "
-                              f"choose another checkpoint_dir")
-
     train_idx, val_idx = split_groups(N, val_fraction, seed, val_eligible)
     # per-spot loss weights (synthetic pairs below 1): they scale each spot's revealed genes
     weights = None if sample_weights is None else \
@@ -210,6 +225,13 @@ def train_hinge(model: HingeModel, train_features, train_targets, *, val_fractio
     if weights is not None and (weights.shape != (N,) or not torch.isfinite(weights).all()
                                 or (weights < 0).any()):
         raise ValueError(f"sample_weights must be {N} finite weights >= 0")
+    settings = {"config": asdict(model.config), "epochs": epochs, "batch_size": batch_size,
+                "lr": lr, "milestones": list(milestones), "gamma": gamma,
+                "warmup_epochs": warmup_epochs, "grad_clip": grad_clip, "seed": seed,
+                "aug_ratio": aug_ratio, "val_idx": val_idx,
+                "data": data_fingerprint(feats, absolute_targets, prior_values)}
+    last_path, ck = open_checkpoint(ckpt_dir, resume=resume, settings=settings)
+
     model.to(device)
     model.train()
     params = model.trainable_parameters()
@@ -224,13 +246,7 @@ def train_hinge(model: HingeModel, train_features, train_targets, *, val_fractio
     history: list[dict] = []
     best_val, best_epoch, start_epoch = math.inf, 0, 1
 
-    if resume:
-        ck = load_checkpoint(last_path)
-        if ck.get("genes") != list(model.config.genes):
-            raise ValueError(f"{last_path} was written for another gene panel")
-        if not np.array_equal(ck.get("val_idx"), val_idx):
-            raise ValueError(f"{last_path} used another train/validation split (different data "
-                             f"or seed)")
+    if ck is not None:
         try:
             model.load_trainable_state_dict(ck["model"])
         except (KeyError, RuntimeError) as exc:
@@ -249,11 +265,7 @@ def train_hinge(model: HingeModel, train_features, train_targets, *, val_fractio
     step = (start_epoch - 1) * steps_per_epoch
     for epoch in range(start_epoch, epochs + 1):
         warm = epoch <= warmup_epochs
-        # one (or aug_ratio) of each spot's K views, then shuffle the rows
-        views = torch.rand(len(train_idx), K).argsort(1)[:, :aug_ratio].reshape(-1)
-        spots = torch.as_tensor(train_idx).repeat_interleave(aug_ratio)
-        order = torch.randperm(n_rows)
-        views, spots = views[order], spots[order]
+        views, spots = epoch_rows(train_idx, K, aug_ratio)
         losses = []
         for b in range(steps_per_epoch):
             if stop.requested:
@@ -302,24 +314,24 @@ def train_hinge(model: HingeModel, train_features, train_targets, *, val_fractio
                              seed=seed + 2, device=device)
                 # the sampler adds the model's prior; score with the out-of-fold one
                 with torch.no_grad():
-                    own = model.prior_mean(val_feats.mean(0).to(device)).cpu()
+                    z = model.standardize(val_feats.to(device)).mean(0)
+                    own = model.prior_mean(z, standardized=True).cpu()
                 pred = res.mean - own + prior_values[val_idx]
                 record["val_pcc"] = float(gene_pearson(pred.numpy(),
                                                        absolute_targets[val_idx].numpy()).mean())
-            if val_loss < best_val:
-                best_val, best_epoch = val_loss, epoch
-                if ckpt_dir is not None:
-                    model.save(ckpt_dir / "best")
-        if not len(val_idx) and ckpt_dir is not None:
-            model.save(ckpt_dir / "best")  # nothing to compare on: best/ is the latest model
+        improved = val_loss is not None and val_loss < best_val
+        if improved:
+            best_val, best_epoch = val_loss, epoch
         history.append(record)
+        # the one place checkpoints are written; nothing to compare on: best/ is the latest
+        if ckpt_dir is not None and (improved or not len(val_idx)):
+            model.save(ckpt_dir / "best")
         if last_path is not None:
             save_checkpoint(last_path, {
                 "model": {k: v.detach().cpu() for k, v in model.trainable_state_dict().items()},
                 "optimizer": opt.state_dict(), "scheduler": lr_sched.state_dict(),
                 "epoch": epoch, "rng": rng_state(), "best_val": best_val,
-                "best_epoch": best_epoch, "history": history, "genes": list(model.config.genes),
-                "val_idx": val_idx, "seed": seed, "config": asdict(model.config),
+                "best_epoch": best_epoch, "history": history, "settings": settings,
             })
         yield TrainEvent("epoch", epoch, step, total_steps, loss=record["train_loss"],
                          val_loss=val_loss,

@@ -21,12 +21,15 @@ from pathlib import Path
 
 import torch
 
+from napari_hinge.errors import InputError
+
 from .base import (
     WEIGHTS_FILE,
     BackboneConfig,
     GeneTokenBackbone,
     MHABlock,
     PostNormBlock,
+    load_saved_weights,
     map_panel,
     read_config,
     save_backbone,
@@ -98,21 +101,12 @@ def _cellfm_file_in(folder: Path) -> Path | None:
 
 def load_saved(directory: str | Path) -> GeneTokenBackbone:
     """Read a folder written by :func:`save_backbone` (any kind), bit-identically."""
-    from napari_hinge.training import load_safetensors
-
     directory = Path(directory)
     config, vocab = read_config(directory)
     if config.kind not in CLASSES:
-        raise ValueError(f"{directory / 'config.json'}: unknown backbone kind {config.kind!r}")
-    weights = directory / WEIGHTS_FILE
-    if not weights.is_file():
-        raise FileNotFoundError(f"{weights} is missing: not a saved backbone folder")
-    model = CLASSES[config.kind](config, vocab)
-    try:
-        model.load_state_dict(load_safetensors(weights), strict=True)
-    except RuntimeError as err:
-        raise ValueError(f"{weights} does not match its config.json: {err}") from None
-    return model.eval()
+        raise InputError(f"{directory / 'config.json'}: unknown backbone kind {config.kind!r} "
+                         f"(known: {sorted(CLASSES)})", path=directory, field="kind")
+    return load_saved_weights(CLASSES[config.kind](config, vocab), directory)
 
 
 def load_backbone(path_or_name: str | Path, **kwargs) -> GeneTokenBackbone:

@@ -19,12 +19,21 @@ which reports missing genes by name instead of dropping them.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from napari_hinge.errors import InputError
+from napari_hinge.persistence import (
+    WEIGHTS_FILE,
+    ModelFormat,
+    config_from_dict,
+    load_state_strict,
+    read_json,
+)
 
 
 @dataclass
@@ -156,44 +165,46 @@ class GeneTokenBackbone(nn.Module):
         return ids
 
 
-def save_config(config: BackboneConfig, directory: str | Path, vocab: dict[str, int]) -> None:
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "config.json").write_text(json.dumps(asdict(config), indent=2))
-    (directory / "vocab.json").write_text(json.dumps(vocab))
+VOCAB_FILE = "vocab.json"
+#: a saved backbone folder: config.json (this format) + vocab.json + model.safetensors
+BACKBONE_FORMAT = ModelFormat("backbone", 2, BackboneConfig)
 
 
 def read_config(directory: str | Path) -> tuple[BackboneConfig, dict[str, int]]:
+    """The checked config and the vocabulary of a saved backbone folder."""
     directory = Path(directory)
-    for name in ("config.json", "vocab.json"):
-        if not (directory / name).is_file():
-            raise FileNotFoundError(f"{directory / name} is missing: not a saved backbone folder")
-    config = BackboneConfig(**json.loads((directory / "config.json").read_text()))
-    vocab = json.loads((directory / "vocab.json").read_text())
+    envelope = BACKBONE_FORMAT.read_envelope(directory)
+    config = config_from_dict(BackboneConfig, envelope.get("config"),
+                              where=directory / "config.json")
+    path = directory / VOCAB_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: not a saved backbone folder")
+    vocab = read_json(path)
+    if not isinstance(vocab, dict) or not all(isinstance(v, int) for v in vocab.values()):
+        raise InputError(f"{path}: must map gene symbols to integer token ids", path=path)
     return config, vocab
 
 
-# ---------------------------------------------------------------------------------------------
-# Additions (brief D): generic save, panel mapping and value transforms. Nothing above changed.
-# ---------------------------------------------------------------------------------------------
-
-WEIGHTS_FILE = "model.safetensors"
-
-
 def save_backbone(backbone: GeneTokenBackbone, directory: str | Path) -> Path:
-    """Write ``config.json`` + ``vocab.json`` + ``model.safetensors`` (any kind).
+    """Write a backbone folder (any kind) atomically: ``config.json``, ``vocab.json``,
+    ``model.safetensors``.
 
     :func:`napari_hinge.scfm.load_backbone` reads the folder back, picking the class from
     ``config.kind``; the round trip is bit-identical.
     """
-    from safetensors.torch import save_file
+    vocab = json.dumps(backbone.vocab)
+    return BACKBONE_FORMAT.save(
+        directory, backbone.config, backbone.state_dict(),
+        write_extra=lambda tmp: (tmp / VOCAB_FILE).write_text(vocab),
+        metadata={"backbone": backbone.config.kind})
 
+
+def load_saved_weights(model: GeneTokenBackbone, directory: str | Path) -> GeneTokenBackbone:
+    """Load a saved folder's weights (digest checked) into a backbone built from its config."""
     directory = Path(directory)
-    save_config(backbone.config, directory, backbone.vocab)
-    # safetensors refuses shared or non-contiguous storage: store independent copies.
-    state = {k: v.detach().cpu().contiguous().clone() for k, v in backbone.state_dict().items()}
-    save_file(state, str(directory / WEIGHTS_FILE), metadata={"kind": backbone.config.kind})
-    return directory
+    _, state = BACKBONE_FORMAT.load(directory)
+    load_state_strict(model, state, directory / WEIGHTS_FILE)
+    return model.eval()
 
 
 def map_panel(backbone: GeneTokenBackbone, genes: list[str]

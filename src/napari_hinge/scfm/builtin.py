@@ -17,10 +17,10 @@ import torch
 from torch import nn
 
 from .base import (
-    WEIGHTS_FILE,
     BackboneConfig,
     GeneTokenBackbone,
     MHABlock,
+    load_saved_weights,
     read_config,
     save_backbone,
 )
@@ -102,17 +102,5 @@ class BuiltinBackbone(GeneTokenBackbone):
     @classmethod
     def load(cls, directory: str | Path) -> BuiltinBackbone:
         """Read a folder written by :meth:`save` (bit-identical weights)."""
-        from napari_hinge.training import load_safetensors
-
-        directory = Path(directory)
         config, vocab = read_config(directory)
-        weights = directory / WEIGHTS_FILE
-        if not weights.is_file():
-            raise FileNotFoundError(f"{weights} is missing: not a saved backbone folder")
-        model = cls(config, vocab)
-        state = load_safetensors(weights)
-        try:
-            model.load_state_dict(state, strict=True)
-        except RuntimeError as err:
-            raise ValueError(f"{weights} does not match its config.json: {err}") from None
-        return model.eval()
+        return load_saved_weights(cls(config, vocab), directory)

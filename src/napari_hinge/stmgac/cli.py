@@ -34,6 +34,8 @@ def register(subparsers) -> None:
                    f"default) or one of {', '.join(sorted(PRESETS))}")
     p.add_argument("--epochs", type=int, default=None, help="training epochs (preset default)")
     p.add_argument("--seed", type=int, default=3407, help="random seed (default 3407)")
+    p.add_argument("--device", default=None,
+                   help="cpu, cuda, mps (default: CUDA, then MPS, then the CPU)")
     p.add_argument("--method", choices=("gmm", "leiden"), default="gmm",
                    help="clustering of the latent: Gaussian mixture (tied covariance, "
                    "default) or Leiden with the resolution searched to K")
@@ -69,7 +71,7 @@ def run(args) -> int:
     adata = read_spatial(data)
     truth, source = ground_truth(adata, data, args.truth)  # before training: fail early
     tl.domains(adata, n_domains=args.k, preset=args.preset, epochs=args.epochs, seed=args.seed,
-               refine=args.refine, method=args.method)
+               refine=args.refine, method=args.method, device=args.device)
     params = adata.uns["domain"]["params"]
     print(f"preset {params['preset']}, {params['epochs']} epochs, seed {params['seed']}")
     if truth is not None:

@@ -17,17 +17,13 @@ The losses and the triplet anchors live in ``losses.py``; the training loop in `
 from __future__ import annotations
 
 import copy
-import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..training import atomic_write
-
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
+from napari_hinge.persistence import WEIGHTS_FILE, ModelFormat, config_from_dict, load_state_strict
 
 
 @dataclass
@@ -57,15 +53,11 @@ class STMGACConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> STMGACConfig:
-        names = {f.name for f in fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise KeyError(f"unknown STMGAC config field(s): {sorted(unknown)}")
-        d = dict(d)
-        for key in ("mlp_dims", "gcn_dims"):
-            if key in d:
-                d[key] = tuple(int(v) for v in d[key])
-        return cls(**d)
+        """Strict: unknown keys raise :class:`~napari_hinge.errors.InputError`."""
+        return config_from_dict(cls, d, where="STMGAC config")
+
+
+FORMAT = ModelFormat("stmgac", 2, STMGACConfig, title="STMGAC")
 
 
 class GCNConv(nn.Module):
@@ -232,26 +224,13 @@ class STMGAC(nn.Module):
 
     # -- persistence -------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:
-        """Write ``config.json`` and ``model.safetensors`` (atomically) into ``directory``."""
-        from safetensors.torch import save_file
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        text = json.dumps(self.config.to_dict(), indent=2)
-        atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
-        atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(state, tmp))
-        return directory
+        """Write the model folder atomically (:data:`FORMAT`)."""
+        return FORMAT.save(directory, self.config, self.state_dict())
 
     @classmethod
     def load(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> STMGAC:
-        from safetensors.torch import load_file
-
-        directory = Path(directory)
-        for name in (CONFIG_NAME, WEIGHTS_NAME):
-            if not (directory / name).is_file():
-                raise FileNotFoundError(f"STMGAC model folder {directory} has no {name}")
-        cfg = STMGACConfig.from_dict(json.loads((directory / CONFIG_NAME).read_text()))
+        """Read a folder written by :meth:`save` (bit-identical)."""
+        cfg, state = FORMAT.load(directory)
         model = cls(cfg)
-        model.load_state_dict(load_file(directory / WEIGHTS_NAME, device=str(map_location)))
-        return model
+        load_state_strict(model, state, Path(directory) / WEIGHTS_FILE)
+        return model.to(map_location)

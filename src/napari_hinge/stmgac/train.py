@@ -3,8 +3,8 @@
 Full-batch, one optimiser step per epoch (methods.md §2.7 / §6.2): mask → online and
 momentum encoders → EMA → projector + latent MSE → decoder + scaled-cosine loss →
 triplet loss on anchors refreshed every ``t_step`` epochs → weighted sum, clip, Adam.
-Progress, stop requests, seeding and atomic checkpoints come from
-``napari_hinge.training``.
+Progress, stop requests, seeding, the device rule and checkpoints follow the trainer
+contract of :mod:`napari_hinge.training` (one epoch = one step here).
 """
 
 from __future__ import annotations
@@ -17,10 +17,11 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from ..device import default_device
 from ..training import (
     StopToken,
     TrainEvent,
-    load_checkpoint,
+    open_checkpoint,
     rng_state,
     save_checkpoint,
     seed_everything,
@@ -52,19 +53,20 @@ def train_stmgac(
     seed: int = 3407,
     stop: StopToken | None = None,
     device: str | torch.device | None = None,
-    checkpoint: str | Path | None = None,
+    checkpoint_dir: str | Path | None = None,
     checkpoint_every: int = 100,
     resume: bool = False,
 ) -> Generator[TrainEvent, None, STMGAC]:
     """Train STMGAC on ``x`` (spots x features) over the binary spatial ``adjacency``.
 
-    Yields a 'step' and an 'epoch' event per epoch (metrics: the three loss terms),
-    'stopped' if ``stop`` was requested (the model trained so far is returned), and
-    'done' at the end (metrics: final losses, seconds, triplet counts, and ``'model'``).
-    The trained :class:`STMGAC` is also the generator's return value.
+    Yields a 'step' and an 'epoch' event per epoch (epochs and steps count from 1; metrics:
+    the three loss terms), 'stopped' if ``stop`` was requested (the model trained so far is
+    returned), and 'done' at the end (metrics: final losses, seconds, triplet counts, and
+    ``'model'``). The trained :class:`STMGAC` is also the generator's return value.
 
-    ``checkpoint`` names a file written atomically every ``checkpoint_every`` epochs and
-    at a stop; with ``resume=True`` an existing one is continued exactly.
+    ``checkpoint_dir`` receives ``last.pt`` every ``checkpoint_every`` epochs, at a stop and
+    at the end; ``resume=True`` continues it exactly (rules: :mod:`napari_hinge.training`).
+    ``device=None`` follows :func:`napari_hinge.device.default_device`.
     """
     preset = get_preset(preset)
     epochs = int(preset.epochs if epochs is None else epochs)
@@ -81,19 +83,22 @@ def train_stmgac(
     if n_domains > x.shape[0]:
         raise ValueError(f"K = {n_domains} domains is larger than the {x.shape[0]} spots")
     stop = stop or StopToken()
-    dev = torch.device(device) if device is not None else torch.device("cpu")
+    dev = default_device(device)
+    config = config_from_preset(preset, x.shape[1])
+    settings = {"config": config.to_dict(), "preset": preset.to_dict(), "epochs": epochs,
+                "n_domains": n_domains, "seed": seed, "n_spots": int(x.shape[0])}
+    checkpoint, ck = open_checkpoint(checkpoint_dir, resume=resume, settings=settings)
 
     seed_everything(seed)
     gen = torch.Generator().manual_seed(seed)
-    model = STMGAC(config_from_preset(preset, x.shape[1])).to(dev)
+    model = STMGAC(config).to(dev)
     opt = torch.optim.Adam(model.parameters(), lr=preset.lr, weight_decay=preset.weight_decay)
     sampler = TripletSampler(
         adjacency, topk=preset.topk, n_clusters=n_domains, t_step=preset.t_step,
         margin=preset.margin, n_iter=preset.kmeans_iters,
     )
-    start_epoch = 0
-    if checkpoint is not None and resume and Path(checkpoint).is_file():
-        ck = load_checkpoint(checkpoint)
+    start_epoch = 0  # epochs done
+    if ck is not None:
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         set_rng_state(ck["rng"])
@@ -108,8 +113,7 @@ def train_stmgac(
             return
         save_checkpoint(checkpoint, {
             "model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
-            "rng": rng_state(), "generator": gen.get_state(), "seed": seed,
-            "preset": preset.to_dict(), "n_domains": n_domains,
+            "rng": rng_state(), "generator": gen.get_state(), "settings": settings,
             "triplets": (sampler.anchor, sampler.positive, sampler.negative),
         })
 
@@ -119,10 +123,11 @@ def train_stmgac(
     t0 = time.perf_counter()
     parts: dict[str, float] = {}
     loss_value = float("nan")
-    for epoch in range(start_epoch, epochs):
+    for epoch in range(start_epoch, epochs):  # 0-based here; events count from 1
         if stop.requested:
             save(epoch)
-            yield TrainEvent("stopped", epoch, epoch, epochs, loss_value, metrics=dict(parts))
+            yield TrainEvent("stopped", epoch + 1, epoch, epochs, loss_value,
+                             metrics=dict(parts))
             return model
         out = model(xt, adj, gen)
         m = out["mask_nodes"]
@@ -144,13 +149,13 @@ def train_stmgac(
         loss_value = float(loss.item())
         parts = {"recon": float(l_r.item()), "latent": float(l_m.item()),
                  "triplet": float(l_t.item()), **sampler.info}
-        yield TrainEvent("step", epoch, epoch + 1, epochs, loss_value)
-        yield TrainEvent("epoch", epoch, epoch + 1, epochs, loss_value, metrics=dict(parts))
+        yield TrainEvent("step", epoch + 1, epoch + 1, epochs, loss_value)
+        yield TrainEvent("epoch", epoch + 1, epoch + 1, epochs, loss_value, metrics=dict(parts))
         if checkpoint is not None and (epoch + 1) % checkpoint_every == 0:
             save(epoch + 1)
     save(epochs)
     summary = {**parts, "epochs": epochs, "seconds": time.perf_counter() - t0, "seed": seed,
                "model": model}
-    yield TrainEvent("done", epochs - 1, epochs, epochs, loss_value, metrics=summary)
+    yield TrainEvent("done", epochs, epochs, epochs, loss_value, metrics=summary)
     return model
 
