@@ -171,6 +171,8 @@ def run_seed(seed: int, args, ctx) -> dict:
                                              eval_every=max(10, args.adapt_steps // 4)))
         rec["adapt"] = {"seconds": time.perf_counter() - t, "final_loss": last.loss,
                         "final_val_loss": last.val_loss}
+        if args.save_local and seed == args.seeds[0] and frac == max(args.fractions):
+            local.save(args.save_local)
         sub = ctx["adata"][ctx["index"][meas]]
         cond = expression_from_neighbours(sub, ctx["genes"], xy_px[unmeas], k=args.k)
         # retrieval: the measured patch whose standardised expression is nearest the condition
@@ -316,6 +318,9 @@ def main(argv=None) -> int:
     p.add_argument("--old-64px", action="store_true",
                    help="also score the ridge on real patches cut at 64 px")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--save-local", type=Path, default=None,
+                   help="save the local model of the largest fraction of the first seed here "
+                        "(for scripts/c2l_screenshot.py and benchmarks/c2l_seams.py)")
     p.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON",
                    help="combine the runs of these result files (e.g. one seed each, run in "
                         "parallel) into --out and print the summary; nothing is computed")
