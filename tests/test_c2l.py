@@ -614,7 +614,110 @@ def test_cli_adapt_and_synthesize(trained_local, tmp_path, capsys):
     assert meta["n_tiles"] > 0 and len(meta["placement"]["scale"]) == 2
     pairs = np.load(out / "pairs.npz")
     assert pairs["patches"].shape[0] == meta["n_tiles"]
+    train_with_extra_pairs(f"{folder}:C3", out / "pairs.npz", meta["n_tiles"], tmp_path)
     args = parser.parse_args(["synthesize", f"{folder}:C3", "--model", str(tmp_path / "nope"),
                               "--out", str(tmp_path / "x")])
     with pytest.raises(FileNotFoundError, match="nope"):
         args.func(args)
+
+
+def train_with_extra_pairs(data, pairs_file, n_tiles, tmp_path):
+    """``napari-hinge train --extra-pairs`` reads what ``synthesize`` wrote, marks the pairs
+    as synthetic in the saved model, and refuses broken pairs files with a clear InputError."""
+    import argparse
+
+    from napari_hinge.c2l.pairs import load_pairs
+    from napari_hinge.errors import InputError
+    from napari_hinge.hinge.cli import register
+
+    pairs = load_pairs(pairs_file)
+    assert len(pairs) == n_tiles and pairs.slide_path and pairs.microns_per_pixel
+    parser = argparse.ArgumentParser(prog="napari-hinge")
+    register(parser.add_subparsers(dest="command", required=True))
+    out = tmp_path / "hinge"
+    args = parser.parse_args(["train", data, "--extra-pairs", str(pairs_file),
+                              "--extra-weight", "0.5", "--epochs", "1", "--no-augment",
+                              "--out", str(out)])
+    assert args.func(args) == 0
+    mix = json.loads((out / "training_data.json").read_text())
+    assert mix["n_synthetic"] == n_tiles and mix["synthetic_weight"] == 0.5
+    assert mix["n_real"] > 0 and mix["synthetic_pairs"][0]["slide_path"] == pairs.slide_path
+    from napari_hinge.hinge.pipeline import load_model
+
+    assert list(load_model(out).config.genes) == pairs.genes
+
+    bad = tmp_path / "bad.npz"
+    with np.load(pairs_file) as z:
+        good = {k: z[k] for k in z.files}
+    for change, field in ((lambda d: d.pop("expression"), "expression"),
+                          (lambda d: d.update(expression=d["expression"][:, :2]), "expression"),
+                          (lambda d: d.update(patches=d["patches"].astype(np.float32)),
+                           "patches"),
+                          (lambda d: d.update(genes=np.array(["A"] * len(d["genes"]))), "genes"),
+                          (lambda d: d.update(expression=d["expression"] * np.nan),
+                           "expression")):
+        d = dict(good)
+        change(d)
+        np.savez(bad, **d)
+        with pytest.raises(InputError, match=f"bad.npz: {field}"):
+            load_pairs(bad)
+    bad.write_bytes(b"not a zip")
+    args = parser.parse_args(["train", data, "--extra-pairs", str(bad), "--out",
+                              str(tmp_path / "h2")])
+    with pytest.raises(InputError, match="bad.npz: not a"):
+        args.func(args)
+
+
+def test_pairs_encoded_like_real_spots(sample, slide):
+    """Real and synthetic patches share one encoding: a real spot patch cut at 64 px and
+    passed through encode_patches gets the features of the same pixels upsampled to the real
+    patch side, and a native-resolution patch goes through unchanged."""
+    from napari_hinge.encoders import get_encoder
+    from napari_hinge.features import encode_patches, encode_spots, read_size
+    from napari_hinge.patches import _resize, patch_side_px, spot_patches
+
+    enc = get_encoder("efficientnet-lite0")
+    side = patch_side_px(sample)
+    xy = np.asarray(sample.obsm["spatial"], float)[:4]
+    native = spot_patches(slide, xy, side_px=side)
+    small = spot_patches(slide, xy, side_px=side, out_size=64)
+    direct = encode_spots(slide, xy, encoder=enc, side_px=side, cache=False)
+    np.testing.assert_allclose(encode_patches(native, encoder=enc, side_px=side), direct,
+                               rtol=1e-4, atol=1e-4)
+    up = np.stack([_resize(p, read_size(side, enc)) for p in small])
+    np.testing.assert_allclose(encode_patches(small, encoder=enc, side_px=side),
+                               enc.encode(up), rtol=1e-4, atol=1e-4)
+
+
+def test_synthetic_rows_context_and_weights(sample, slide):
+    """Synthetic rows take the context of the real spots around them, are nobody's
+    neighbour, are centred on their own mean and never validate; weight 0 equals no pairs for
+    the ridge prior."""
+    from napari_hinge.baselines import TunedRidge, _ridge_path
+    from napari_hinge.features import context_features
+    from napari_hinge.hinge.train import split_groups
+
+    rng = np.random.default_rng(0)
+    n_real, n_syn, f = 30, 10, 6
+    feats = rng.normal(size=(n_real + n_syn, f)).astype(np.float32)
+    xy = rng.uniform(0, 600, size=(n_real + n_syn, 2))
+    xy[-2:] = np.nan  # pairs from another slide: no position
+    real = np.r_[np.ones(n_real, bool), np.zeros(n_syn, bool)]
+    out = context_features(feats, xy, radius_um=250.0, reference=real)
+    alone = context_features(feats[:n_real], xy[:n_real], radius_um=250.0)
+    np.testing.assert_allclose(out[:n_real], alone, rtol=1e-6)  # real rows unchanged
+    np.testing.assert_allclose(out[-1, f:], feats[-1])  # no position: its own features
+    _, val = split_groups(n_real + n_syn, 0.2, 0, real)
+    assert len(val) == 6 and real[val].all()
+    Y = rng.normal(size=(n_real + n_syn, 3))
+    w = np.r_[np.ones(n_real), np.zeros(n_syn)]
+    (Wa, ba), = _ridge_path(feats, Y, [10.0], w)
+    (Wb, bb), = _ridge_path(feats[:n_real], Y[:n_real], [10.0])
+    np.testing.assert_allclose(Wa, Wb, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ba, bb, rtol=1e-5, atol=1e-6)
+    w2 = np.r_[np.full(n_real, 2.0), np.zeros(n_syn)]  # only relative weights matter
+    np.testing.assert_allclose(_ridge_path(feats, Y, [20.0], w2)[0][0], Wa, rtol=1e-5,
+                               atol=1e-6)
+    # alpha is scored on real rows only: synthetic rows with garbage targets still train
+    r = TunedRidge().fit(feats, Y, sample_weight=np.where(real, 1.0, 0.3), score_rows=real)
+    assert np.isfinite(list(r.cv_scores_.values())).all()

@@ -177,7 +177,7 @@ def test_predict_slide_command_writes_dense_maps(crop, tmp_path):
     from napari_hinge.io.maps import read_map
 
     path, mpp, _ = crop
-    rc = main(["predict-slide", str(path), "--mpp", f"{mpp}", "--genes", "ERBB2,CD74",
+    rc = main(["hinge", "predict-slide", str(path), "--mpp", f"{mpp}", "--genes", "ERBB2,CD74",
                "--sample-stride", "1000", "--samples", "1", "--reveal-steps", "1",
                "--out", str(tmp_path / "out")])
     assert rc == 0

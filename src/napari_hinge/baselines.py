@@ -76,11 +76,19 @@ class HestRidge:
         return self.ridge_.predict(Z).astype(np.float32)
 
 
-def _ridge_path(Xs, Y, alphas):
-    """Ridge solutions (with intercept) for many alphas from one SVD: list of (W, b)."""
-    xm, ym = Xs.mean(axis=0), Y.mean(axis=0)
-    U, s, Vt = np.linalg.svd(Xs - xm, full_matrices=False)
-    UtY = U.T @ (Y - ym)
+def _ridge_path(Xs, Y, alphas, sample_weight=None):
+    """Ridge solutions (with intercept) for many alphas from one SVD: list of (W, b).
+    ``sample_weight`` (n,) weighs each row's squared error (weighted means, sqrt-weighted rows)."""
+    if sample_weight is None:
+        xm, ym = Xs.mean(axis=0), Y.mean(axis=0)
+        U, s, Vt = np.linalg.svd(Xs - xm, full_matrices=False)
+        UtY = U.T @ (Y - ym)
+    else:
+        w = np.asarray(sample_weight, np.float64)
+        xm, ym = w @ Xs / w.sum(), w @ Y / w.sum()
+        r = np.sqrt(w)[:, None]
+        U, s, Vt = np.linalg.svd(r * (Xs - xm), full_matrices=False)
+        UtY = U.T @ (r * (Y - ym))
     out = []
     for a in alphas:
         W = Vt.T @ ((s / (s * s + a))[:, None] * UtY)
@@ -97,8 +105,17 @@ class TunedRidge:
         self.alphas = tuple(alphas)
         self.alpha = alpha
 
-    def fit(self, X, Y, groups=None):
+    def fit(self, X, Y, groups=None, *, sample_weight=None, score_rows=None):
+        """``sample_weight`` (n,) weighs rows in every fit (e.g. synthetic pairs below 1);
+        ``score_rows`` (bool, n) are the rows the inner folds score alpha on (real spots:
+        synthetic pairs only ever train)."""
         X, Y = _as2d(X, "X"), _as2d(Y, "Y")
+        w = None if sample_weight is None else np.asarray(sample_weight, np.float64).ravel()
+        if w is not None and (w.shape != (len(X),) or not np.isfinite(w).all() or (w < 0).any()
+                              or w.sum() <= 0):
+            raise ValueError(f"sample_weight must be {len(X)} finite weights >= 0, not all 0")
+        scored = np.ones(len(X), bool) if score_rows is None else \
+            np.asarray(score_rows, bool).ravel()
         self.scaler_ = _Scaler().fit(X)
         Xs = self.scaler_.transform(X)
         self.cv_scores_ = {}
@@ -106,27 +123,32 @@ class TunedRidge:
             self.alpha_ = float(self.alpha)
         else:
             groups = np.asarray(groups) if groups is not None else None
-            if groups is None or len(np.unique(groups)) < 2:
-                # no sections: 5 contiguous blocks (spots of one section are contiguous)
-                groups = np.arange(len(X)) * 5 // len(X)
+            if groups is None or len(np.unique(groups[scored])) < 2:
+                # no sections: 5 contiguous blocks (spots of one section are contiguous), over
+                # the scored rows and the others alike, so every fold has rows to score
+                groups = np.zeros(len(X), np.int64)
+                for sel in (scored, ~scored):
+                    groups[sel] = np.arange(sel.sum()) * 5 // max(1, sel.sum())
             scores = np.zeros(len(self.alphas))
-            uniq = np.unique(groups)
+            uniq = np.unique(groups[scored])
             oof = np.zeros((len(self.alphas),) + Y.shape)
             for g in uniq:
                 tr, va = groups != g, groups == g
                 # inner folds rescale on their own training part, like the outer fit
                 sc = _Scaler().fit(X[tr])
-                path = _ridge_path(sc.transform(X[tr]), Y[tr], self.alphas)
+                path = _ridge_path(sc.transform(X[tr]), Y[tr], self.alphas,
+                                   None if w is None else w[tr])
                 Xv = sc.transform(X[va])
                 for i, (W, b) in enumerate(path):
                     oof[i, va] = Xv @ W + b
-                    scores[i] += gene_pearson(oof[i, va], Y[va]).mean() / len(uniq)
+                    sv = scored[va]
+                    scores[i] += gene_pearson(oof[i, va][sv], Y[va][sv]).mean() / len(uniq)
             self.cv_scores_ = {a: float(s) for a, s in zip(self.alphas, scores, strict=True)}
             best = int(np.argmax(scores))
             self.alpha_ = float(self.alphas[best])
             # each spot predicted by the ridge fitted without its group, at the chosen alpha
             self.oof_predictions_ = oof[best].astype(np.float32)
-        (self.coef_, self.intercept_), = _ridge_path(Xs, Y, [self.alpha_])
+        (self.coef_, self.intercept_), = _ridge_path(Xs, Y, [self.alpha_], w)
         return self
 
     def predict(self, X):

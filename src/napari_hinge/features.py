@@ -107,9 +107,10 @@ def encode_spots(
     total = n * len(views)
     feats = np.empty((len(views), n, encoder.dim), dtype=np.float32)
     done = 0
+    # patches much larger than the encoder input are read from a coarser level
+    out_size = read_size(side_px, encoder)
+    out_size = None if out_size == int(side_px) else out_size
     for start in range(0, n, CHUNK):
-        # patches much larger than the encoder input are read from a coarser level
-        out_size = encoder.input_size if side_px >= 2 * encoder.input_size else None
         patches = spot_patches(
             slide, coords[start : start + CHUNK], side_px=side_px, out_size=out_size
         )
@@ -129,8 +130,52 @@ def encode_spots(
     return out
 
 
+def read_size(side_px: int, encoder) -> int:
+    """Pixels a real spot patch of ``side_px`` level-0 pixels is read at before the encoder
+    resizes it to its input: the encoder input when the patch would shrink 2x or more (read
+    from a coarser level), else the patch's own side."""
+    return int(encoder.input_size) if side_px >= 2 * encoder.input_size else int(side_px)
+
+
+def encode_patches(patches: np.ndarray, *, encoder, side_px: int | None = None,
+                   batch_size: int = 8, progress: Callable[[int, int], None] | None = None,
+                   device=None) -> np.ndarray:
+    """Features of ready-made patches (synthetic C2L tiles, patches cut elsewhere) encoded
+    exactly as :func:`encode_spots` encodes a real spot of ``side_px`` level-0 pixels.
+
+    Every patch covers the same field of view as a spot patch (112 µm,
+    :data:`napari_hinge.patches.PATCH_UM`) at whatever pixel size it has; it is first resized
+    (antialiased bilinear, the resampler real patches go through) to :func:`read_size` of
+    ``side_px`` -- the pixels a real patch reaches the encoder with -- and then into the encoder,
+    which resizes both to its input. A 64 px C2L tile next to her2st spots (163 px) is thus
+    upsampled to 163 px, then to 224, like the real patch. ``side_px=None``: straight into the
+    encoder. uint8 ``(N, S, S, 3)`` -> float32 ``(N, dim)``.
+    """
+    from .patches import _resize
+
+    patches = np.asarray(patches)
+    if patches.ndim != 4 or patches.shape[-1] != 3 or patches.dtype != np.uint8:
+        raise ValueError(f"patches must be uint8 (N, S, S, 3), got {patches.dtype} "
+                         f"{patches.shape}")
+    size = patches.shape[1] if side_px is None else read_size(int(side_px), encoder)
+    feats = np.empty((len(patches), encoder.dim), dtype=np.float32)
+    for start in range(0, len(patches), CHUNK):
+        chunk = patches[start:start + CHUNK]
+        if chunk.shape[1] != size:
+            chunk = np.stack([_resize(p, size) for p in chunk])
+
+        def tick(d, _t, base=start):
+            if progress is not None:
+                progress(base + d, len(patches))
+
+        feats[start:start + len(chunk)] = encoder.encode(chunk, batch_size=batch_size,
+                                                         device=device, progress=tick)
+    return feats
+
+
 def context_features(features: np.ndarray, coords_um: np.ndarray, *, radius_um: float,
-                     groups: np.ndarray | None = None) -> np.ndarray:
+                     groups: np.ndarray | None = None,
+                     reference: np.ndarray | None = None) -> np.ndarray:
     """Each spot's features followed by the mean features of its neighbours within
     ``radius_um`` (centre to centre, the spot itself excluded; a spot without neighbours
     gets its own): ``(..., N, F) -> (..., N, 2F)``.
@@ -139,6 +184,10 @@ def context_features(features: np.ndarray, coords_um: np.ndarray, *, radius_um: 
     patient C a tuned ridge goes 0.375 -> 0.406 mean PCC with 300 µm of context). ``groups``
     (one label per spot, e.g. the section) keeps neighbours within a section. With views
     ``(K, N, F)`` every view is averaged with the same view of its neighbours.
+    ``reference`` (bool per spot) limits who counts as a neighbour: synthetic C2L tiles take
+    the context of the real spots around their position but are nobody's neighbour (a real
+    spot's context stays what it is at prediction, where only real spots exist); a spot
+    without coordinates (NaN) gets its own features.
     """
     from scipy import sparse
     from scipy.spatial import cKDTree
@@ -148,8 +197,11 @@ def context_features(features: np.ndarray, coords_um: np.ndarray, *, radius_um: 
     n = f.shape[-2]
     if xy.shape != (n, 2):
         raise ValueError(f"coords_um must be ({n}, 2) for {n} spots, got {xy.shape}")
-    if not np.isfinite(xy).all():
+    ref = np.ones(n, bool) if reference is None else np.asarray(reference, bool).ravel()
+    placed = np.isfinite(xy).all(axis=1)
+    if not placed[ref].all() or np.isinf(xy).any():
         raise ValueError("spot coordinates contain NaN or infinite values")
+    xy = np.where(placed[:, None], xy, 0.0)
     if radius_um <= 0:
         raise ValueError(f"radius_um must be positive, got {radius_um}")
     labels = np.zeros(n, dtype=np.int64) if groups is None else \
@@ -158,6 +210,8 @@ def context_features(features: np.ndarray, coords_um: np.ndarray, *, radius_um: 
     span = float(np.ptp(xy)) + 4 * radius_um + 1.0
     pairs = cKDTree(xy + labels[:, None] * span).query_pairs(radius_um, output_type="ndarray")
     i, j = np.r_[pairs[:, 0], pairs[:, 1]], np.r_[pairs[:, 1], pairs[:, 0]]
+    keep = ref[j] & placed[i] & placed[j]
+    i, j = i[keep], j[keep]
     adj = sparse.csr_matrix((np.ones(len(i), np.float32), (i, j)), shape=(n, n))
     deg = np.asarray(adj.sum(1)).ravel()
     lone = deg == 0

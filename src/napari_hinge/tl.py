@@ -385,3 +385,31 @@ def synthesize(
         "genes": list(result.genes), "tiles": result.table(),
     }
     return target if copy else None
+
+
+def train_with_pairs(datasets, *, pairs, pairs_weight: float = 1.0, out=None,
+                     progress: bool = True, **kwargs):
+    """Train HINGE on measured spots plus synthetic C2L pairs; returns the HingeModel.
+
+    ``datasets``: AnnData objects or paths (one or a list); ``pairs``: a
+    :class:`~napari_hinge.c2l.fill.FillResult`, :class:`~napari_hinge.c2l.pairs.SyntheticPairs`
+    or ``pairs.npz`` path (one or a list). Each synthetic pair weighs ``pairs_weight`` in the
+    loss and in the ridge prior and is marked as synthetic in the model's ``training_data``
+    (saved with it). ``out``: also save the model there. Other keywords go to
+    :func:`napari_hinge.hinge.pipeline.fit_hinge` (``epochs``, ``genes``, ``seed``, ...).
+    """
+    from ._progress import EventBar
+    from .c2l.fill import FillResult
+    from .c2l.pairs import pairs_from_fill
+    from .hinge.pipeline import fit_hinge, save_model
+    from .training import run_to_end
+
+    datasets = list(datasets) if isinstance(datasets, (list, tuple)) else [datasets]
+    pairs = list(pairs) if isinstance(pairs, (list, tuple)) else [pairs]
+    pairs = [pairs_from_fill(p) if isinstance(p, FillResult) else p for p in pairs]
+    gen = fit_hinge(datasets, extra_pairs=pairs, extra_weight=pairs_weight, **kwargs)
+    with EventBar("HINGE + C2L pairs", unit="step") as bar:
+        model, _ = run_to_end(gen, bar if progress else None)
+    if out is not None:
+        save_model(model, out)
+    return model

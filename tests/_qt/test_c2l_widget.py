@@ -40,7 +40,7 @@ def viewer_widget(make_napari_viewer, tiny_local_dir):
     return viewer, widget
 
 
-def test_fill_a_drawn_region_adds_a_placed_mosaic(viewer_widget, qtbot):
+def test_fill_a_drawn_region_adds_a_placed_mosaic(viewer_widget, qtbot, tmp_path):
     viewer, widget = viewer_widget
     slide = viewer.layers["her2st C3 H&E"]
     spots = viewer.layers["her2st C3 spots"]
@@ -73,14 +73,36 @@ def test_fill_a_drawn_region_adds_a_placed_mosaic(viewer_widget, qtbot):
     assert list(table.columns[4:]) == GENES and len(table) == 6
     assert slide.data is not None and "c2l" not in slide.metadata  # the slide is untouched
 
+    # the pairs reach HINGE's Train tab (another dock) and train with the real spots
+    from napari_hinge._widgets.hinge import HingeWidget
+    from napari_hinge.c2l.pairs import load_pairs
+
+    hinge = HingeWidget(viewer)  # held: its Train tab lives as long as the dock
+    train = hinge.train
     got = []
     widget.training_pairs.connect(got.append)
-    with qtbot.waitSignal(widget.jobs.ended, timeout=300_000):
-        widget.pairs_button.click()
-    assert got, widget.jobs.status.text()
-    feats, expr, genes = got[0]
-    assert feats.shape == (6, 1280) and expr.shape == (6, 4) and genes == GENES
-    assert "c2l_pairs" in layer.metadata
+    widget.pairs_button.click()
+    pairs = got[0]
+    assert pairs.patches.shape == (6, 64, 64, 3) and pairs.expression.shape == (6, 4)
+    assert pairs.genes == GENES and layer.metadata["c2l_pairs"] is pairs
+    assert pairs.slide_path == slide.metadata["slide_path"]
+    assert train.chosen_pairs() == [pairs]
+    saved = widget.save_pairs(tmp_path / "pairs.npz")
+    np.testing.assert_array_equal(load_pairs(saved).patches, pairs.patches)
+    train.pairs_list.clearSelection()
+    train.add_pairs(saved)
+    assert len(train.chosen_pairs()) == 1 and train.chosen_pairs()[0] is not pairs
+    train.datasets.item(0).setSelected(True)
+    train.epochs.setValue(1)
+    train.augment.setChecked(False)
+    train.pairs_weight.setValue(0.5)
+    train.checkpoints.setText(str(tmp_path / "run"))
+    train.run()
+    with qtbot.waitSignal(train.jobs.succeeded, timeout=600_000):
+        pass
+    assert train.model.training_data["n_synthetic"] == 6
+    assert train.model.training_data["synthetic_weight"] == 0.5
+    assert list(train.model.config.genes) == GENES
 
 
 def test_cancel_leaves_no_layer(viewer_widget, qtbot):

@@ -7,10 +7,13 @@ the shipped HINGE model), guidance, DDIM steps, strength (1: generate each tile 
 seamless canvas (default) or tile by tile (faster, with seams). The job (adapting a local model on
 the spots when none is loaded, then generating) runs in a worker through :class:`JobPanel`; the
 result is a NEW RGBA Image layer over the region (the slide is never modified) whose metadata holds
-the per-tile conditioning expression table. "Use as training pairs" encodes the synthetic tiles and
-emits :attr:`C2LWidget.training_pairs` with ``(features, expression, genes)`` for
-:func:`napari_hinge.hinge.pipeline.fit_hinge_arrays`; the pairs also stay in the layer's metadata
-(``metadata['c2l_pairs']``).
+the per-tile conditioning expression table. "Use as training pairs" emits
+:attr:`C2LWidget.training_pairs` with a :class:`~napari_hinge.c2l.pairs.SyntheticPairs` (tiles,
+conditioning expression, genes, positions on the slide); every HINGE Train tab receives it through
+:func:`pairs_hub` and trains on it next to the real spots (the tiles are encoded there, exactly as
+the slide's spots). The pairs also stay in the layer's metadata (``metadata['c2l_pairs']``);
+"Save pairs…" writes them as the ``pairs.npz`` that ``napari-hinge hinge train --extra-pairs``
+reads.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from qtpy.QtCore import Signal
+from qtpy.QtCore import QObject, Signal
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -91,12 +94,29 @@ def adapt_job(stop, adata, *, central="shipped", n_genes: int = C2L_ADAPT["n_gen
     return None if stop.requested else model
 
 
+class _PairsHub(QObject):
+    """Relays synthetic pairs from any fill widget to every HINGE Train tab (separate docks)."""
+
+    pairs_ready = Signal(object)
+
+
+_HUB: _PairsHub | None = None
+
+
+def pairs_hub() -> _PairsHub:
+    """The one hub of this session (created on first use, when Qt is up)."""
+    global _HUB
+    if _HUB is None:
+        _HUB = _PairsHub()
+    return _HUB
+
+
 class C2LWidget(TabbedDock, QWidget):
     """Fill sparse regions of a slide with gene-conditioned synthetic H&E."""
 
     #: emitted with the new mosaic layer when a fill finished
     layer_added = Signal(object)
-    #: emitted with ``(features, expression, genes)`` by "Use as training pairs"
+    #: emitted with a :class:`~napari_hinge.c2l.pairs.SyntheticPairs` by "Use as training pairs"
     training_pairs = Signal(object)
 
     def __init__(self, napari_viewer: napari.Viewer) -> None:
@@ -134,6 +154,10 @@ class C2LWidget(TabbedDock, QWidget):
         self.run_button = QPushButton("Fill region")
         self.pairs_button = QPushButton("Use as training pairs")
         self.pairs_button.setEnabled(False)
+        self.save_pairs_button = QPushButton("Save pairs…")
+        self.save_pairs_button.setEnabled(False)
+        self.save_pairs_button.setToolTip("write the tiles and their expression as pairs.npz "
+                                          "(napari-hinge hinge train --extra-pairs reads it)")
         self.load_local.setToolTip("use a local model folder written by napari-hinge "
                                    "c2l-adapt (else one is adapted on the spots)")
         self.adapt_steps.setToolTip("training steps when a local model is adapted on the spots")
@@ -177,7 +201,10 @@ class C2LWidget(TabbedDock, QWidget):
         layout.addLayout(form)
         layout.addWidget(self.run_button)
         layout.addWidget(self.jobs)
-        layout.addWidget(self.pairs_button)
+        pairs_row = QHBoxLayout()
+        pairs_row.addWidget(self.pairs_button)
+        pairs_row.addWidget(self.save_pairs_button)
+        layout.addLayout(pairs_row)
         layout.addWidget(self.info)
 
         self.last_result = None
@@ -185,6 +212,8 @@ class C2LWidget(TabbedDock, QWidget):
         self.load_local.clicked.connect(self._ask_local)
         self.run_button.clicked.connect(self.run)
         self.pairs_button.clicked.connect(self.use_as_training_pairs)
+        self.save_pairs_button.clicked.connect(self._ask_save_pairs)
+        self.training_pairs.connect(pairs_hub().pairs_ready.emit)
         self.jobs.succeeded.connect(self._on_result)
         self.jobs.ended.connect(self._on_ended)
         self.slide_box.currentTextChanged.connect(self._match_spots)
@@ -195,6 +224,7 @@ class C2LWidget(TabbedDock, QWidget):
     def _on_ended(self) -> None:
         self.run_button.setEnabled(True)
         self.pairs_button.setEnabled(self.last_result is not None)
+        self.save_pairs_button.setEnabled(self.last_result is not None)
 
     # -- model ----------------------------------------------------------------------------------
     def set_local(self, path_or_model) -> None:
@@ -271,9 +301,6 @@ class C2LWidget(TabbedDock, QWidget):
     def _on_result(self, value) -> None:
         if value is None:
             return
-        if isinstance(value, tuple) and value[0] == "pairs":
-            self._on_pairs(value[1])
-            return
         local, result = value
         if self.local is None:
             self.set_local(local)
@@ -300,38 +327,36 @@ class C2LWidget(TabbedDock, QWidget):
                           f"{len(result.genes)} genes")
         self.layer_added.emit(layer)
 
-    def use_as_training_pairs(self):
-        """Encode the last fill's tiles in a worker; then emit :attr:`training_pairs` with
-        ``(features, expression, genes)`` and store them in the layer's metadata."""
+    def _pairs(self):
+        from napari_hinge.c2l.pairs import pairs_from_fill
+
         if self.last_result is None:
             raise RuntimeError("fill a region first")
-        result = self.last_result
-        self.pairs_button.setEnabled(False)
-        self.run_button.setEnabled(False)
-        return self.jobs.run(lambda stop: pairs_job(stop, result),
-                             description=f"encoding {len(result.layout)} synthetic tiles")
+        return pairs_from_fill(self.last_result,
+                               self._slide_layer.metadata.get("slide_path"))
 
-    def _on_pairs(self, pairs) -> None:
+    def use_as_training_pairs(self):
+        """Emit :attr:`training_pairs` with the last fill as
+        :class:`~napari_hinge.c2l.pairs.SyntheticPairs` (every HINGE Train tab lists them) and
+        keep them in the layer's metadata."""
+        pairs = self._pairs()
         if self.last_layer is not None:
             self.last_layer.metadata["c2l_pairs"] = pairs
-        self.pairs_button.setEnabled(True)
-        self.info.setText(f"{len(pairs[0])} synthetic training pairs ready "
-                          f"({pairs[0].shape[1]} features, {len(pairs[2])} genes)")
+        self.info.setText(f"{len(pairs)} synthetic training pairs ({len(pairs.genes)} genes) "
+                          "sent to HINGE's Train tab")
         self.training_pairs.emit(pairs)
+        return pairs
 
+    def save_pairs(self, path: str | Path) -> Path:
+        """Write the last fill's pairs as ``pairs.npz`` (atomic)."""
+        from napari_hinge.c2l.pairs import save_pairs
 
-def pairs_job(stop, result, *, encoder="efficientnet-lite0", chunk: int = 8):
-    """Encode a fill's tiles chunk by chunk (progress, cancel); returns ``('pairs', pairs)``."""
-    from napari_hinge._progress import ProgressEvent
-    from napari_hinge.hinge.pipeline import resolve_encoder
+        out = save_pairs(self._pairs(), path)
+        self.info.setText(f"wrote {out}")
+        return out
 
-    enc = resolve_encoder(encoder)
-    n = len(result.patches)
-    feats = np.empty((n, enc.dim), np.float32)
-    for start in range(0, n, chunk):
-        if stop.requested:
-            yield ProgressEvent("stopped", None, start, n)
-            return None
-        feats[start:start + chunk] = enc.encode(result.patches[start:start + chunk])
-        yield ProgressEvent("step", None, min(n, start + chunk), n)
-    return "pairs", (feats, result.expression, list(result.genes))
+    def _ask_save_pairs(self) -> None:
+        path, _ = QFileDialog.getSaveFileName(self, "Save synthetic pairs", "pairs.npz",
+                                              "pairs (*.npz)")
+        if path:
+            self.save_pairs(path)

@@ -441,6 +441,16 @@ class TrainWidget(QWidget):
         stamp = time.strftime("%Y%m%d-%H%M%S")
         self.checkpoints = QLineEdit(str(Path.home() / "napari-hinge-runs" / f"hinge-{stamp}"))
         self.resume = QCheckBox("resume from the checkpoint folder")
+        # synthetic C2L pairs: from the fill widget (pairs_hub) or a saved pairs.npz
+        self.pairs_list = QListWidget()
+        self.pairs_list.setSelectionMode(QAbstractItemView.SelectionMode.MultiSelection)
+        self.pairs_list.setToolTip("synthetic C2L pairs trained on next to the real spots "
+                                   "(selected ones); from 'Use as training pairs' or a file")
+        self.add_pairs_file = QPushButton("Add pairs file…")
+        self.pairs_weight = QDoubleSpinBox(decimals=2, minimum=0.0, maximum=10.0,
+                                           singleStep=0.1, value=1.0)
+        self.pairs_weight.setToolTip("weight of each synthetic pair in the loss and the ridge "
+                                     "prior (real spots weigh 1)")
         self.start = QPushButton("Start training")
         self.use_button = QPushButton("Use this model")
         self.use_button.setEnabled(False)
@@ -464,14 +474,25 @@ class TrainWidget(QWidget):
         layout.addWidget(self.datasets)
         layout.addWidget(self.add_folder)
         layout.addLayout(form)
+        layout.addWidget(QLabel("Synthetic pairs (C2L-ST; select to use):"))
+        layout.addWidget(self.pairs_list)
+        pairs_row = QFormLayout()
+        pairs_row.addRow(self.add_pairs_file)
+        pairs_row.addRow("Pair weight", self.pairs_weight)
+        layout.addLayout(pairs_row)
         layout.addWidget(self.resume)
         layout.addWidget(self.start)
         layout.addWidget(self.jobs)
         layout.addWidget(self.use_button)
 
         self.folders: list[str] = []
+        self.pairs: dict[str, object] = {}  # list label -> SyntheticPairs
         self.model = None
         self.add_folder.clicked.connect(self._ask_folder)
+        self.add_pairs_file.clicked.connect(self._ask_pairs_file)
+        from napari_hinge._widgets.c2l import pairs_hub
+
+        pairs_hub().pairs_ready.connect(self.add_pairs)
         self.start.clicked.connect(self.run)
         self.use_button.clicked.connect(lambda: self.model_ready.emit(self.model))
         self.jobs.succeeded.connect(self._on_result)
@@ -495,6 +516,29 @@ class TrainWidget(QWidget):
         if folder:
             self.folders.append(folder)
             self._refresh()
+
+    def add_pairs(self, pairs, label: str | None = None) -> str:
+        """List synthetic pairs (a SyntheticPairs or a pairs.npz path, checked now) and select
+        them; returns their label."""
+        from napari_hinge.c2l.pairs import SyntheticPairs, load_pairs
+
+        if not isinstance(pairs, SyntheticPairs):
+            label = label or str(pairs)
+            pairs = load_pairs(pairs)
+        where = Path(pairs.slide_path).name if pairs.slide_path else "unknown slide"
+        label = label or f"C2L fill {len(self.pairs) + 1} ({len(pairs)} tiles, {where})"
+        self.pairs[label] = pairs
+        self.pairs_list.addItem(label)
+        self.pairs_list.item(self.pairs_list.count() - 1).setSelected(True)
+        return label
+
+    def _ask_pairs_file(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Synthetic pairs", "", "pairs (*.npz)")
+        if path:
+            self.add_pairs(path)
+
+    def chosen_pairs(self) -> list:
+        return [self.pairs[item.text()] for item in self.pairs_list.selectedItems()]
 
     def chosen_datasets(self) -> list:
         out = []
@@ -520,7 +564,9 @@ class TrainWidget(QWidget):
                    "encoder": self.encoder.currentText(), "backbone": self.backbone.currentText(),
                    "augment": self.augment.isChecked(),
                    "checkpoint_dir": self.checkpoints.text() or None,
-                   "resume": self.resume.isChecked()}
+                   "resume": self.resume.isChecked(),
+                   "extra_pairs": self.chosen_pairs(),
+                   "extra_weight": self.pairs_weight.value()}
         self.start.setEnabled(False)
         self.use_button.setEnabled(False)
         return self.jobs.run(lambda stop: fit_hinge(datasets, stop=stop, **options),

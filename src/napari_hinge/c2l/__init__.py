@@ -4,9 +4,11 @@ A *central* diffusion model learns H&E morphology from unpaired patches
 (:mod:`~napari_hinge.c2l.central`, weights shipped in ``napari_hinge/weights/c2l_central``); a
 *local* model freezes it and adds zero-initialised gene-conditioned FiLM, trained on a few paired
 spots of one slide (:mod:`~napari_hinge.c2l.local`). :mod:`~napari_hinge.c2l.fill` generates tiles
-over sparse regions and turns them into training pairs; :mod:`~napari_hinge.c2l.train` holds the
-trainers (generators of TrainEvents); :mod:`~napari_hinge.c2l.schedule` the noise schedule and
-the DDIM sampler with classifier-free guidance.
+over sparse regions; :mod:`~napari_hinge.c2l.pairs` holds them as training pairs (the
+``pairs.npz`` format, their encoding, their rows next to real spots);
+:mod:`~napari_hinge.c2l.train` holds the trainers (generators of TrainEvents);
+:mod:`~napari_hinge.c2l.schedule` the noise schedule and the DDIM sampler with classifier-free
+guidance.
 """
 
 from __future__ import annotations
@@ -22,6 +24,11 @@ _EXPORTS = {
     "as_training_pairs": "fill",
     "fill_region": "fill",
     "fill_region_iter": "fill",
+    "SyntheticPairs": "pairs",
+    "encode_pairs": "pairs",
+    "load_pairs": "pairs",
+    "pairs_from_fill": "pairs",
+    "save_pairs": "pairs",
     "LocalConfig": "local",
     "LocalModel": "local",
     "build_local": "local",
@@ -43,10 +50,15 @@ __all__ = [
     "FillResult",
     "LocalConfig",
     "LocalModel",
+    "SyntheticPairs",
     "as_training_pairs",
     "build_local",
+    "encode_pairs",
     "fill_region",
     "fill_region_iter",
+    "load_pairs",
+    "pairs_from_fill",
+    "save_pairs",
     "train_autoencoder",
     "train_central",
     "train_local",

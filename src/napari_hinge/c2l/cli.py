@@ -10,7 +10,8 @@ her2st-layout folders)::
 
 ``fill`` writes ``mosaic.png`` (RGBA, transparent outside the tiles), ``fill.json``
 (placement on the slide, parameters), ``tiles.csv`` (tile positions and conditioning
-expression) and ``pairs.npz`` (patches, expression, genes: synthetic training pairs).
+expression) and ``pairs.npz`` (synthetic training pairs, :mod:`napari_hinge.c2l.pairs`), which
+``napari-hinge hinge train DATA --extra-pairs OUT/pairs.npz`` trains on next to the real spots.
 """
 
 from __future__ import annotations
@@ -223,6 +224,7 @@ def cmd_synthesize(args) -> int:
 
     from .fill import fill_region_iter
     from .local import LocalModel
+    from .pairs import pairs_from_fill, save_pairs
 
     model_dir = Path(args.model)
     if not model_dir.is_dir():
@@ -253,12 +255,8 @@ def cmd_synthesize(args) -> int:
                  lambda tmp: Image.fromarray(result.mosaic, "RGBA").save(tmp, format="PNG"))
     result.table().to_csv(out / "tiles.csv", index=False)
 
-    def write_pairs(tmp):
-        with open(tmp, "wb") as f:
-            np.savez(f, patches=result.patches, expression=result.expression,
-                     genes=np.array(result.genes), centers_xy=result.layout.centers_xy)
-
-    atomic_write(out / "pairs.npz", write_pairs)
+    # the training pairs 'napari-hinge hinge train --extra-pairs' reads (one format: c2l.pairs)
+    save_pairs(pairs_from_fill(result, meta["slide_path"]), out / "pairs.npz")
     place = result.placement()
     info = {**result.params, "n_tiles": len(result.layout), "model": str(model_dir),
             "slide_path": meta["slide_path"], "microns_per_pixel": result.microns_per_pixel,

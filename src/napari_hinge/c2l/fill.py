@@ -13,7 +13,9 @@
    ``scale`` / ``translate`` that lays it exactly over the region in napari. The slide is never
    modified.
 4. :func:`as_training_pairs` turns a :class:`FillResult` into ``(features, expression, genes)``
-   for :func:`napari_hinge.hinge.pipeline.fit_hinge_arrays` (or patches, for any other model).
+   for :func:`napari_hinge.hinge.pipeline.fit_hinge_arrays` (or patches, for any other model),
+   the tiles encoded exactly as the slide's real spots (:func:`napari_hinge.c2l.pairs.
+   encode_pairs`); :func:`napari_hinge.c2l.pairs.pairs_from_fill` for the pairs file.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from napari_hinge._convention import META_KEY, SPATIAL_KEY
 from napari_hinge._progress import ProgressEvent
 from napari_hinge.defaults import C2L_FILL, SAMPLER
 from napari_hinge.geometry import edge_placement, region_grid, spot_pitch_px
+from napari_hinge.patches import slide_path as slide_file
 from napari_hinge.training import StopToken
 
 from .local import LocalModel
@@ -372,7 +375,8 @@ def fill_region_iter(local: LocalModel, slide, adata, *, region=None,
               "n_spacings": None if region is not None else float(n_spacings),
               "region": "polygon" if region is not None else "proposed sparse tissue",
               "k": int(k), "genes": genes, "patch_um": local.central.config.patch_um,
-              "strength": float(strength), "seamless": bool(seamless)}
+              "strength": float(strength), "seamless": bool(seamless),
+              "slide_path": slide_file(slide)}
     # a canvas covers exactly the layout's cells: its tiles put back in place are the canvas
     patches = (cut_tiles(generated, layout, local.central.config.image_size) if seamless
                else generated)
@@ -406,8 +410,10 @@ def as_training_pairs(result: FillResult, *, encoder="efficientnet-lite0", featu
     """
     if not features:
         return result.patches, result.expression, list(result.genes)
-    from napari_hinge.hinge.pipeline import resolve_encoder
+    from .pairs import encode_pairs, pairs_from_fill
 
-    enc = resolve_encoder(encoder)
-    feats = enc.encode(result.patches, batch_size=batch_size, progress=progress)
-    return np.asarray(feats, np.float32), result.expression, list(result.genes)
+    # encoded as a real spot of this slide is (same field of view, same pixels into the encoder)
+    feats = encode_pairs(pairs_from_fill(result), encoder=encoder,
+                         side_px=int(round(result.layout.side_px)), batch_size=batch_size,
+                         progress=progress)
+    return feats, result.expression, list(result.genes)

@@ -81,6 +81,11 @@ def register(subparsers) -> None:
                    help="spots held out for validation and for the interval calibration")
     p.add_argument("--seed", type=int, default=TRAIN["seed"],
                    help="seed of split, batches and noise")
+    p.add_argument("--extra-pairs", type=Path, action="append", default=[], metavar="FILE",
+                   help="synthetic pairs.npz from 'napari-hinge c2l fill' to train on next "
+                        "to the real spots (repeatable; without --genes the panel is theirs)")
+    p.add_argument("--extra-weight", type=float, default=1.0, metavar="W",
+                   help="loss and ridge weight of each synthetic pair (default 1)")
     p.add_argument("--checkpoints", type=Path, default=None,
                    help="checkpoint folder (default: OUT.checkpoints)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
@@ -200,6 +205,8 @@ def _bar(total: int, desc: str):
 
 def cmd_train(args) -> int:
     from napari_hinge import ddp
+    from napari_hinge.c2l.pairs import load_pairs
+    from napari_hinge.errors import InputError
 
     from .pipeline import fit_hinge, save_model
 
@@ -213,6 +220,9 @@ def cmd_train(args) -> int:
         raise ValueError(f"{out} already holds a model; pass --overwrite to replace it")
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out} exists and is not a folder")
+    if not 0 <= args.extra_weight < float("inf"):
+        raise InputError(f"--extra-weight must be a number >= 0, got {args.extra_weight}")
+    pairs = [load_pairs(f) for f in args.extra_pairs]  # checked before any encoding
     datasets = [_read(d, args.section) for d in args.data]
     ckpt = args.checkpoints or out.with_name(out.name + ".checkpoints")
     gen = fit_hinge(
@@ -224,7 +234,7 @@ def cmd_train(args) -> int:
         augment=not args.no_augment, batch_size=args.batch_size, lr=args.lr,
         ada_rank=args.ada_rank or None, val_fraction=args.val_fraction, seed=args.seed,
         checkpoint_dir=ckpt, resume=args.resume, device=args.device,
-        progress=lambda name, d, t: None,
+        progress=lambda name, d, t: None, extra_pairs=pairs, extra_weight=args.extra_weight,
     )
     bar = None
     model = None

@@ -1,4 +1,4 @@
-"""HINGE maps for a cohort of slides on dask.distributed (``napari-hinge predict-cohort``).
+"""HINGE maps for a cohort of slides on dask.distributed (``napari-hinge hinge predict-cohort``).
 
 Each slide is one task that runs the whole-slide path
 (:func:`napari_hinge.hinge.slide_predict.predict_slide_iter`) and writes what ``predict-slide``

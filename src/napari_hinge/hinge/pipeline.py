@@ -20,6 +20,7 @@ of the model (:meth:`HingeModel.set_feature_norm`), applied inside it and saved 
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -225,19 +226,29 @@ def unknown_genes_message(unknown: Sequence[str], panel: Sequence[str]) -> str:
             + f". It predicts {len(panel)} genes: {shown}")
 
 
-def model_inputs(model: HingeModel, features, coords_um=None, groups=None) -> np.ndarray:
+def model_inputs(model: HingeModel, features, coords_um=None, groups=None,
+                 synthetic=None) -> np.ndarray:
     """Encoder features ``(N, F)`` / ``(K, N, F)`` -> what the network takes: with the
     neighbour context the model was trained with (``coords_um`` (N, 2) in µm needed then),
-    centred per section when the model was (the network standardises them itself)."""
+    centred per section when the model was (the network standardises them itself).
+
+    ``synthetic`` (bool, N) marks synthetic C2L pairs among training rows. Their context is
+    the mean of the *real* spots around their position in the same group (NaN coordinates:
+    their own features, as for a spot without neighbours), and they are nobody's neighbour,
+    so real spots get the inputs they get at prediction; they are centred on the mean of the
+    synthetic rows of their group (the generator's style offset is not a section's), real rows
+    on the real rows' mean."""
     f = np.asarray(features, dtype=np.float32)
+    real = None if synthetic is None else ~np.asarray(synthetic, bool)
     radius = model.config.context_um
     if radius:
         if coords_um is None:
             raise ValueError(f"this model uses {radius:g} µm of neighbour context: pass the "
                              "spots' coordinates (coords_um)")
-        f = context_features(f, coords_um, radius_um=float(radius), groups=groups)
+        f = context_features(f, coords_um, radius_um=float(radius), groups=groups,
+                             reference=real)
     if model.config.center_sections:
-        f = center_per_group(f, groups)
+        f = center_per_group(f, centring_groups(groups, synthetic, f.shape[-2]))
     return f
 
 
@@ -246,6 +257,15 @@ def standardized(model: HingeModel, inputs) -> np.ndarray:
     fitting or scoring a baseline on exactly the network's inputs."""
     with torch.no_grad():
         return model.standardize(torch.as_tensor(np.asarray(inputs, np.float32))).cpu().numpy()
+
+
+def centring_groups(groups, synthetic, n: int):
+    """Per-section centring labels with the synthetic rows of each section on their own."""
+    if synthetic is None:
+        return groups
+    labels = np.zeros(n, np.int64) if groups is None else \
+        np.unique(np.asarray(groups), return_inverse=True)[1].ravel()
+    return labels * 2 + np.asarray(synthetic, bool)
 
 
 def coords_um_of(adata) -> np.ndarray:
@@ -275,8 +295,15 @@ def calibrated_uncertainty(model: HingeModel, mean, raw_std, genes=None) -> dict
 
 def save_model(model: HingeModel, directory: str | os.PathLike) -> Path:
     """Write a model folder (:meth:`HingeModel.save`: weights, feature standardisation and
-    calibration, atomically)."""
-    return model.save(directory)
+    calibration, atomically), and ``training_data.json`` (real vs synthetic rows)."""
+    from napari_hinge._files import atomic_write
+
+    directory = model.save(directory)
+    mix = getattr(model, "training_data", None)
+    if mix is not None:  # for the record (never read back as code)
+        atomic_write(directory / "training_data.json",
+                     lambda tmp: Path(tmp).write_text(json.dumps(mix, indent=2)))
+    return directory
 
 
 def shipped_model_dir() -> Path:
@@ -315,7 +342,8 @@ def fit_hinge_arrays(features, targets, genes: Sequence[str], *, encoder: str = 
                      seed: int = TRAIN["seed"],
                      checkpoint_dir: str | os.PathLike | None = None, resume: bool = False,
                      stop: StopToken | None = None, device=None, val_samples: int = 2,
-                     backbone_ref: str | None = None, **config) -> Iterator[TrainEvent]:
+                     backbone_ref: str | None = None, synthetic=None,
+                     synthetic_weight: float = 1.0, **config) -> Iterator[TrainEvent]:
     """Train HINGE on prepared arrays; a generator of TrainEvents that returns the model.
 
     ``features`` ``(N, F)`` or ``(K, N, F)`` encoder features, ``targets`` ``(N, G)`` over
@@ -337,6 +365,12 @@ def fit_hinge_arrays(features, targets, genes: Sequence[str], *, encoder: str = 
     ``checkpoint_dir`` the final model is saved to ``checkpoint_dir/final`` (with
     :func:`save_model`); ``best/`` holds the best-validation weights. A resumed run keeps the
     milestones of its checkpoint unless ``milestones`` is given (so ``epochs`` may grow).
+
+    ``synthetic`` (bool, N) marks synthetic pairs (C2L tiles, :func:`napari_hinge.c2l.
+    load_pairs`): their inputs follow :func:`model_inputs`; they weigh ``synthetic_weight`` in
+    the diffusion loss and in the ridge prior, never validate, and the prior's alpha is scored on
+    real spots only. The model records the mix (``model.training_data``, saved by
+    :func:`save_model` as ``training_data.json``).
     """
     from napari_hinge import ddp
 
@@ -346,6 +380,18 @@ def fit_hinge_arrays(features, targets, genes: Sequence[str], *, encoder: str = 
     targets = np.asarray(targets, np.float32)
     if features.ndim == 2:
         features = features[None]
+    n_rows = targets.shape[0]
+    synthetic = np.zeros(n_rows, bool) if synthetic is None else \
+        np.asarray(synthetic, bool).ravel()
+    if synthetic.shape != (n_rows,):
+        raise ValueError(f"synthetic must mark each of the {n_rows} rows, got {synthetic.shape}")
+    if not np.isfinite(synthetic_weight) or synthetic_weight < 0:
+        raise ValueError(f"synthetic_weight must be >= 0, got {synthetic_weight}")
+    if synthetic.all():
+        raise ValueError("training needs real spots next to the synthetic pairs")
+    real = ~synthetic
+    mark = synthetic if synthetic.any() else None
+    weights = None if mark is None else np.where(synthetic, synthetic_weight, 1.0)
     if model is None:
         if context_um and coords_um is None:
             raise ValueError(f"context_um={context_um} needs the spots' coords_um (N, 2) in µm")
@@ -355,18 +401,20 @@ def fit_hinge_arrays(features, targets, genes: Sequence[str], *, encoder: str = 
                             context_um=context_um, prior=prior,
                             predict_variance=predict_variance, center_sections=center_sections,
                             residual_scale=residual_scale, **config)
-        if standardize:  # statistics of the features as the network takes them
+        if standardize:  # statistics of the features as the network takes them (real rows)
             model.set_feature_norm(*feature_stats(model_inputs(model, features, coords_um,
-                                                               groups)))
-        model.init_extra_genes(targets)
-    inputs = model_inputs(model, features, coords_um, groups)
+                                                               groups, mark)[:, real]))
+        model.init_extra_genes(targets[real])
+    inputs = model_inputs(model, features, coords_um, groups, mark)
     prior_values = None
     if model.config.prior == "ridge":
-        ridge = fit_ridge_prior(model, inputs, targets, groups)
+        ridge = fit_ridge_prior(model, inputs, targets, groups, sample_weight=weights,
+                                score_rows=real)
         oof = ridge.oof_predictions_
         # residuals centred per section: a section's mean level is not what a map shows
         prior_values = oof.copy()
-        labels = np.zeros(len(targets)) if groups is None else np.asarray(groups)
+        labels = centring_groups(np.zeros(len(targets)) if groups is None else groups, mark,
+                                 len(targets))
         for g in np.unique(labels):
             sel = labels == g
             prior_values[sel] += (targets[sel] - oof[sel]).mean(0)
@@ -379,12 +427,18 @@ def fit_hinge_arrays(features, targets, genes: Sequence[str], *, encoder: str = 
                       val_fraction=val_fraction, epochs=epochs, batch_size=batch_size, lr=lr,
                       milestones=tuple(milestones), warmup_epochs=warmup_epochs, seed=seed,
                       checkpoint_dir=checkpoint_dir, resume=resume, stop=stop, device=device,
-                      aug_ratio=aug_ratio, val_samples=val_samples, prior_values=prior_values)
+                      aug_ratio=aug_ratio, val_samples=val_samples, prior_values=prior_values,
+                      sample_weights=weights, val_eligible=None if mark is None else real)
+    model.training_data = {"n_real": int(real.sum()), "n_synthetic": int(synthetic.sum()),
+                           "synthetic_weight": float(synthetic_weight) if mark is not None
+                           else None}
     done = None
     for event in gen:
         if event.kind == "done":
             done = event
-            _, val_idx = split_groups(targets.shape[0], val_fraction, seed)
+            done.metrics["training_data"] = dict(model.training_data)
+            _, val_idx = split_groups(targets.shape[0], val_fraction, seed,
+                                      None if mark is None else real)
             if calibrate and len(val_idx) >= 10:
                 # with the plain out-of-fold prior: a new section's level is not known either
                 model.calibration = calibrate_on(model, inputs[:, val_idx], targets[val_idx],
@@ -398,7 +452,8 @@ def fit_hinge_arrays(features, targets, genes: Sequence[str], *, encoder: str = 
     return model.cpu().eval()
 
 
-def fit_ridge_prior(model: HingeModel, inputs, targets, groups=None):
+def fit_ridge_prior(model: HingeModel, inputs, targets, groups=None, *, sample_weight=None,
+                    score_rows=None):
     """Fit the ridge prior on the network's inputs and install it in ``model``; returns the
     fitted :class:`~napari_hinge.baselines.TunedRidge` (its ``oof_predictions_`` hold each
     spot's prior from the fit without its group).
@@ -408,7 +463,8 @@ def fit_ridge_prior(model: HingeModel, inputs, targets, groups=None):
     (smoother training features than the test's)."""
     from napari_hinge.baselines import TunedRidge
 
-    ridge = TunedRidge().fit(standardized(model, np.asarray(inputs)[0]), targets, groups=groups)
+    ridge = TunedRidge().fit(standardized(model, np.asarray(inputs)[0]), targets, groups=groups,
+                             sample_weight=sample_weight, score_rows=score_rows)
     model.set_prior(*ridge.linear_map())
     return ridge
 
@@ -433,13 +489,20 @@ def calibrate_on(model: HingeModel, inputs, targets, prior_values=None, *,
     return fit_calibration(mean, res.std.numpy(), targets, model.config.genes)
 
 
+def _as_pairs(pairs):
+    from napari_hinge.c2l.pairs import SyntheticPairs, load_pairs
+
+    return pairs if isinstance(pairs, SyntheticPairs) else load_pairs(pairs)
+
+
 def fit_hinge(datasets: Sequence, *, genes: Sequence[str] | None = None,
               n_genes: int = TRAIN["n_genes"],
               encoder=DEFAULT_ENCODER, encoder_weights=None, backbone=DEFAULT_BACKBONE,
               include: Sequence[str] = (),
               epochs: int = TRAIN["epochs"], augment: bool = True, min_umi: int = MIN_UMI,
               progress: Callable[[str, int, int], None] | None = None,
-              stop: StopToken | None = None, **train_kwargs) -> Iterator[TrainEvent]:
+              stop: StopToken | None = None, extra_pairs: Sequence = (),
+              extra_weight: float = 1.0, **train_kwargs) -> Iterator[TrainEvent]:
     """Train HINGE on spatial datasets; a generator of TrainEvents returning the HingeModel.
 
     Parameters
@@ -463,6 +526,11 @@ def fit_hinge(datasets: Sequence, *, genes: Sequence[str] | None = None,
         Training epochs; ``augment`` trains on the 8 dihedral feature views.
     stop
         A :class:`~napari_hinge.training.StopToken` checked between steps.
+    extra_pairs, extra_weight
+        Synthetic pairs (:class:`~napari_hinge.c2l.pairs.SyntheticPairs` or ``pairs.npz``
+        paths, e.g. from ``napari-hinge c2l fill``) trained on next to the real spots, each
+        weighing ``extra_weight`` (see :func:`fit_hinge_arrays`). Their tiles are encoded as the
+        real spots of their slide; without ``genes`` the panel is the pairs' own.
     **train_kwargs
         Passed to :func:`fit_hinge_arrays` (``batch_size``, ``lr``, ``ada_rank``, ``seed``,
         ``checkpoint_dir``, ``resume``, ``device`` ...).
@@ -481,7 +549,10 @@ def fit_hinge(datasets: Sequence, *, genes: Sequence[str] | None = None,
     seed = train_kwargs.get("seed", 42)
     bb, ref = load_backbone_spec(backbone, seed=seed)
     kept = [a[library_size(a) >= min_umi] for a in adatas]
-    if genes is None:
+    pairs = [_as_pairs(p) for p in extra_pairs]
+    if genes is None and pairs:
+        genes = list(pairs[0].genes)  # the local model's panel: what the tiles carry
+    elif genes is None:
         genes = select_panel(kept, n_genes, include=include)
     feats, targets, coords, groups = [], [], [], []
     enc = resolve_encoder(encoder, encoder_weights)
@@ -498,14 +569,38 @@ def fit_hinge(datasets: Sequence, *, genes: Sequence[str] | None = None,
         coords.append(coords_um_of(a)[library_size(a) >= min_umi])
         groups.append(np.full(len(y), len(groups)))
     features = np.concatenate(feats, axis=1)
+    targets, coords, groups = (np.concatenate(x) for x in (targets, coords, groups))
+    synthetic = None
+    if pairs:
+        from napari_hinge.c2l.pairs import encode_pairs, stack_training_rows
+        from napari_hinge.patches import patch_side_px
+
+        slides = [_check_spatial(a).get("slide_path") for a in adatas]
+        by_slide = {os.path.realpath(p): a for p, a in zip(slides, adatas, strict=True) if p}
+        extra = []
+        for i, pr in enumerate(pairs):
+            # a tile is encoded as a real spot of its slide (same pixels into the encoder)
+            home = by_slide.get(os.path.realpath(pr.slide_path)) if pr.slide_path else None
+            side = patch_side_px(home) if home is not None else None
+            tick = None if progress is None else \
+                (lambda d, t, n=f"synthetic pairs {i + 1}": progress(n, d, t))
+            extra.append((pr, encode_pairs(pr, encoder=enc, side_px=side, augment=augment,
+                                           progress=tick)))
+        features, targets, coords, groups, synthetic = stack_training_rows(
+            features, targets, coords, groups, extra, genes, slides)
     # the backbone object already loaded (the same random weights that chose the panel)
-    model = yield from fit_hinge_arrays(features, np.concatenate(targets), genes,
+    model = yield from fit_hinge_arrays(features, targets, genes,
                                         encoder=enc.name, backbone=bb, backbone_ref=ref,
-                                        coords_um=np.concatenate(coords),
-                                        groups=np.concatenate(groups),
+                                        coords_um=coords, groups=groups,
+                                        synthetic=synthetic, synthetic_weight=extra_weight,
                                         epochs=epochs, stop=stop, **train_kwargs)
     if model.train_summary is not None:
         model.train_summary["genes_outside_vocab"] = list(model.config.extra_genes)
+    if pairs:  # where the synthetic rows came from, in the saved training_data.json
+        model.training_data["synthetic_pairs"] = [
+            {"slide_path": pr.slide_path, "n": len(pr),
+             **{k: pr.params[k] for k in ("source", "strength", "guidance", "steps", "seed")
+                if k in pr.params}} for pr in pairs]
     return model
 
 

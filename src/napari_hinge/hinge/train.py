@@ -68,10 +68,18 @@ def _check_inputs(model: HingeModel, features, targets) -> tuple[torch.Tensor, t
     return f, y
 
 
-def split_groups(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(train, val) spot indices; a spot and all its views are in the same part."""
+def split_groups(n: int, val_fraction: float, seed: int,
+                 eligible=None) -> tuple[np.ndarray, np.ndarray]:
+    """(train, val) spot indices; a spot and all its views are in the same part.
+    ``eligible`` (bool, n): only these rows may validate (real spots, not synthetic pairs);
+    the fraction is of them."""
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if eligible is not None:
+        pool = np.flatnonzero(np.asarray(eligible, bool))
+        _, val = split_groups(len(pool), val_fraction, seed)
+        val = pool[val]
+        return np.setdiff1d(np.arange(n), val), val
     n_val = int(round(val_fraction * n))
     if val_fraction > 0:
         n_val = min(max(1, n_val), n - 1)
@@ -139,7 +147,7 @@ def train_hinge(model: HingeModel, train_features, train_targets, *, val_fractio
                 checkpoint_dir: str | Path | None = None, resume: bool = False,
                 stop: StopToken | None = None, val_every: int = 1, aug_ratio: int = 1,
                 val_samples: int = 2, val_reveal_steps: int = 10,
-                prior_values=None,
+                prior_values=None, sample_weights=None, val_eligible=None,
                 device: str | torch.device | None = None) -> Iterator[TrainEvent]:
     """Train a :class:`HingeModel` (its trainable part) by masked diffusion; yields TrainEvents.
 
@@ -182,6 +190,9 @@ def train_hinge(model: HingeModel, train_features, train_targets, *, val_fractio
         network learns ``targets - prior_values``. Pass out-of-fold values (the prior fitted
         without the spot's section), so the residuals look like those of unseen spots; default:
         the model's own prior of the spot's view 0.
+    sample_weights, val_eligible
+        (N,) loss weight per spot (e.g. synthetic C2L pairs below 1), and the (N,) bool rows
+        that may be validation spots (real ones: a model is judged on measured spots).
     device
         Training device (default: :func:`napari_hinge.device.default_device`).
 
@@ -213,7 +224,13 @@ def train_hinge(model: HingeModel, train_features, train_targets, *, val_fractio
     if not 1 <= aug_ratio <= K:
         raise ValueError(f"aug_ratio must be in 1..{K} (the number of feature views)")
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    train_idx, val_idx = split_groups(N, val_fraction, seed)
+    train_idx, val_idx = split_groups(N, val_fraction, seed, val_eligible)
+    # per-spot loss weights (synthetic pairs below 1): they scale each spot's revealed genes
+    weights = None if sample_weights is None else \
+        torch.as_tensor(np.asarray(sample_weights, np.float32))
+    if weights is not None and (weights.shape != (N,) or not torch.isfinite(weights).all()
+                                or (weights < 0).any()):
+        raise ValueError(f"sample_weights must be {N} finite weights >= 0")
     settings = {"config": asdict(model.config), "epochs": epochs, "batch_size": batch_size,
                 "lr": lr, "milestones": list(milestones), "gamma": gamma,
                 "warmup_epochs": warmup_epochs, "grad_clip": grad_clip, "seed": seed,
@@ -272,6 +289,8 @@ def train_hinge(model: HingeModel, train_features, train_targets, *, val_fractio
             mine = ddp.shard(len(x0))  # this rank's rows of the global batch (all in one process)
             x0 = x0[mine].to(device)
             reveal = cor.reveal[mine].to(device)
+            if weights is not None:  # a weighted mean over the revealed genes
+                reveal = reveal * weights[spots[sl]][mine].to(device)[:, None]
             with autocast(device):
                 out = net(cor.x_t[mine].to(device), t[mine].to(device),
                           cor.m_prev[mine].to(device), cor.m_t[mine].to(device),
