@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -U pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q "$(TORCH)" -e ".[napari,test]"
+	$(PY) -m pip install -q "$(TORCH)" -e ".[napari,test,spatialdata]"
 	touch $@
 
 setup: $(VENV)/.installed
