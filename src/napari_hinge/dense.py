@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .patches import PATCH_UM
+from .geometry import FIELD_OF_VIEW_UM
 
 # Interior cells per tile side and discarded margin cells: 16 + 2 x 2 cells = 640 encoder
 # pixels per tile (benchmarks/dense_features.py measures the margin's effect).
@@ -84,7 +84,7 @@ def cell_geometry(encoder, slide_shape, microns_per_pixel: float) -> CellGeometr
     if encoder.input_size % cell or (encoder.input_size // cell) % 2 == 0:
         raise ValueError(f"encoder {encoder.name!r}: input {encoder.input_size} px is not an "
                          f"odd number of {cell}-px cells")
-    side_px = int(round(PATCH_UM / float(microns_per_pixel)))
+    side_px = int(round(FIELD_OF_VIEW_UM / float(microns_per_pixel)))
     scale = encoder.input_size / side_px
     h, w = slide_shape
     window = encoder.input_size // cell

@@ -144,7 +144,8 @@ def encode_patches(patches: np.ndarray, *, encoder, side_px: int | None = None,
     exactly as :func:`encode_spots` encodes a real spot of ``side_px`` level-0 pixels.
 
     Every patch covers the same field of view as a spot patch (112 µm,
-    :data:`napari_hinge.patches.PATCH_UM`) at whatever pixel size it has; it is first resized
+    :data:`napari_hinge.geometry.FIELD_OF_VIEW_UM`) at whatever pixel size it has; it is first
+    resized
     (antialiased bilinear, the resampler real patches go through) to :func:`read_size` of
     ``side_px`` -- the pixels a real patch reaches the encoder with -- and then into the encoder,
     which resizes both to its input. A 64 px C2L tile next to her2st spots (163 px) is thus
