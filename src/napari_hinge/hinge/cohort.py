@@ -217,7 +217,8 @@ def predict_one(slide: CohortSlide, model: str, out: str | os.PathLike, settings
         seconds = time.perf_counter() - t0
 
         def write(tmp: Path) -> None:
-            files = write_slide_outputs(prediction, tmp)
+            # OME-TIFF + tiles only: complete.json lists files (OME-Zarr folders not yet)
+            files = write_slide_outputs(prediction, tmp, ome_zarr=False)
             marker = {"slide": slide.path, "settings": settings, "tiles": len(prediction.grid),
                       "files": sorted(Path(f).name for f in files.values()),
                       "params": prediction.params, "seconds": round(seconds, 3)}

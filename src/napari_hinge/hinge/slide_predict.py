@@ -208,28 +208,32 @@ def write_ome_tiff(prediction: SlidePrediction, path: str | Path, *, which: str 
                               place["translate"], path)
 
 
-SLIDE_OUTPUTS = ("maps.ome.tif", "uncertainty.ome.tif", "maps.ome.zarr", "uncertainty.ome.zarr",
-                 "tiles.h5ad")
+SLIDE_OUTPUTS = ("maps.ome.tif", "uncertainty.ome.tif", "tiles.h5ad")
+# Folders next to them (``ome_zarr=True``): the same rasters as multiscale OME-Zarr (NGFF).
+SLIDE_ZARR_OUTPUTS = ("maps.ome.zarr", "uncertainty.ome.zarr")
 
 
-def write_slide_outputs(prediction: SlidePrediction, folder: str | Path) -> dict[str, str]:
+def write_slide_outputs(prediction: SlidePrediction, folder: str | Path, *,
+                        ome_zarr: bool = True) -> dict[str, str]:
     """The files of ``hinge predict-slide`` in ``folder``: the mean and the uncertainty rasters
-    as pyramidal OME-TIFFs (QuPath) and multiscale OME-Zarr (NGFF), and the per-tile AnnData
-    (each written atomically); returns name -> path."""
+    as pyramidal OME-TIFFs (QuPath) and the per-tile AnnData, and with ``ome_zarr`` the rasters
+    as multiscale OME-Zarr too (each written atomically); returns name -> path."""
     from napari_hinge._files import atomic_write
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    maps, uncertainty, maps_zarr, uncertainty_zarr, tiles_name = (
-        folder / name for name in SLIDE_OUTPUTS)
+    maps, uncertainty, tiles_name = (folder / name for name in SLIDE_OUTPUTS)
     write_ome_tiff(prediction, maps)
     write_ome_tiff(prediction, uncertainty, which="std")
-    write_ome_zarr(prediction, maps_zarr)
-    write_ome_zarr(prediction, uncertainty_zarr, which="std")
     tiles = prediction.to_adata()
     atomic_write(tiles_name, lambda tmp: tiles.write_h5ad(tmp))
-    return {"maps": str(maps), "uncertainty": str(uncertainty), "maps_zarr": str(maps_zarr),
-            "uncertainty_zarr": str(uncertainty_zarr), "tiles": str(tiles_name)}
+    written = {"maps": str(maps), "uncertainty": str(uncertainty), "tiles": str(tiles_name)}
+    if ome_zarr:
+        maps_zarr, uncertainty_zarr = (folder / name for name in SLIDE_ZARR_OUTPUTS)
+        write_ome_zarr(prediction, maps_zarr)
+        write_ome_zarr(prediction, uncertainty_zarr, which="std")
+        written |= {"maps_zarr": str(maps_zarr), "uncertainty_zarr": str(uncertainty_zarr)}
+    return written
 
 
 def compare_with_spots(prediction: SlidePrediction, adata
