@@ -38,9 +38,12 @@ def test_device_rule_refuses_a_missing_gpu(monkeypatch):
 def test_every_cli_has_a_device_option():
     from napari_hinge.cli import build_parser
 
-    for command in ("train", "predict", "domains", "c2l-pretrain", "c2l-adapt", "synthesize"):
+    for command in ("hinge train", "hinge predict", "stmgac domains", "c2l pretrain",
+                    "c2l adapt", "c2l fill"):
         parser = build_parser(command)
-        sub = parser._subparsers._group_actions[0].choices[command]
+        sub = parser
+        for word in command.split():  # down the group, then the command
+            sub = sub._subparsers._group_actions[0].choices[word]
         assert "--device" in sub._option_string_actions, command
 
 

@@ -87,14 +87,14 @@ def test_cancel_leaves_no_layer_and_a_live_gui(sample_viewer, qtbot, tiny_model_
     predict.mode_box.setCurrentText("tiles")  # per-tile maps appear only when they end
     predict.stride_box.setValue(60)  # many tiles: still running when we cancel
     before = [layer.name for layer in viewer.layers]
-    worker = predict.run()
-    qtbot.waitUntil(lambda: predict.jobs.last_event is not None, timeout=300_000)
     ticks = []
     from qtpy.QtCore import QTimer
 
     timer = QTimer()
     timer.timeout.connect(lambda: ticks.append(1))
-    timer.start(10)
+    timer.start(10)  # before Run: the loop must tick while the worker is busy
+    worker = predict.run()
+    qtbot.waitUntil(lambda: predict.jobs.last_event is not None, timeout=300_000)
     with qtbot.waitSignal(worker.finished, timeout=300_000):
         predict.jobs.cancel_button.click()
     timer.stop()
