@@ -45,16 +45,23 @@ def data(tmp_path_factory):
     return path
 
 
-def _run(data, out: Path, *extra: str, nproc: int = 1) -> dict:
+def _launch(script: Path, *args, nproc: int) -> None:
+    """Run ``script`` in one process, or under torchrun in ``nproc``; on failure the message
+    holds each rank's "finished training" marker and the start and end of stderr."""
     env = os.environ | {"PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
-    script = [str(RUN), str(data), str(out), *extra]
-    if nproc == 1:
-        cmd = [sys.executable, *script]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc-per-node={nproc}", *script]
+    cmd = [sys.executable, str(script), *map(str, args)]
+    if nproc > 1:
+        cmd[1:1] = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    err = proc.stderr
+    assert proc.returncode == 0, (
+        f"rc {proc.returncode}\n" + "\n".join(line for line in err.splitlines()
+                                              if "finished training" in line)
+        + f"\n--- stderr start ---\n{err[:1500]}\n--- stderr end ---\n{err[-3000:]}")
+
+
+def _run(data, out: Path, *extra: str, nproc: int = 1) -> dict:
+    _launch(RUN, data, out, *extra, nproc=nproc)
     from safetensors.torch import load_file
 
     return {"state": load_file(str(out / "state.safetensors")),
@@ -108,19 +115,11 @@ def patches(tmp_path_factory):
     return path
 
 
-def _torchrun(script: Path, *args: str) -> None:
-    env = os.environ | {"PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           "--nproc-per-node=2", str(script), *map(str, args)],
-                          env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-
-
 def test_c2l_central_pretraining_is_data_parallel_and_resumes(patches, tmp_path):
     from safetensors.torch import load_file
 
     run = REPO / "tests" / "ddp" / "c2l_run.py"
-    _torchrun(run, patches, tmp_path / "straight")
+    _launch(run, patches, tmp_path / "straight", nproc=2)
     ranks = json.loads((tmp_path / "straight" / "ranks.json").read_text())
     # 6 steps of a global batch of 8: each rank ran 4 rows per step; DDP kept them in step
     assert [r["rows"] for r in ranks] == [24, 24]
@@ -129,7 +128,7 @@ def test_c2l_central_pretraining_is_data_parallel_and_resumes(patches, tmp_path)
         ["last.pt"]
     # stopped after step 4 and resumed from rank 0's checkpoint (each rank's noise stream
     # is in it): the weights of the uninterrupted run
-    _torchrun(run, patches, tmp_path / "resumed", "--stop-at", 4)
-    _torchrun(run, patches, tmp_path / "resumed", "--resume")
+    _launch(run, patches, tmp_path / "resumed", "--stop-at", 4, nproc=2)
+    _launch(run, patches, tmp_path / "resumed", "--resume", nproc=2)
     _assert_close(load_file(str(tmp_path / "resumed" / "state.safetensors")),
                   load_file(str(tmp_path / "straight" / "state.safetensors")))

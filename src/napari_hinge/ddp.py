@@ -60,14 +60,33 @@ def init() -> bool:
 
 
 def cleanup() -> None:
-    """Leave the process group (registered at exit by :func:`init`), after a last barrier:
-    a rank that tore gloo down while a peer still sent to it was seen to abort."""
+    """Leave the process group (registered at exit by :func:`init`). A rank that tears gloo
+    down while a peer still sends to it aborts ("terminate called without an active
+    exception"), so every rank first passes a last barrier and then waits, on the
+    rendezvous store rather than on gloo, until every rank has left that barrier."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         with contextlib.suppress(RuntimeError):  # a peer gone already: nothing to wait for
             dist.barrier()
+            _wait_for_every_rank("napari_hinge/left_last_barrier")
         dist.destroy_process_group()
+
+
+def _wait_for_every_rank(key: str, timeout_s: float = 60.0) -> None:
+    """Count this rank in under ``key`` of the process group's store and wait until all
+    ranks have counted in (no gloo message is then in flight)."""
+    import time
+
+    import torch.distributed as dist
+
+    store = dist.distributed_c10d._get_default_store()
+    world = dist.get_world_size()
+    arrived = store.add(key, 1)
+    deadline = time.monotonic() + timeout_s
+    while arrived < world and time.monotonic() < deadline:
+        time.sleep(0.01)
+        arrived = store.add(key, 0)
 
 
 def world_size() -> int:
