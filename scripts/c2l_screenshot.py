@@ -37,28 +37,41 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     import napari
-    from qtpy.QtCore import QEventLoop
-    from qtpy.QtWidgets import QApplication
-
-    from napari_hinge._widgets.c2l import C2LWidget
 
     viewer = napari.Viewer(show=True)
     viewer.window._qt_window.resize(1600, 1000)
+    ok = fill_scene(viewer, local=args.local, adapt_steps=args.adapt_steps, out=args.out,
+                    compare=args.compare, tiles=args.tiles, steps=args.steps,
+                    guidance=args.guidance, strength=args.strength)
+    viewer.close()
+    return 0 if ok else 1
+
+
+def fill_scene(viewer, *, local: Path | None = None, adapt_steps: int = 200,
+               out: Path = Path("docs/images/c2l_fill.png"), compare: Path | None = None,
+               tiles: str = "6x4", steps: int = 25, guidance: float = 2.0,
+               strength: float = 1.0) -> bool:
+    """Open the sample in ``viewer``, fill a region from the C2L dock as a user would, save
+    the screenshot (and the real-vs-synthetic picture); False when the fill failed."""
+    from qtpy.QtCore import QEventLoop
+    from qtpy.QtWidgets import QApplication
+
     viewer.open_sample("napari-hinge", "her2st_C3")
     slide = viewer.layers["her2st C3 H&E"]
     spots = viewer.layers["her2st C3 spots"]
-    widget = C2LWidget(viewer)
-    viewer.window.add_dock_widget(widget, name="Fill sparse regions (C2L-ST)", area="right")
-    if args.local is not None:
-        widget.set_local(args.local)
-    widget.adapt_steps.setValue(args.adapt_steps)
-    widget.steps.setValue(args.steps)
-    widget.guidance.setValue(args.guidance)
-    widget.strength.setValue(args.strength)
+    # as the Plugins menu opens it (napari's dock title)
+    _, widget = viewer.window.add_plugin_dock_widget("napari-hinge",
+                                                     "Fill sparse regions (C2L-ST)")
+    if local is not None:
+        widget.set_local(local)
+    widget.adapt_steps.setValue(adapt_steps)
+    widget.steps.setValue(steps)
+    widget.guidance.setValue(guidance)
+    widget.strength.setValue(strength)
 
     mpp = slide.metadata["microns_per_pixel"]
     xy = np.asarray(spots.metadata["adata"].obsm["spatial"], float) * mpp  # µm
-    cols, rows = (int(v) for v in args.tiles.split("x"))
+    cols, rows = (int(v) for v in tiles.split("x"))
     w, h = cols * 112.0 - 1, rows * 112.0 - 1
     centre = np.median(xy, axis=0)
     x0, y0 = centre[0] - w / 2, centre[1] - h / 2
@@ -74,17 +87,17 @@ def main(argv=None) -> int:
     loop.exec()
     if widget.last_layer is None:
         print(f"fill failed: {widget.jobs.status.text()}", file=sys.stderr)
-        return 1
+        return False
     spots.visible = False
     viewer.layers.selection.active = viewer.layers["region"]
     camera = viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera  # napari < 0.9
     camera.center = (centre[1], centre[0])
     camera.zoom = min(800 / (w * 3.0), 800 / (h * 3.0))
     QApplication.processEvents()  # let the dock lay out the wrapped summary before the picture
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    viewer.screenshot(str(args.out), canvas_only=False, flash=False)
-    print(f"wrote {args.out}")
-    if args.compare is not None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    viewer.screenshot(str(out), canvas_only=False, flash=False)
+    print(f"wrote {out}")
+    if compare is not None:
         from PIL import Image
 
         from napari_hinge.c2l.fill import slide_under_layout
@@ -97,10 +110,9 @@ def main(argv=None) -> int:
         syn[result.mosaic[..., 3] == 0] = 255
         gap = np.full((real.shape[0], 8, 3), 255, np.uint8)
         Image.fromarray(np.concatenate([real, gap, syn], axis=1)).resize(
-            (2 * (2 * real.shape[1] + 8), 2 * real.shape[0]), Image.NEAREST).save(args.compare)
-        print(f"wrote {args.compare}")
-    viewer.close()
-    return 0
+            (2 * (2 * real.shape[1] + 8), 2 * real.shape[0]), Image.NEAREST).save(compare)
+        print(f"wrote {compare}")
+    return True
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ Exit status 0 only when every step that ran passed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -81,13 +82,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip", default=None, help="skip steps matching this regex")
     parser.add_argument("--timeout", type=float, default=3600.0,
                         help="seconds per step (default 3600)")
+    parser.add_argument("--keep", type=Path, default=None,
+                        help="clone into this (new) folder and keep it, with its venv, for "
+                             "reruns with --venv DIR/<repo>/.venv (default: a temporary folder)")
     parser.add_argument("--json", type=Path, default=Path("first_hour.json"),
                         help="where to write the report (default first_hour.json)")
     args = parser.parse_args(argv)
 
     steps = readme_steps(REPO / "README.md")
-    with tempfile.TemporaryDirectory(prefix="first_hour_") as tmp:
-        clone = fresh_clone(Path(tmp), args.venv)
+    with contextlib.ExitStack() as stack:
+        if args.keep is None:
+            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="first_hour_")))
+        else:
+            args.keep.mkdir(parents=True)
+            tmp = args.keep
+        clone = fresh_clone(tmp, args.venv)
         results = []
         for step in steps:
             code = step["code"]

@@ -26,6 +26,40 @@ def in_microns(layers: list) -> list:
     return layers
 
 
+def select_slide_after_open(layers: list) -> list:
+    """Return ``layers``; once napari has added them, select the visible slide among them.
+
+    napari selects the layer it adds last, which is a spots layer here (spots are drawn over
+    their slide), so the layer controls would show the spots' and the slide's contrast would
+    be one click away. npe2 readers are given no viewer: this asks napari for the current one
+    (only when napari is already running) and records the layers it adds until Qt is idle.
+    """
+    napari = sys.modules.get("napari")
+    if napari is None or not any(kind == "image" and kw.get("visible", True)
+                                 for _, kw, kind in layers):
+        return layers
+    viewer = napari.current_viewer()
+    if viewer is None:
+        return layers
+    from qtpy.QtCore import QTimer
+
+    added = []
+
+    def record(event) -> None:
+        added.append(event.value)
+
+    def select() -> None:
+        viewer.layers.events.inserted.disconnect(record)
+        slides = [layer for layer in added if layer._type_string == "image"
+                  and layer.visible and layer in viewer.layers]
+        if slides:
+            viewer.layers.selection.active = slides[0]
+
+    viewer.layers.events.inserted.connect(record)
+    QTimer.singleShot(0, select)  # after napari's add loop, which selects each layer it adds
+    return layers
+
+
 def _single_path(path) -> Path | None:
     if isinstance(path, (list, tuple)):
         if len(path) != 1:
@@ -99,7 +133,7 @@ def read_spatial_layers(path):
     p = _single_path(path)
     sections = list_her2st_sections(p) if p.is_dir() else []
     if len(sections) <= 1:
-        return in_microns(spatial_layer_data(read_spatial(p)))
+        return select_slide_after_open(in_microns(spatial_layer_data(read_spatial(p))))
     # A folder of legacy-ST sections: each section with an H&E under its spots (all in one
     # pixel frame would overlap, so only the first is visible); expression-only sections
     # have no image to sit on and are skipped before their counts are read (open their
@@ -109,10 +143,9 @@ def read_spatial_layers(path):
         raise ValueError(f"{p}: none of its {len(sections)} sections has an H&E image; "
                          "open one section's count table instead")
     layers = []
-    # Last section first: napari selects the layer it adds last, which must be the visible
-    # first section's spots (not a hidden one), and puts it on top of the layer list.
+    # Last section first: the visible first section lands on top of the layer list.
     for section in reversed(shown):
         visible = section == shown[0]
         for data, kwargs, kind in spatial_layer_data(read_her2st(p, section), name=section):
             layers.append((data, {**kwargs, "visible": visible}, kind))
-    return in_microns(layers)
+    return select_slide_after_open(in_microns(layers))

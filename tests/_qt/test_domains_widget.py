@@ -13,7 +13,7 @@ PLUGIN = "napari-hinge"
 
 @pytest.fixture
 def dlpfc_viewer(make_napari_viewer, shared_data):
-    viewer = make_napari_viewer()
+    viewer = make_napari_viewer(show=True)
     viewer.open(shared_data / "dlpfc_visium_lowres" / "151673", plugin=PLUGIN)
     return viewer
 
@@ -21,6 +21,7 @@ def dlpfc_viewer(make_napari_viewer, shared_data):
 def test_domains_paint_labels_under_the_spots(dlpfc_viewer, qtbot, tmp_path):
     viewer = dlpfc_viewer
     widget = DomainsWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="Domains")
     widget.k_box.setValue(7)
     widget.epochs_box.setValue(20)  # a short run: this test checks the plumbing, not the ARI
     with qtbot.waitSignal(widget.jobs.succeeded, timeout=900_000):
@@ -38,6 +39,12 @@ def test_domains_paint_labels_under_the_spots(dlpfc_viewer, qtbot, tmp_path):
     under = labels.data[rc[:, 0], rc[:, 1]]
     assert (under == codes).mean() > 0.95
     assert widget.legend.count() == 7
+    qtbot.wait(50)  # the dock lays the legend out
+    # five markers per domain wrap in the dock: nothing runs out of it sideways
+    assert widget.legend.horizontalScrollBar().maximum() == 0
+    for row in range(7):
+        assert widget.legend.visualItemRect(widget.legend.item(row)).right() <= \
+            widget.legend.viewport().width()
     assert int(labels.features["n_spots"].sum()) == adata.n_obs
 
     widget.legend.setCurrentRow(2)

@@ -41,6 +41,7 @@ class LossPlot(QWidget):
         self.axes = self.figure.add_subplot(111)
         QVBoxLayout(self).addWidget(self.canvas)
         self.setMinimumHeight(160)
+        self._stale = False
         self.clear()
 
     def clear(self) -> None:
@@ -69,7 +70,18 @@ class LossPlot(QWidget):
         ax.set_xlabel("step", fontsize=7)
         ax.set_ylabel("loss", fontsize=7)
         ax.tick_params(labelsize=7)
-        self.canvas.draw_idle()
+        if self.isVisible():
+            self.canvas.draw_idle()
+        else:
+            # drawn when shown: a draw queued for a widget that is never shown can run after
+            # Python has collected it ("FigureCanvasQTAgg has been deleted")
+            self._stale = True
+
+    def showEvent(self, event) -> None:
+        super().showEvent(event)
+        if self._stale:
+            self._stale = False
+            self.canvas.draw_idle()
 
 
 class JobPanel(QWidget):
@@ -92,7 +104,9 @@ class JobPanel(QWidget):
         self.status = QLabel("")
         self.status.setWordWrap(True)
         self.cancel_button = QPushButton("Cancel")
-        self.cancel_button.setEnabled(False)
+        self.cancel_button.setToolTip("stop at the next step (a training keeps its last "
+                                      "checkpoint; your data stay as they were)")
+        self.cancel_button.setEnabled(False)  # until a job runs
         self.cancel_button.clicked.connect(self.cancel)
         self.plot = LossPlot() if plot else None
         row = QHBoxLayout()

@@ -32,16 +32,29 @@ def _dock_of(widget) -> QDockWidget | None:
     return parent
 
 
+def _inner(dock: QDockWidget):
+    return dock.inner_widget() if hasattr(dock, "inner_widget") else dock.widget()
+
+
 def _is_ours(dock: QDockWidget) -> bool:
-    inner = dock.inner_widget() if hasattr(dock, "inner_widget") else dock.widget()
-    return type(inner).__module__.startswith(PLUGIN_PACKAGE)
+    return type(_inner(dock)).__module__.startswith(PLUGIN_PACKAGE)
 
 
-def tabify_plugin_docks(window: QMainWindow) -> None:
+def tabify_plugin_docks(window: QMainWindow, show: QDockWidget | None = None) -> None:
     """Stack every napari-hinge dock of ``window`` as tabs of the first one, so four docks
-    fit a 1080 px screen instead of making the window ~2,200 px tall."""
+    fit a 1080 px screen instead of making the window ~2,200 px tall, and bring ``show`` to
+    the front. Each tab shows the widget's short ``tab_title`` (napari titles a dock "Menu
+    name (napari-hinge)", and four of those side by side are cut to "Sl…", "Predict
+    express…")."""
     docks = [d for d in window.findChildren(QDockWidget)
              if d.parent() is window and not d.isFloating() and _is_ours(d)]
+    for dock in docks:
+        # the tab shows the dock's window title; napari's own title bar keeps the full name
+        title = getattr(_inner(dock), "tab_title", None)
+        if title:
+            title = title.replace("&", "&&")  # a tab reads '&' as a shortcut marker
+            if dock.windowTitle() != title:
+                dock.setWindowTitle(title)
     if len(docks) < 2:
         return
     first, area = docks[0], window.dockWidgetArea(docks[0])
@@ -49,7 +62,8 @@ def tabify_plugin_docks(window: QMainWindow) -> None:
     for dock in docks[1:]:
         if dock not in tabbed and window.dockWidgetArea(dock) == area:
             window.tabifyDockWidget(first, dock)
-    docks[-1].raise_()  # the dock just opened is the one shown
+    if show is not None:
+        show.raise_()
 
 
 class _DockWatcher(QObject):
@@ -81,16 +95,17 @@ def dock_as_tab(widget, viewer=None) -> None:
     window = dock.parent()
     if window.findChild(_DockWatcher) is None:
         window.installEventFilter(_DockWatcher(window))
-    tabify_plugin_docks(window)
+    tabify_plugin_docks(window, show=dock)  # the dock just opened is the one shown
     if viewer is not None and len(viewer.layers):
         QTimer.singleShot(0, viewer.reset_view)  # once Qt has resized the canvas
 
 
 class TabbedDock:
     """Mixin for the plugin's dock widgets (put it before the Qt base): on the widget's first
-    show, :func:`dock_as_tab` with its ``self.viewer``."""
+    show, :func:`dock_as_tab` with its ``self.viewer``; ``tab_title`` names its tab."""
 
     _docked = False
+    tab_title: str | None = None
 
     def showEvent(self, event) -> None:
         super().showEvent(event)

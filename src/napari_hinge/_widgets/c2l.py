@@ -40,7 +40,12 @@ from qtpy.QtWidgets import (
 from napari_hinge._layers import UNITS
 from napari_hinge._widgets._jobs import JobPanel
 from napari_hinge._widgets._viewer import TabbedDock
-from napari_hinge._widgets.slide_spots import refill_combo, spot_layers
+from napari_hinge._widgets.slide_spots import (
+    layer_names,
+    refill_combo,
+    slide_layers,
+    spot_layers,
+)
 from napari_hinge.defaults import C2L_ADAPT, C2L_FILL
 
 if TYPE_CHECKING:
@@ -48,11 +53,6 @@ if TYPE_CHECKING:
 
 PROPOSE = "propose sparse tissue"
 SOURCES = {"neighbouring spots": "neighbours", "HINGE (shipped model)": "hinge"}
-
-
-def slide_layers(viewer) -> list:
-    return [layer for layer in viewer.layers
-            if layer._type_string == "image" and layer.metadata.get("slide_path")]
 
 
 def shapes_polygon_xy(layer, mpp: float | None) -> np.ndarray:
@@ -114,6 +114,8 @@ def pairs_hub() -> _PairsHub:
 class C2LWidget(TabbedDock, QWidget):
     """Fill sparse regions of a slide with gene-conditioned synthetic H&E."""
 
+    tab_title = "C2L fill"
+
     #: emitted with the new mosaic layer when a fill finished
     layer_added = Signal(object)
     #: emitted with a :class:`~napari_hinge.c2l.pairs.SyntheticPairs` by "Use as training pairs"
@@ -159,7 +161,7 @@ class C2LWidget(TabbedDock, QWidget):
         self.save_pairs_button.setToolTip("write the tiles and their expression as pairs.npz "
                                           "(napari-hinge hinge train --extra-pairs reads it)")
         self.load_local.setToolTip("use a local model folder written by napari-hinge "
-                                   "c2l-adapt (else one is adapted on the spots)")
+                                   "c2l adapt (else one is adapted on the spots)")
         self.adapt_steps.setToolTip("training steps when a local model is adapted on the spots")
         self.n_genes.setToolTip("genes that condition the local model (the top N by variance)")
         self.slide_box.setToolTip("the slide the tiles are drawn on")
@@ -222,7 +224,7 @@ class C2LWidget(TabbedDock, QWidget):
         self._refresh()
 
     def _on_ended(self) -> None:
-        self.run_button.setEnabled(True)
+        self._enable_run()
         self.pairs_button.setEnabled(self.last_result is not None)
         self.save_pairs_button.setEnabled(self.last_result is not None)
 
@@ -245,14 +247,17 @@ class C2LWidget(TabbedDock, QWidget):
 
     # -- layers ---------------------------------------------------------------------------------
     def _refresh(self, event=None) -> None:
-        for box, names in (
-            (self.slide_box, [lyr.name for lyr in slide_layers(self.viewer)]),
-            (self.spots_box, [lyr.name for lyr in spot_layers(self.viewer)]),
-            (self.region_box, [PROPOSE] + [lyr.name for lyr in self.viewer.layers
-                                           if lyr._type_string == "shapes"]),
-        ):
-            refill_combo(box, names)
+        refill_combo(self.slide_box, *layer_names(slide_layers(self.viewer)))
+        refill_combo(self.spots_box, *layer_names(spot_layers(self.viewer)))
+        refill_combo(self.region_box, [PROPOSE] + [lyr.name for lyr in self.viewer.layers
+                                                   if lyr._type_string == "shapes"])
         self._match_spots(self.slide_box.currentText())
+        self._enable_run()
+
+    def _enable_run(self) -> None:
+        """A fill needs a slide and its spots, and one run at a time."""
+        self.run_button.setEnabled(self.slide_box.count() > 0 and self.spots_box.count() > 0
+                                   and not self.jobs.running)
 
     def _match_spots(self, name: str) -> None:
         if name not in self.viewer.layers:

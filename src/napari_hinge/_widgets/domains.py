@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+from qtpy.QtCore import Qt
 from qtpy.QtGui import QColor, QIcon, QPixmap
 from qtpy.QtWidgets import (
     QCheckBox,
@@ -18,6 +19,7 @@ from qtpy.QtWidgets import (
     QFormLayout,
     QHBoxLayout,
     QLabel,
+    QListView,
     QListWidget,
     QListWidgetItem,
     QPushButton,
@@ -29,7 +31,7 @@ from qtpy.QtWidgets import (
 from napari_hinge._layers import UNITS
 from napari_hinge._widgets._jobs import JobPanel
 from napari_hinge._widgets._viewer import TabbedDock
-from napari_hinge._widgets.slide_spots import refill_combo, spot_layers
+from napari_hinge._widgets.slide_spots import layer_names, refill_combo, spot_layers
 from napari_hinge.defaults import STMGAC
 
 if TYPE_CHECKING:
@@ -73,6 +75,8 @@ def domain_job(adata, shape, *, n_domains, preset, epochs, seed, refine, mode, s
 
 
 class DomainsWidget(TabbedDock, QWidget):
+    tab_title = "Domains"
+
     def __init__(self, napari_viewer: napari.Viewer) -> None:
         super().__init__()
         from napari_hinge.stmgac.presets import (
@@ -98,6 +102,10 @@ class DomainsWidget(TabbedDock, QWidget):
         self.run_button = QPushButton("Find domains")
         self.jobs = JobPanel(plot=True)
         self.legend = QListWidget()
+        # long marker lists wrap inside the dock instead of scrolling sideways out of it
+        self.legend.setWordWrap(True)
+        self.legend.setResizeMode(QListView.ResizeMode.Adjust)
+        self.legend.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
         self.show_all_button = QPushButton("Show all domains")
         self.save_h5ad_button = QPushButton("Save .h5ad…")
         self.save_tiff_button = QPushButton("Save labels .tif…")
@@ -118,6 +126,7 @@ class DomainsWidget(TabbedDock, QWidget):
         self.run_button.setToolTip("train STMGAC and cluster (runs in the background; Cancel "
                                    "keeps your data as it was)")
         self.legend.setToolTip("click a domain to show it alone")
+        self.show_all_button.setToolTip("show every domain again (after a click in the list)")
         self.save_h5ad_button.setToolTip("the spots with obs['domain'], the latent and the "
                                          "denoised expression")
         self.save_tiff_button.setToolTip("the label raster in µm: pixel value = domain + 1, "
@@ -163,7 +172,7 @@ class DomainsWidget(TabbedDock, QWidget):
 
     def _refresh_layers(self, event=None) -> None:
         before = self.layer_box.currentText()
-        refill_combo(self.layer_box, [layer.name for layer in spot_layers(self.viewer)])
+        refill_combo(self.layer_box, *layer_names(spot_layers(self.viewer)))
         self.run_button.setEnabled(self.layer_box.count() > 0 and not self.jobs.running)
         if self.layer_box.currentText() != before:
             self._on_layer(self.layer_box.currentText())
@@ -234,6 +243,7 @@ class DomainsWidget(TabbedDock, QWidget):
             pixmap.fill(QColor.fromRgbF(*[float(c) for c in color]))
             text = f"{domain}: {row['n_spots']} spots · {row['top_markers']}"
             item = QListWidgetItem(QIcon(pixmap), text)
+            item.setToolTip(f"{text}\nclick to show this domain alone")
             item.setData(256, int(row["label"]))  # Qt.UserRole
             self.legend.addItem(item)
 

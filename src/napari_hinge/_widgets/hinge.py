@@ -35,8 +35,13 @@ from qtpy.QtWidgets import (
 
 from napari_hinge._layers import robust_limits
 from napari_hinge._widgets._jobs import JobPanel
-from napari_hinge._widgets._viewer import show_scale_bar, title_colorbar
-from napari_hinge._widgets.slide_spots import refill_combo, spot_layers
+from napari_hinge._widgets._viewer import TabbedDock, show_scale_bar, title_colorbar
+from napari_hinge._widgets.slide_spots import (
+    layer_names,
+    refill_combo,
+    slide_layers,
+    spot_layers,
+)
 from napari_hinge.geometry import spot_pitch_um
 from napari_hinge.hinge.defaults import RECIPE, SAMPLER, SLIDE, TRAIN
 
@@ -44,12 +49,6 @@ if TYPE_CHECKING:
     import napari
 
 SHIPPED = "shipped"
-
-
-def slide_layers(viewer) -> list:
-    """Image layers of slides opened by this plugin (they know their file)."""
-    return [layer for layer in viewer.layers
-            if layer._type_string == "image" and layer.metadata.get("slide_path")]
 
 
 def compare_with_spots(prediction, spots_layer) -> dict[str, float]:
@@ -75,6 +74,10 @@ class GenePicker(QWidget):
         self.list = QListWidget()
         self.list.setSelectionMode(QAbstractItemView.SelectionMode.MultiSelection)
         self.top_n = QSpinBox(minimum=1, maximum=5000, value=6)
+        self.search.setToolTip("type part of a gene name to narrow the list")
+        self.list.setToolTip("the model's genes: click to select the ones to map (several "
+                             "allowed); none selected: the first N below")
+        self.top_n.setToolTip("with no gene selected, map the model's first N genes")
         row = QHBoxLayout()
         row.addWidget(QLabel("or the first"))
         row.addWidget(self.top_n)
@@ -117,10 +120,13 @@ class PredictWidget(QWidget):
         self.model_label = QLabel("")
         self.model_label.setWordWrap(True)
         self.choose_model = QPushButton("Model folder…")
+        self.choose_model.setToolTip("a model folder saved by napari-hinge hinge train (or "
+                                     "the Train tab)")
         self.use_shipped = QPushButton("Shipped model")
         self.use_shipped.setToolTip("the weights that ship with the plugin (her2st patient C, "
                                     "275 genes, calibrated uncertainty)")
         self.slide_box = QComboBox()
+        self.slide_box.setToolTip("the slide to paint maps over (slides opened by napari-hinge)")
         self.genes = GenePicker()
         self.mode_box = QComboBox()
         self.mode_box.addItems(["dense", "tiles"])
@@ -151,11 +157,15 @@ class PredictWidget(QWidget):
         self.steps_box.setToolTip("reverse diffusion steps (of T = 50): 10 score as 50 on "
                                   "held-out spots at a fifth of the time")
         self.run_button = QPushButton("Predict")
+        self.run_button.setToolTip("paint one predicted map and one uncertainty map per gene "
+                                   "(runs in the background; Cancel keeps what is painted)")
         self.jobs = JobPanel()
         self.scores = QLabel("")
         self.scores.setWordWrap(True)
         self.save_button = QPushButton("Save maps…")
-        self.save_button.setEnabled(False)
+        self.save_button.setToolTip("write the maps as OME-TIFF in µm (with their uncertainty), "
+                                    "or per tile as .h5ad")
+        self.save_button.setEnabled(False)  # until there are maps to save
         self.last_prediction = None
 
         models = QHBoxLayout()
@@ -194,7 +204,7 @@ class PredictWidget(QWidget):
         self.jobs.partial.connect(self._paint)
         self.opacity.valueChanged.connect(self._set_opacity)
         self.mode_box.currentTextChanged.connect(self._on_mode)
-        self.jobs.ended.connect(lambda: self.run_button.setEnabled(True))
+        self.jobs.ended.connect(self._enable_run)
         self.slide_box.currentTextChanged.connect(self._on_slide)
         self.viewer.layers.events.inserted.connect(self._refresh_layers)
         self.viewer.layers.events.removed.connect(self._refresh_layers)
@@ -227,8 +237,13 @@ class PredictWidget(QWidget):
 
     # -- layers -----------------------------------------------------------------------------
     def _refresh_layers(self, event=None) -> None:
-        refill_combo(self.slide_box, [layer.name for layer in slide_layers(self.viewer)])
+        refill_combo(self.slide_box, *layer_names(slide_layers(self.viewer)))
         self._on_slide(self.slide_box.currentText())
+        self._enable_run()
+
+    def _enable_run(self) -> None:
+        """Predict needs a slide, and one run at a time."""
+        self.run_button.setEnabled(self.slide_box.count() > 0 and not self.jobs.running)
 
     def spots_for(self, slide_layer):
         path = slide_layer.metadata.get("slide_path")
@@ -420,8 +435,14 @@ class TrainWidget(QWidget):
         self.viewer = napari_viewer
         self.datasets = QListWidget()
         self.datasets.setSelectionMode(QAbstractItemView.SelectionMode.MultiSelection)
+        self.datasets.setToolTip("spots layers with a slide, and added folders: the selected "
+                                 "ones are trained on")
         self.add_folder = QPushButton("Add folder…")
+        self.add_folder.setToolTip("a Space Ranger outs/ or legacy-ST folder to train on "
+                                   "without opening it")
         self.n_genes = QSpinBox(minimum=2, maximum=2000, value=TRAIN["n_genes"])
+        self.n_genes.setToolTip("genes predicted: the N most variable among those expressed in "
+                                "at least 10% of the spots of every dataset")
         self.include = QLineEdit()
         self.include.setPlaceholderText("ERBB2, MKI67 … or 'breast'")
         self.include.setToolTip("genes added to the top-N panel (each must be measured in "
@@ -432,28 +453,42 @@ class TrainWidget(QWidget):
         self.context.setToolTip("neighbour context: the mean features of spots within this "
                                 "radius join each spot's own (0 = the spot alone)")
         self.epochs = QSpinBox(minimum=1, maximum=1000, value=TRAIN["epochs"])
+        self.epochs.setToolTip("passes over the training spots (the loss curve below shows "
+                               "when more stop helping)")
         self.encoder = QComboBox()
+        self.encoder.setToolTip("the image encoder that turns each spot's patch into features "
+                                "(UNI and CONCH need your own weights: use the CLI)")
         self.backbone = QComboBox()
         self.backbone.addItems(["builtin", "random"])
+        self.backbone.setToolTip("builtin: the shipped pre-trained gene-token transformer; "
+                                 "random: the same network untrained (an ablation)")
         self.augment = QCheckBox("8 flips/rotations")
         self.augment.setChecked(True)
+        self.augment.setToolTip("train on the 8 flips and rotations of every patch")
         # A fresh folder per widget: a new run never overwrites an earlier run's checkpoints.
         stamp = time.strftime("%Y%m%d-%H%M%S")
         self.checkpoints = QLineEdit(str(Path.home() / "napari-hinge-runs" / f"hinge-{stamp}"))
+        self.checkpoints.setToolTip("folder of this run's checkpoints (a fresh one per widget: "
+                                    "an earlier run is never overwritten)")
         self.resume = QCheckBox("resume from the checkpoint folder")
+        self.resume.setToolTip("continue from the last checkpoint in that folder")
         # synthetic C2L pairs: from the fill widget (pairs_hub) or a saved pairs.npz
         self.pairs_list = QListWidget()
         self.pairs_list.setSelectionMode(QAbstractItemView.SelectionMode.MultiSelection)
         self.pairs_list.setToolTip("synthetic C2L pairs trained on next to the real spots "
                                    "(selected ones); from 'Use as training pairs' or a file")
         self.add_pairs_file = QPushButton("Add pairs file…")
+        self.add_pairs_file.setToolTip("a pairs.npz saved by the C2L fill dock")
         self.pairs_weight = QDoubleSpinBox(decimals=2, minimum=0.0, maximum=10.0,
                                            singleStep=0.1, value=1.0)
         self.pairs_weight.setToolTip("weight of each synthetic pair in the loss and the ridge "
                                      "prior (real spots weigh 1)")
         self.start = QPushButton("Start training")
+        self.start.setToolTip("train on the selected datasets (runs in the background; Cancel "
+                              "keeps the last checkpoint)")
         self.use_button = QPushButton("Use this model")
-        self.use_button.setEnabled(False)
+        self.use_button.setToolTip("predict with the model just trained (in the Predict tab)")
+        self.use_button.setEnabled(False)  # until a run has finished
         self.jobs = JobPanel(plot=True)
         from napari_hinge.encoders import list_encoders
 
@@ -496,7 +531,8 @@ class TrainWidget(QWidget):
         self.start.clicked.connect(self.run)
         self.use_button.clicked.connect(lambda: self.model_ready.emit(self.model))
         self.jobs.succeeded.connect(self._on_result)
-        self.jobs.ended.connect(lambda: self.start.setEnabled(True))
+        self.jobs.ended.connect(self._enable_start)
+        self.datasets.itemSelectionChanged.connect(self._enable_start)
         self.viewer.layers.events.inserted.connect(self._refresh)
         self.viewer.layers.events.removed.connect(self._refresh)
         self._refresh()
@@ -510,6 +546,11 @@ class TrainWidget(QWidget):
         for i in range(self.datasets.count()):
             item = self.datasets.item(i)
             item.setSelected(item.text() in selected)
+        self._enable_start()
+
+    def _enable_start(self) -> None:
+        """Training needs at least one selected dataset, and one run at a time."""
+        self.start.setEnabled(bool(self.datasets.selectedItems()) and not self.jobs.running)
 
     def _ask_folder(self) -> None:
         folder = QFileDialog.getExistingDirectory(self, "Spatial data folder")
@@ -579,15 +620,20 @@ class TrainWidget(QWidget):
         self.use_button.setEnabled(True)
 
 
-class HingeWidget(QTabWidget):
+class HingeWidget(TabbedDock, QTabWidget):
     """Predict and Train in one dock: a model trained here can be used at once."""
+
+    tab_title = "HINGE"
 
     def __init__(self, napari_viewer: napari.Viewer) -> None:
         super().__init__()
+        self.viewer = napari_viewer
         self.predict = PredictWidget(napari_viewer)
         self.train = TrainWidget(napari_viewer)
         self.addTab(self.predict, "Predict")
         self.addTab(self.train, "Train")
+        self.setTabToolTip(0, "paint predicted expression and its uncertainty over a slide")
+        self.setTabToolTip(1, "train a HINGE model on your own slides")
         self.train.model_ready.connect(self._use_model)
 
     def _use_model(self, model) -> None:

@@ -41,21 +41,31 @@ def spot_layers(viewer) -> list:
 
 
 def slide_layers(viewer) -> list:
-    """Image layers of slides opened by this plugin (they record their slide path)."""
+    """Image layers of slides opened by this plugin (they know their file)."""
     return [layer for layer in viewer.layers
-            if layer._type_string == "image" and "slide_path" in layer.metadata]
+            if layer._type_string == "image" and layer.metadata.get("slide_path")]
 
 
-def refill_combo(box, names: list[str]) -> None:
-    """Replace a combo box's items, keeping the current choice when it still exists, without
-    firing change signals for the intermediate states."""
+def refill_combo(box, names: list[str], visible: list[str] | None = None) -> None:
+    """Replace a combo box's items, without firing change signals for the intermediate
+    states. The current choice stays while it exists (and, given ``visible``, is one of
+    them); otherwise the first of ``visible`` is chosen (a folder of sections opens with all
+    but one hidden, and napari adds the hidden ones first)."""
     current = box.currentText()
+    visible = names if visible is None else visible
     box.blockSignals(True)
     box.clear()
     box.addItems(names)
-    if current in names:
-        box.setCurrentText(current)
+    for choice in (current if current in visible else None, *visible[:1], current):
+        if choice in names:
+            box.setCurrentText(choice)
+            break
     box.blockSignals(False)
+
+
+def layer_names(layers: list) -> tuple[list[str], list[str]]:
+    """The names of ``layers`` and of the visible ones (for :func:`refill_combo`)."""
+    return [layer.name for layer in layers], [layer.name for layer in layers if layer.visible]
 
 
 def color_spots_by_gene(layer, gene: str, *, transform: str = GENE_TRANSFORMS[0],
@@ -77,6 +87,8 @@ def color_spots_by_gene(layer, gene: str, *, transform: str = GENE_TRANSFORMS[0]
 
 
 class SlideSpotsWidget(TabbedDock, QWidget):
+    tab_title = "Slide & spots"
+
     def __init__(self, napari_viewer: napari.Viewer) -> None:
         super().__init__()
         self.viewer = napari_viewer
@@ -106,6 +118,7 @@ class SlideSpotsWidget(TabbedDock, QWidget):
         self.cmap_box.addItems(COLORMAPS)
         self.cmap_box.setToolTip("colormap of the spots (colour range: 1st-99th percentile)")
         self.status = QLabel("")
+        self.status.setWordWrap(True)  # "<layer>: <gene> (<values>), colour range …" is long
 
         form = QFormLayout()
         form.addRow("Spots", self.layer_box)
@@ -147,7 +160,7 @@ class SlideSpotsWidget(TabbedDock, QWidget):
         return active if active in slides else (slides[0] if slides else None)
 
     def _refresh_layers(self, event=None) -> None:
-        refill_combo(self.layer_box, [layer.name for layer in spot_layers(self.viewer)])
+        refill_combo(self.layer_box, *layer_names(spot_layers(self.viewer)))
         self._on_layer()
 
     def _on_layer(self, index: int | None = None) -> None:
