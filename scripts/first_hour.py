@@ -85,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", type=Path, default=None,
                         help="clone into this (new) folder and keep it, with its venv, for "
                              "reruns with --venv DIR/<repo>/.venv (default: a temporary folder)")
+    parser.add_argument("--merge", type=Path, default=None,
+                        help="an earlier report: the steps this run skips keep their result "
+                             "from it (each step records the commit it ran on)")
     parser.add_argument("--json", type=Path, default=Path("first_hour.json"),
                         help="where to write the report (default first_hour.json)")
     args = parser.parse_args(argv)
@@ -97,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
             args.keep.mkdir(parents=True)
             tmp = args.keep
         clone = fresh_clone(tmp, args.venv)
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=clone,
+                                capture_output=True, text=True).stdout.strip()
         results = []
         for step in steps:
             code = step["code"]
@@ -104,7 +109,10 @@ def main(argv: list[str] | None = None) -> int:
                     args.skip and re.search(args.skip, code)):
                 results.append({**step, "rc": None, "seconds": 0.0, "tail": "skipped"})
                 continue
-            result = run_step(step, clone, args.timeout)
+            load = os.getloadavg()[0]
+            result = {**run_step(step, clone, args.timeout), "commit": commit,
+                      "load_before": round(load, 1), "load_after": round(os.getloadavg()[0], 1),
+                      "ran_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
             results.append(result)
             status = "ok " if result["rc"] == 0 else f"rc={result['rc']}"
             first = code.strip().splitlines()[0][:90]
@@ -112,6 +120,10 @@ def main(argv: list[str] | None = None) -> int:
                   flush=True)
             if result["rc"]:
                 print("       " + result["tail"].strip().replace("\n", "\n       "))
+    if args.merge is not None:
+        earlier = {(r["kind"], r["code"]): r for r in json.loads(args.merge.read_text())["steps"]}
+        results = [earlier.get((r["kind"], r["code"]), r) if r["rc"] is None else r
+                   for r in results]
     ran = [r for r in results if r["rc"] is not None]
     failed = [r for r in ran if r["rc"] != 0]
     args.json.write_text(json.dumps({"steps": results, "ran": len(ran), "failed": len(failed),

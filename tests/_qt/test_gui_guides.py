@@ -131,12 +131,37 @@ def test_colorbar_is_titled_with_gene_and_unit(make_napari_viewer):
     assert viewer.text_overlay.text == "ERBB2: raw counts"
 
 
+def cut_texts(widget, dock) -> list[str]:
+    """Texts of ``widget`` that do not show in full in its ``dock``: labels running out of
+    the dock (napari scrolls a dock's content sideways) and clipped spin-box values."""
+    from qtpy.QtCore import QPoint
+    from qtpy.QtWidgets import QAbstractSpinBox, QLabel
+
+    for _ in range(3):
+        QApplication.processEvents()
+    cut = [label.text() for label in widget.findChildren(QLabel)
+           if label.isVisible() and label.text()
+           and (label.mapTo(dock, QPoint(label.width(), 0)).x() > dock.width()
+                or label.width() < label.minimumSizeHint().width())]
+    return cut + [box.text() for box in widget.findChildren(QAbstractSpinBox)
+                  if box.isVisible() and box.lineEdit().width()
+                  < box.fontMetrics().horizontalAdvance(box.text())]
+
+
+def test_slide_spots_dock_alone_shows_its_values_in_full(make_napari_viewer):
+    viewer = make_napari_viewer(show=True)
+    viewer.open_sample(PLUGIN, "her2st_C3")
+    dock, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Slide & spots")
+    widget.select_gene("ERBB2")
+    # were: the pixel size as "1.3748 µ", the status line cut after "(counts per 1"
+    assert not cut_texts(widget, dock)
+
+
 def test_docks_open_as_tabs_and_fit_1080(make_napari_viewer):
     """The four docks as napari's Plugins menu opens them (titled "Menu name (napari-hinge)"),
     the HINGE dock first: one tabbed dock, every tab's short title in full, the view fitted
     to the canvas each dock leaves."""
-    from qtpy.QtCore import QPoint
-    from qtpy.QtWidgets import QLabel, QStyle, QTabBar
+    from qtpy.QtWidgets import QStyle, QTabBar
 
     viewer = make_napari_viewer(show=True)
     viewer.open_sample(PLUGIN, "her2st_C3")
@@ -175,11 +200,7 @@ def test_docks_open_as_tabs_and_fit_1080(make_napari_viewer):
         dock.raise_()
         for _ in range(3):
             QApplication.processEvents()
-        cut = [label.text() for label in widgets[title].findChildren(QLabel)
-               if label.isVisible() and label.text()
-               and (label.mapTo(dock, QPoint(label.width(), 0)).x() > dock.width()
-                    or label.width() < label.minimumSizeHint().width())]
-        assert not cut, (title, cut)
+        assert not cut_texts(widgets[title], dock), title
 
 
 def test_opening_a_folder_selects_its_slide(make_napari_viewer, shared_data):
@@ -199,6 +220,9 @@ def test_opening_a_folder_selects_its_slide(make_napari_viewer, shared_data):
     assert spots.layer_box.currentText() == "C2 spots"
     assert hinge.predict.slide_box.currentText() == "C2 H&E"
     assert (c2l.slide_box.currentText(), c2l.spots_box.currentText()) == ("C2 H&E", "C2 spots")
+    hinge.predict.slide_box.setCurrentText("C4 H&E")  # a hidden section, chosen: it stays
+    viewer.add_shapes(name="region")
+    assert hinge.predict.slide_box.currentText() == "C4 H&E"
     viewer.layers.clear()
     viewer.open(shared_data / "dlpfc_visium_lowres" / "151673", plugin=PLUGIN)
     QApplication.processEvents()

@@ -157,7 +157,7 @@ class DomainsWidget(TabbedDock, QWidget):
         self.preset_box.currentTextChanged.connect(self._on_preset)
         self.run_button.clicked.connect(self.run)
         self.jobs.succeeded.connect(self._on_result)
-        self.jobs.ended.connect(lambda: self.run_button.setEnabled(True))
+        self.jobs.ended.connect(self._refresh_layers)  # Find domains again, if spots remain
         self.legend.currentItemChanged.connect(self._on_legend)
         self.show_all_button.clicked.connect(self._show_all)
         self.save_h5ad_button.clicked.connect(lambda: self._ask_and_save("h5ad"))

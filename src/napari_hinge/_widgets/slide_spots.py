@@ -13,7 +13,6 @@ from qtpy.QtWidgets import (
     QComboBox,
     QDoubleSpinBox,
     QFormLayout,
-    QHBoxLayout,
     QLabel,
     QLineEdit,
     QListWidget,
@@ -48,15 +47,20 @@ def slide_layers(viewer) -> list:
 
 def refill_combo(box, names: list[str], visible: list[str] | None = None) -> None:
     """Replace a combo box's items, without firing change signals for the intermediate
-    states. The current choice stays while it exists (and, given ``visible``, is one of
-    them); otherwise the first of ``visible`` is chosen (a folder of sections opens with all
-    but one hidden, and napari adds the hidden ones first)."""
+    states. The current item stays while it exists and is visible or was chosen (by the
+    user or by code, not by this function); otherwise the first of ``visible`` is taken: a
+    folder of sections opens with all but one hidden, and napari adds the hidden ones first.
+    """
+    if not box.property("tracks_choice"):
+        box.setProperty("tracks_choice", True)
+        box.currentTextChanged.connect(lambda text: box.setProperty("chosen", text))
     current = box.currentText()
     visible = names if visible is None else visible
+    keep = current if current in visible or current == box.property("chosen") else None
     box.blockSignals(True)
     box.clear()
     box.addItems(names)
-    for choice in (current if current in visible else None, *visible[:1], current):
+    for choice in (keep, *visible[:1], current):
         if choice in names:
             box.setCurrentText(choice)
             break
@@ -122,10 +126,9 @@ class SlideSpotsWidget(TabbedDock, QWidget):
 
         form = QFormLayout()
         form.addRow("Spots", self.layer_box)
-        mpp_row = QHBoxLayout()
-        mpp_row.addWidget(self.mpp_box)
-        mpp_row.addWidget(self.mpp_button)
-        form.addRow("Pixel size", mpp_row)
+        # the button on a row of its own: beside it the box showed "1.3748 µ" in a narrow dock
+        form.addRow("Pixel size", self.mpp_box)
+        form.addRow("", self.mpp_button)
         form.addRow("Values", self.transform_box)
         form.addRow("Colormap", self.cmap_box)
         layout = QVBoxLayout(self)
