@@ -1,6 +1,7 @@
 """The GUI guides a newcomer: real pixel size or 'unknown', presets that follow the data,
-docks as tabs that fit a 1080 px screen, Save only when there is something to save, a µm
-scale bar and a titled colorbar."""
+docks as tabs that fit a 1080 px screen with their titles in full, the slide selected after a
+folder opens, buttons enabled only when they can act, a tooltip on every control, texts that
+show in full, a µm scale bar and a titled colorbar."""
 
 from __future__ import annotations
 

@@ -120,8 +120,7 @@ class PredictWidget(QWidget):
         self.model_label = QLabel("")
         self.model_label.setWordWrap(True)
         self.choose_model = QPushButton("Model folder…")
-        self.choose_model.setToolTip("a model folder saved by napari-hinge hinge train (or "
-                                     "the Train tab)")
+        self.choose_model.setToolTip("a model folder written by napari-hinge hinge train")
         self.use_shipped = QPushButton("Shipped model")
         self.use_shipped.setToolTip("the weights that ship with the plugin (her2st patient C, "
                                     "275 genes, calibrated uncertainty)")
