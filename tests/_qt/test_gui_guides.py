@@ -144,17 +144,24 @@ def cut_texts(widget, dock) -> list[str]:
            if label.isVisible() and label.text()
            and (label.mapTo(dock, QPoint(label.width(), 0)).x() > dock.width()
                 or label.width() < label.minimumSizeHint().width())]
+    title_bar = dock.titleBarWidget()  # napari's, with the dock's name
+    cut += [label.text() for label in title_bar.findChildren(QLabel)
+            if label.isVisible() and label.width() < label.sizeHint().width()]
     return cut + [box.text() for box in widget.findChildren(QAbstractSpinBox)
                   if box.isVisible() and box.lineEdit().width()
                   < box.fontMetrics().horizontalAdvance(box.text())]
 
 
-def test_slide_spots_dock_alone_shows_its_values_in_full(make_napari_viewer):
+@pytest.mark.parametrize("menu_name", ["Slide & spots", "Spatial domains (STMGAC)"])
+def test_a_dock_alone_shows_its_texts_in_full(make_napari_viewer, menu_name):
     viewer = make_napari_viewer(show=True)
+    viewer.window._qt_window.resize(1500, 950)  # as the docs screenshots
     viewer.open_sample(PLUGIN, "her2st_C3")
-    dock, widget = viewer.window.add_plugin_dock_widget(PLUGIN, "Slide & spots")
-    widget.select_gene("ERBB2")
-    # were: the pixel size as "1.3748 µ", the status line cut after "(counts per 1"
+    dock, widget = viewer.window.add_plugin_dock_widget(PLUGIN, menu_name)
+    if menu_name == "Slide & spots":
+        widget.select_gene("ERBB2")
+    # were: the pixel size as "1.3748 µ"; "Spatial domains (STMGAC) (napari-hinge" in the
+    # title bar
     assert not cut_texts(widget, dock)
 
 

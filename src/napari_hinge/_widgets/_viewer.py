@@ -4,7 +4,7 @@ for the colorbar of coloured spots. Qt and napari only; nothing here that the co
 from __future__ import annotations
 
 from qtpy.QtCore import QEvent, QObject, QTimer
-from qtpy.QtWidgets import QDockWidget, QMainWindow
+from qtpy.QtWidgets import QDockWidget, QLabel, QMainWindow
 
 PLUGIN_PACKAGE = "napari_hinge"
 
@@ -85,6 +85,18 @@ class _DockWatcher(QObject):
         tabify_plugin_docks(self.window)
 
 
+def fit_title(dock: QDockWidget) -> None:
+    """Widen ``dock`` until napari's title bar shows its name in full ("Spatial domains
+    (STMGAC) (napari-hinge" lost its last characters in a 356 px dock)."""
+    bar = dock.titleBarWidget()
+    if bar is None:
+        return
+    short = max((label.sizeHint().width() - label.width() for label in bar.findChildren(QLabel)
+                 if label.isVisible()), default=0)
+    if short > 0:
+        dock.setMinimumWidth(dock.width() + short)
+
+
 def dock_as_tab(widget, viewer=None) -> None:
     """Call from a dock widget's first ``showEvent``: tabify it with the other napari-hinge
     docks and keep doing so for docks opened later; with ``viewer``, re-fit the view to the
@@ -96,6 +108,7 @@ def dock_as_tab(widget, viewer=None) -> None:
     if window.findChild(_DockWatcher) is None:
         window.installEventFilter(_DockWatcher(window))
     tabify_plugin_docks(window, show=dock)  # the dock just opened is the one shown
+    QTimer.singleShot(0, lambda: fit_title(dock))  # once Qt has laid the title bar out
     if viewer is not None and len(viewer.layers):
         QTimer.singleShot(0, viewer.reset_view)  # once Qt has resized the canvas
 
