@@ -224,13 +224,35 @@ def write_ome_tiff(prediction: SlidePrediction, path: str | Path, *, which: str 
 SLIDE_OUTPUTS = ("maps.ome.tif", "uncertainty.ome.tif", "tiles.h5ad")
 # Folders next to them (``ome_zarr=True``): the same rasters as multiscale OME-Zarr (NGFF).
 SLIDE_ZARR_OUTPUTS = ("maps.ome.zarr", "uncertainty.ome.zarr")
+# ``spatialdata=True``: slide, maps, uncertainty (and spots) in one SpatialData store
+SLIDE_SPATIALDATA_OUTPUT = "maps.sdata.zarr"
+
+
+def write_spatialdata(prediction: SlidePrediction, path: str | Path, *, spots=None) -> Path:
+    """Slide, maps and uncertainty (and the measured ``spots``, an AnnData on this slide,
+    with the maps read at them as ``obs['pred_<gene>']``) as one SpatialData store in µm
+    (:func:`napari_hinge.io.maps.write_maps_spatialdata`; ``spatialdata`` extra)."""
+    from napari_hinge.io.maps import write_maps_spatialdata
+    from napari_hinge.io.slides import open_slide
+
+    mpp = prediction.microns_per_pixel
+    slide = open_slide(prediction.slide_path, mpp=mpp)
+    values = compare_with_spots(prediction, spots)[0] if spots is not None else None
+    place = prediction.placement
+    return write_maps_spatialdata(
+        path, slide=slide.levels[0], microns_per_pixel=mpp,
+        maps={"hinge_mean": prediction.raster("mean"), "hinge_std": prediction.raster("std")},
+        names=prediction.genes, scale=place["scale"], translate=place["translate"],
+        spots=spots, spot_values=values)
 
 
 def write_slide_outputs(prediction: SlidePrediction, folder: str | Path, *,
-                        ome_zarr: bool = True) -> dict[str, str]:
+                        ome_zarr: bool = True, spatialdata: bool = False,
+                        spots=None) -> dict[str, str]:
     """The files of ``hinge predict-slide`` in ``folder``: the mean and the uncertainty rasters
-    as pyramidal OME-TIFFs (QuPath) and the per-tile AnnData, and with ``ome_zarr`` the rasters
-    as multiscale OME-Zarr too (each written atomically); returns name -> path."""
+    as pyramidal OME-TIFFs (QuPath) and the per-tile AnnData, with ``ome_zarr`` the rasters
+    as multiscale OME-Zarr too, with ``spatialdata`` slide, rasters and ``spots`` as one
+    SpatialData store (each written atomically); returns name -> path."""
     from napari_hinge._files import atomic_write
 
     folder = Path(folder)
@@ -246,6 +268,9 @@ def write_slide_outputs(prediction: SlidePrediction, folder: str | Path, *,
         write_ome_zarr(prediction, maps_zarr)
         write_ome_zarr(prediction, uncertainty_zarr, which="std")
         written |= {"maps_zarr": str(maps_zarr), "uncertainty_zarr": str(uncertainty_zarr)}
+    if spatialdata:
+        written["spatialdata"] = str(write_spatialdata(
+            prediction, folder / SLIDE_SPATIALDATA_OUTPUT, spots=spots))
     return written
 
 
