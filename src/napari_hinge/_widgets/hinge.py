@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from qtpy.QtCore import Qt, Signal
+from qtpy.QtCore import Qt, QTimer, Signal
 from qtpy.QtWidgets import (
     QAbstractItemView,
     QCheckBox,
@@ -187,6 +187,8 @@ class PredictWidget(QWidget):
         layout.addWidget(self.save_button)
         self.map_layers: dict[str, object] = {}  # 'mean'/'std' -> layer of the current run
         self._pending: dict[str, object] = {}  # a hidden layer's newest prediction
+        self._to_add: dict[str, str] = {}  # hidden maps added at the next event-loop turn
+        self._finish_when_added = None
 
         self.save_button.clicked.connect(self._ask_save)
         self.use_shipped.clicked.connect(lambda: self.set_model(SHIPPED))
@@ -279,7 +281,8 @@ class PredictWidget(QWidget):
             options["sample_stride_um"] = self.sample_stride_box.value()
         predict = predict_slide_dense_iter if dense else predict_slide_iter
         self._slide_layer = layer
-        self.map_layers, self._pending = {}, {}
+        self.map_layers, self._pending, self._to_add = {}, {}, {}
+        self._finish_when_added = None
         self.first_paint_s = None
         self._run_started = time.perf_counter()
         self.run_button.setEnabled(False)
@@ -304,7 +307,14 @@ class PredictWidget(QWidget):
             name = f"{label} {kind} ({slide})"
             layer = self.map_layers.get(which)
             if layer is None or layer not in self.viewer.layers:
-                self._add_map(prediction, which, name, visible)
+                if visible:
+                    self._add_map(prediction, which, name, visible)
+                elif which not in self._to_add:  # the next event-loop turn: one layer's
+                    # visual (~0.1-0.5 s in napari) per turn, not both in one stall
+                    self._to_add[which] = name
+                    QTimer.singleShot(0, self._add_hidden)
+                else:
+                    self._pending[which] = prediction
             elif layer.visible:
                 self._set_map(layer, prediction)
             else:
@@ -315,6 +325,16 @@ class PredictWidget(QWidget):
             self._show_gene()
         self.last_prediction = prediction
         self.save_button.setEnabled(True)
+
+    def _add_hidden(self) -> None:
+        for which, name in list(self._to_add.items()):
+            del self._to_add[which]
+            prediction = self._pending.pop(which, self.last_prediction)
+            self._add_map(prediction, which, name, False)
+            self._show_gene()
+        if self._finish_when_added is not None:
+            prediction, self._finish_when_added = self._finish_when_added, None
+            self._finish(prediction)
 
     @staticmethod
     def _stack(prediction, which: str) -> np.ndarray:
@@ -394,7 +414,10 @@ class PredictWidget(QWidget):
         if prediction is None:
             return
         self._paint(prediction)
-        self._finish(prediction)
+        if self._to_add:  # finish once the hidden map is on the viewer too
+            self._finish_when_added = prediction
+        else:
+            self._finish(prediction)
 
     def _finish(self, prediction) -> None:
         added = list(self.map_layers.values())
