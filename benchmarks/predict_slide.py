@@ -76,8 +76,7 @@ def accuracy(model, genes, args) -> list[dict]:
     over the mapped genes on spots with >= 100 UMI, on the log1p CP10k scale; and the
     per-patch path at the spots themselves (the reference the dense map approximates)."""
     from napari_hinge._convention import library_size
-    from napari_hinge.hinge.pipeline import calibrated_uncertainty, spot_features, \
-        transform_values
+    from napari_hinge.hinge.pipeline import calibrated_uncertainty, spot_features, transform_values
     from napari_hinge.hinge.slide_predict import predict_slide_dense_iter
     from napari_hinge.io.spatial import read_spatial
     from napari_hinge.metrics import gene_pearson
@@ -90,7 +89,7 @@ def accuracy(model, genes, args) -> list[dict]:
         keep = library_size(adata) >= 100
         xy = np.asarray(adata.obsm["spatial"], dtype=float)
 
-        def pcc(values):
+        def pcc(values, keep=keep, y=y):
             ok = keep & np.isfinite(values).all(1)
             return round(float(np.nanmean(gene_pearson(values[ok], y[ok]))), 4), int(ok.sum())
 
@@ -113,7 +112,8 @@ def accuracy(model, genes, args) -> list[dict]:
                 model, str(SLIDES[name]), genes=genes, stride_um=args.stride,
                 sample_stride_um=stride, n_samples=args.samples,
                 reveal_steps=args.reveal_steps, previews=False, bf16=dtype == "bf16",
-                mpp=None if name == "C2" else float(adata.uns["napari_hinge"]["microns_per_pixel"])))
+                mpp=None if name == "C2" else
+                float(adata.uns["napari_hinge"]["microns_per_pixel"])))
             seconds = round(time.perf_counter() - start, 1)
             if reference is not None:  # on the spots the map covers, for a like comparison
                 on_map = np.isfinite(pred.at(xy, "mean")).all(1)

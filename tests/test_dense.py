@@ -47,6 +47,18 @@ def crop(section, tmp_path_factory):
     return path, float(meta["microns_per_pixel"]), xy[inside] - [x0, y0]
 
 
+@pytest.fixture(scope="module")
+def crop_prediction(model, crop):
+    """The crop's dense map, coarse sampling (the writers' input)."""
+    from napari_hinge.hinge.slide_predict import predict_slide_dense_iter
+
+    path, mpp, _ = crop
+    prediction, _ = drain(predict_slide_dense_iter(
+        model, path, mpp=mpp, genes=GENES, sample_stride_um=1000, n_samples=1,
+        reveal_steps=1, previews=False))
+    return prediction
+
+
 def drain(gen):
     events = []
     value, _ = run_to_end(gen, events.append)
@@ -132,19 +144,12 @@ def test_dense_map_stops_with_what_it_has(model, crop):
     assert value is not None and not value.params["final"]  # the painted preview stays
 
 
-def test_written_maps_reopen_on_their_slide(model, crop, tmp_path):
+def test_written_maps_reopen_on_their_slide(crop_prediction, tmp_path):
     from napari_hinge._reader import get_slide_reader, get_spatial_reader
-    from napari_hinge.hinge.slide_predict import (
-        predict_slide_dense_iter,
-        write_ome_tiff,
-        write_ome_zarr,
-    )
+    from napari_hinge.hinge.slide_predict import write_ome_tiff, write_ome_zarr
     from napari_hinge.io.maps import read_map
 
-    path, mpp, _ = crop
-    prediction, _ = drain(predict_slide_dense_iter(
-        model, path, mpp=mpp, genes=GENES, sample_stride_um=1000, n_samples=1,
-        reveal_steps=1, previews=False))
+    prediction = crop_prediction
     place = prediction.placement
     raster = prediction.raster("mean")
     written = [write_ome_tiff(prediction, tmp_path / "maps.ome.tif"),
@@ -196,7 +201,8 @@ def test_predict_slide_command_writes_dense_maps(crop, tmp_path):
     np.testing.assert_array_equal(sdata_map.data, tif.data)
 
 
-def test_spatialdata_store_holds_slide_maps_and_spots_aligned(model, section, crop, tmp_path):
+def test_spatialdata_store_holds_slide_maps_and_spots_aligned(crop_prediction, section, crop,
+                                                              tmp_path):
     """Slide, maps, uncertainty and spots as one SpatialData store: spatialdata reads it
     back with the maps' values and channel names, and one 'global' µm frame in which a map
     pixel, the slide pixel and the spot at the same place coincide; the plugin reopens the
@@ -206,16 +212,10 @@ def test_spatialdata_store_holds_slide_maps_and_spots_aligned(model, section, cr
     from spatialdata.transformations import get_transformation
 
     from napari_hinge._reader import get_spatial_reader
-    from napari_hinge.hinge.slide_predict import (
-        compare_with_spots,
-        predict_slide_dense_iter,
-        write_spatialdata,
-    )
+    from napari_hinge.hinge.slide_predict import compare_with_spots, write_spatialdata
 
-    path, mpp, _ = crop
-    prediction, _ = drain(predict_slide_dense_iter(
-        model, path, mpp=mpp, genes=GENES, sample_stride_um=1000, n_samples=1,
-        reveal_steps=1, previews=False))
+    prediction = crop_prediction
+    mpp = crop[1]
     # the spots inside the crop, in its pixels (the crop fixture's offsets)
     xy = np.asarray(section.obsm["spatial"], float)
     x0, y0 = np.median(xy, 0).astype(int) - 500
@@ -242,8 +242,8 @@ def test_spatialdata_store_holds_slide_maps_and_spots_aligned(model, section, cr
         input_axes=("x", "y"), output_axes=("x", "y"))
     r, c = 7, 11
     centre = to_um @ [c + 0.5, r + 0.5, 1.0]
-    np.testing.assert_allclose(centre[:2], [place["translate"][1] + c * place["scale"][1] + mpp / 2,
-                                            place["translate"][0] + r * place["scale"][0] + mpp / 2])
+    (ty, tx), (sy, sx) = place["translate"], place["scale"]
+    np.testing.assert_allclose(centre[:2], [tx + c * sx + mpp / 2, ty + r * sy + mpp / 2])
     he = get_transformation(back.images["he"], "global").to_affine_matrix(
         input_axes=("x", "y"), output_axes=("x", "y"))
     np.testing.assert_allclose(np.diag(he)[:2], [mpp, mpp])
@@ -257,7 +257,7 @@ def test_spatialdata_store_holds_slide_maps_and_spots_aligned(model, section, cr
     # the plugin opens the store's maps on their slide (the slide itself: its own file)
     layers = get_spatial_reader(store)(store)
     assert len(layers) == 2
-    for data, kwargs, kind in layers:
+    for _, kwargs, kind in layers:
         assert kind == "image" and kwargs["name"] == GENES
         np.testing.assert_allclose(kwargs["scale"], place["scale"], rtol=1e-6)
         np.testing.assert_allclose(kwargs["translate"], place["translate"], atol=1e-4)

@@ -390,15 +390,16 @@ def predict_slide_dense_iter(model, slide, *, stride_um: float | None = None,
                              reveal_steps: int | None = None, seed: int = 0,
                              mpp: float | None = None, min_tissue: float = 0.5,
                              stop: StopToken | None = None, device=None,
-                             previews: bool = True, bf16: bool | None = None,
+                             previews: bool = True, bf16: bool | str | None = None,
                              ) -> Generator[ProgressEvent, None, SlidePrediction | None]:
     """Dense whole-slide maps: the encoder once over the tissue, HINGE's prior at every
     16 µm cell, HINGE's samples (mean residual, calibrated uncertainty) every
     ``sample_stride_um``, interpolated onto the map.
 
-    ``bf16``: the encoder in bfloat16 autocast (default: where that is fast,
-    :func:`~napari_hinge.device.fast_bf16`; benchmarks/predict_slide.py measures what it costs
-    in accuracy on measured spots).
+    ``bf16``: the encoder in bfloat16 autocast, True, False or 'auto' (default
+    ``defaults.SLIDE['encoder_bf16']``: where that is fast,
+    :func:`~napari_hinge.device.fast_bf16`; benchmarks/predict_slide.py --accuracy measures
+    what it costs on measured spots).
 
     Yields 'step' events; with ``previews`` an event carries ``metrics['preview']``, a
     :class:`SlidePrediction` of the map so far (the whole tissue from the first sixteenth of
@@ -448,7 +449,8 @@ def predict_slide_dense_iter(model, slide, *, stride_um: float | None = None,
     gene_idx = [all_genes.index(g) for g in genes]
     G = len(genes)
     device = default_device(device)
-    bf16 = fast_bf16(device) if bf16 is None else bool(bf16)
+    bf16 = SLIDE["encoder_bf16"] if bf16 is None else bf16
+    bf16 = fast_bf16(device) if bf16 == "auto" else bool(bf16)
     encoder = resolve_encoder(model.config.encoder).to(device)
     geom = cell_geometry(encoder, slide.shape[:2], mpp)
     cell_um = geom.stride_px * mpp
