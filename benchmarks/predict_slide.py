@@ -1,6 +1,8 @@
 """Whole-slide HINGE maps: dense path vs the per-tile path, GUI responsiveness, big slides.
 
     xvfb-run -a -s "-screen 0 1920x1080x24" python benchmarks/predict_slide.py --threads 2
+    xvfb-run ... python benchmarks/predict_slide.py --threads 2 --accuracy \
+        --accuracy-sections C2 C3 --per-patch-reference
     python benchmarks/predict_slide.py --threads 2 --no-gui --big-sizes 8192 16384
 
 1. her2st C2 pyramid (../shared/data/wsi_small), 50 genes, uncertainty included: the dense
@@ -9,12 +11,17 @@
    per-tile path (:func:`~napari_hinge.hinge.slide_predict.predict_slide_iter`: encode +
    S samples per position) at the same grid and at the spot pitch, timed on a random
    subset of their positions in the same run and extrapolated to the whole grid.
-2. GUI: the Predict widget's dense run on C2 with a 10 ms QTimer: time from Run to the
-   first painted map, longest event-loop stall, and the layers added (one per map, the
-   same objects refined in place).
+2. GUI: the Predict widget's dense run on C2 with a 10 ms QTimer running from the click
+   on: time from Run to the first painted map, longest event-loop stall (and when the five
+   longest happened), and the layers added (two, refined in place).
 3. Pyramids built like benchmarks/open_slide.py (mirror-tiled real C2 pixels, 0.69 µm/px)
    of ``--big-sizes`` px, each run in a fresh subprocess at the spot stride and at 16 µm:
    time and peak RSS.
+
+4. ``--accuracy``: each dense-map choice (``--choices`` encoder dtype x sample stride) read
+   at the measured spots of ``--accuracy-sections`` (C2: this slide, a training section of
+   the shipped model; C3: held out), and with ``--per-patch-reference`` HINGE sampled on
+   per-patch features at the same spots: mean Pearson r over the mapped genes.
 
 Prints a table and writes JSON (``--out``); the device and the load go with every figure.
 """

@@ -518,7 +518,7 @@ def predict_slide_dense_iter(model, slide, *, stride_um: float | None = None,
         from the tiles encoded so far."""
         sel = np.arange(len(pooled)) if channels is None else channels
         n_self = int((sel < D).sum())
-        values = pooled[sel].astype(np.float32)
+        values = (pooled if channels is None else pooled[channels]).astype(np.float32)
         values += offset[sel, None, None]
         complete = box_mean(have[None].astype(np.float32), geom.window)[0] > 0.999
         if not complete[on].all():
