@@ -346,7 +346,8 @@ class PredictWidget(QWidget):
         """The gene the slider shows on ``layer`` (its first axis)."""
         if layer.data.ndim == 2:
             return 0
-        step = int(round(self.viewer.dims.point[0]))
+        axis = self.viewer.dims.ndim - layer.data.ndim  # napari aligns layers' last axes
+        step = int(round(self.viewer.dims.point[axis]))  # unit scale, no offset: the index
         return min(max(step, 0), layer.data.shape[0] - 1)
 
     def _set_map(self, layer, prediction) -> None:
