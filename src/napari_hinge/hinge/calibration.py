@@ -182,8 +182,15 @@ def fit_depth_map(prior, library_size, groups=None) -> tuple[DepthMap, np.ndarra
     w, b = np.asarray(w, np.float64)[:, 0], float(np.asarray(b).ravel()[0])
     fitted = np.asarray(prior, np.float64) @ w + b
     limit = float(3 * fitted.std() + 1e-6)
-    oof = np.clip(np.asarray(ridge.oof_predictions_, np.float64)[:, 0], -limit, limit)
-    return DepthMap(w, b, limit), oof
+    # each left-out fit has its own intercept, so its section's depths are offset as a block;
+    # a new section's depths from the full map average ~0 (its features are centred, the map
+    # was fitted on centred depths): centre the out-of-fold ones per section the same way,
+    # else the intervals fitted on them come out too narrow on new sections (C3 fold: 80%
+    # coverage 0.71 uncentred, 0.77 centred, 0.76 without the depth)
+    oof = np.asarray(ridge.oof_predictions_, np.float64)[:, 0]
+    for g in np.unique(labels):
+        oof[labels == g] -= oof[labels == g].mean()
+    return DepthMap(w, b, limit), np.clip(oof, -limit, limit)
 
 
 def _depth_factor(depth, power: float) -> np.ndarray:
