@@ -81,7 +81,7 @@ def hinge_fold(fold, *, backbone: str, args, seed: int) -> dict:
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         ada_rank=args.ada_rank or None, standardize=not args.raw_features,
         warmup_epochs=args.warmup_epochs, val_fraction=args.val_fraction, seed=seed,
-        val_samples=0, device=args.device,
+        val_samples=0, device=args.device, library_size=fold.library_train,
     )
     model, last = run_to_end(gen)
     t1 = time.perf_counter()
@@ -101,7 +101,9 @@ def hinge_fold(fold, *, backbone: str, args, seed: int) -> dict:
         scores["pcc_by_residual_scale"] = {
             f"{lam:g}": expression_scores(prior + lam * residual, fold.Y_test)["pcc_mean"]
             for lam in (0.0, 0.25, 0.5, 0.75, 1.0, 1.5)}
-    unc = calibrated_uncertainty(model, mean, raw)
+    unc = calibrated_uncertainty(model, mean, raw, prior=res.prior.numpy())
+    cal = model.calibration
+    scores["depth_power"] = None if cal is None else cal.depth_power  # 0: spread alone
     for level, z in ((80, 1.2816), (95, 1.96)):
         scores[f"raw_coverage_{level}"] = interval_coverage(mean - z * raw, mean + z * raw,
                                                             fold.Y_test)
@@ -262,6 +264,10 @@ def main(argv=None) -> dict:
     t_feat = time.perf_counter() - t0
 
     results: dict[str, list[dict]] = {}
+    path = a.out or REPO / "bench_out" / f"hinge_her2st_{a.genes}genes.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # a long run (250 genes x 3 seeds: hours on 2 cores) keeps each finished fold here
+    partial = path.with_name(path.stem + ".partial.json")
     base = [m for m in methods if m in BASELINES]
     if base:
         base_folds = [baseline_inputs(f, context_um=a.context_um or None, tta=a.tta,
@@ -283,6 +289,8 @@ def main(argv=None) -> dict:
                       f"{r['pcc_mean']:.3f}  cov80 {r['coverage_80'] or float('nan'):.2f}  "
                       f"train {r['fit_s']:.0f}s  sample {r['predict_s']:.0f}s",
                       file=sys.stderr, flush=True)
+                partial.write_text(json.dumps({"settings": vars(a), "partial": True,
+                                               "per_fold": results}, indent=1, default=str))
 
     per_fold = {}
     for b in ("hest_ridge", "tuned_ridge"):
@@ -340,9 +348,8 @@ def main(argv=None) -> dict:
                     "device": a.device or ("cuda" if torch.cuda.is_available() else "cpu"),
                     "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
     }
-    path = a.out or REPO / "bench_out" / f"hinge_her2st_{a.genes}genes.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=1, default=str))
+    partial.unlink(missing_ok=True)
     print(f"wrote {path}")
     return out
 

@@ -110,7 +110,8 @@ def accuracy(model, genes, args) -> list[dict]:
             coords = xy * float(adata.uns["napari_hinge"]["microns_per_pixel"])
             res = sample(model, model_inputs(model, feats, coords), n_samples=args.samples,
                          reveal_steps=args.reveal_steps, seed=0)
-            calibrated_uncertainty(model, res.mean.numpy(), res.std.numpy())
+            calibrated_uncertainty(model, res.mean.numpy(), res.std.numpy(),
+                                   prior=res.prior.numpy())
             idx = [model.config.genes.index(g) for g in genes]
             reference = (res.mean.numpy()[:, idx], round(time.perf_counter() - start, 1))
         for dtype, stride in args.choices:
@@ -171,7 +172,7 @@ def per_tile_rate(model, slide, centers_xy, genes, args, n: int) -> dict:
     encode = time.perf_counter() - start
     inputs = model_inputs(model, feats, xy * mpp)
     res = sample(model, inputs, n_samples=args.samples, reveal_steps=args.reveal_steps)
-    calibrated_uncertainty(model, res.mean.numpy(), res.std.numpy())
+    calibrated_uncertainty(model, res.mean.numpy(), res.std.numpy(), prior=res.prior.numpy())
     total = time.perf_counter() - start
     return {"measured_positions": len(xy), "s_per_position": total / len(xy),
             "encode_share": round(encode / total, 3)}

@@ -92,7 +92,8 @@ def main(argv=None) -> int:
                                groups=fold.groups_train, epochs=a.epochs,
                                batch_size=a.batch_size, lr=a.lr,
                                ada_rank=a.ada_rank or None, seed=a.seed,
-                               checkpoint_dir=Path(tmp) / "ckpt", val_samples=0)
+                               checkpoint_dir=Path(tmp) / "ckpt", val_samples=0,
+                               library_size=fold.library_train)
 
         def show(ev):
             if ev.kind == "epoch":
@@ -119,7 +120,7 @@ def main(argv=None) -> int:
         res = sample(shipped, X_test, n_samples=a.samples, reveal_steps=rs, seed=0)
         mean = res.mean.numpy()
         sc = expression_scores(mean, fold.Y_test, genes=fold.genes)
-        unc = calibrated_uncertainty(shipped, mean, res.std.numpy())
+        unc = calibrated_uncertainty(shipped, mean, res.std.numpy(), prior=res.prior.numpy())
         evals.append({"section": a.test, "reveal_steps": rs, "n_samples": a.samples,
                       "pcc_mean": sc["pcc_mean"], "pcc_top10": sc["pcc_top10"],
                       "mse": sc["mse"], "coexpression": sc["coexpression"],

@@ -24,10 +24,10 @@ def fold(shared_data):
     return make_fold(secs[:2], secs[2:], n_genes=20)
 
 
-def _train(fold, features, seed=0):
+def _train(fold, features, seed=0, **kwargs):
     gen = fit_hinge_arrays(features, fold.Y_train, fold.genes, coords_um=fold.coords_train,
                            groups=fold.groups_train, epochs=6, batch_size=32, seed=seed,
-                           val_fraction=0.15, val_samples=0)
+                           val_fraction=0.15, val_samples=0, **kwargs)
     model, _ = run_to_end(gen)
     inputs = model_inputs(model, fold.X_test, fold.coords_test, fold.groups_test)
     res = sample(model, inputs, n_samples=4, reveal_steps=5, seed=seed)
@@ -66,3 +66,32 @@ def test_calibrated_intervals_cover_on_the_held_out_section(fold):
     assert 0.65 <= cov80 <= 0.92 and 0.85 <= cov95 <= 0.99, (cov80, cov95)
     raw80 = interval_coverage(mean - 1.28 * raw, mean + 1.28 * raw, fold.Y_test)
     assert abs(cov80 - 0.8) < abs(raw80 - 0.8) or abs(raw80 - 0.8) < 0.05
+
+
+def test_spread_scaled_by_the_predicted_depth_ranks_errors_better(fold, shared_data):
+    """With the spots' library sizes the calibration learns each spot's depth from the image
+    (through the prior); on the held-out section the predicted depth follows the measured
+    one, the scaled spread ranks the errors better than the spread alone, and the intervals
+    still cover."""
+    from napari_hinge import pp
+    from napari_hinge.expression import load_her2st_sections
+    from napari_hinge.hinge.pipeline import calibrated_uncertainty
+    from napari_hinge.metrics import spread_error_spearman
+
+    model, _, res = _train(fold, fold.X_train, seed=1, library_size=fold.library_train)
+    cal = model.calibration
+    assert cal.uses_depth and cal.depth_power > 0
+    mean, raw, prior = res.mean.numpy(), res.std.numpy(), res.prior.numpy()
+    depth = cal.depth(prior)
+    test = load_her2st_sections(shared_data / "her2st_subset", ["C3"],
+                                encoder=get_encoder("efficientnet-lite0"), side_px=160)[0]
+    measured = np.log(pp.library_size(test.adata))
+    assert np.corrcoef(depth, measured)[0, 1] > 0.3
+    unc = calibrated_uncertainty(model, mean, raw, prior=prior)
+    scaled = spread_error_spearman(unc["std"], mean, fold.Y_test)["per_gene"]
+    alone = spread_error_spearman(raw, mean, fold.Y_test)["per_gene"]
+    assert scaled > alone + 0.03, (scaled, alone)
+    cov80 = interval_coverage(unc["lower_80"], unc["upper_80"], fold.Y_test)
+    assert 0.65 <= cov80 <= 0.92, cov80
+    with pytest.raises(ValueError, match="depth"):
+        cal.sd(raw)  # a caller that forgets the depth is told, not given wrong intervals

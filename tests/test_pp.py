@@ -26,6 +26,24 @@ def patient_c(shared_data):
     return out
 
 
+def test_normalize_total_keeps_sparse_and_matches_the_model_values(patient_c):
+    """STMGAC's float64 scaling: sparse in, sparse out, equal to the dense path and, after
+    log1p and the float32 cast, to the model values of log1p_cp10k (same library size)."""
+    a = patient_c["C3"]
+    lib = pp.library_size(a)
+    counts = sp.csr_matrix(a.X, dtype=np.float64)
+    sparse = pp.normalize_total(counts, lib, log1p=True)
+    assert sp.issparse(sparse) and sparse.nnz == counts.nnz
+    dense = pp.normalize_total(counts.toarray(), lib, log1p=True)
+    np.testing.assert_array_equal(sparse.toarray(), dense)
+    np.testing.assert_allclose(dense.astype(np.float32), pp.log1p_cp10k(counts, lib),
+                               rtol=1e-6, atol=1e-6)
+    scaled = pp.normalize_total(counts.toarray(), target_sum=1e6)
+    np.testing.assert_allclose(scaled.sum(1), 1e6)
+    empty = pp.normalize_total(np.zeros((2, 3)))
+    assert not empty.any()  # a spot with no counts stays 0, no NaN
+
+
 def test_log1p_cp10k_on_numpy_sparse_and_torch_agree(patient_c):
     import torch
 

@@ -29,6 +29,7 @@ from .pp import (  # noqa: F401
     TARGET_RULE,
     TARGET_SUM,
     hvg_rule,
+    library_size,
     select_gene_panel,
     with_included,
 )
@@ -150,6 +151,7 @@ class Fold:
     X_train_aug: np.ndarray | None = None  # (8, n_train, dim) when augmented features exist
     coords_train: np.ndarray | None = None  # (n_train, 2) spot centres in µm
     coords_test: np.ndarray | None = None
+    library_train: np.ndarray | None = None  # (n_train,) UMIs per training spot (all genes)
 
 
 def make_fold(
@@ -193,6 +195,7 @@ def make_fold(
         X_train_aug=aug,
         coords_train=coords(train),
         coords_test=coords(test),
+        library_train=np.concatenate([library_size(s.adata) for s in train]),
     )
 
 

@@ -6,7 +6,8 @@ C2L-ST's conditioning expression and STMGAC's gene selection all call the functi
 
 - :func:`library_size`: each spot's UMI total over *all* measured genes;
 - :func:`log1p_cp10k` / :func:`transform_counts`: counts -> model values, on numpy, scipy
-  sparse or torch input;
+  sparse or torch input; :func:`normalize_total`: the float64 scaling (sparse kept sparse),
+  log1p optional, for STMGAC's presets;
 - :func:`expression_values`: an AnnData's values over a gene list (the genes it lacks reported);
 - :func:`gene_panel`: the panel rule (:func:`hvg_rule`) plus requested genes;
 - :func:`highly_variable_genes`: scanpy's ``seurat_v3`` flavour (scikit-misc's LOESS) on raw
@@ -61,6 +62,32 @@ def log1p_cp10k(counts, library_size=None, *, target_sum: float = TARGET_SUM):
            else np.asarray(library_size, dtype=np.float64).reshape(-1))[:, None]
     return np.log1p(np.divide(x * target_sum, lib, out=np.zeros_like(x), where=lib > 0)
                     ).astype(np.float32)
+
+
+def normalize_total(counts, library_size=None, *, target_sum: float = TARGET_SUM,
+                    log1p: bool = False):
+    """scanpy's ``normalize_total`` (then ``log1p`` when asked) in float64: each row scaled
+    to ``target_sum`` over ``library_size`` (default its own row sums; a spot with library
+    size 0 stays 0). Sparse input stays sparse (CSR; log1p on the stored values), dense
+    input is returned dense. :func:`log1p_cp10k` is the float32 model-value form; this one
+    serves STMGAC's presets (their own target sum, log1p on or off) and marker tables."""
+    import scipy.sparse as sp
+
+    if sp.issparse(counts):
+        x = sp.csr_matrix(counts, dtype=np.float64)
+        lib = np.asarray(x.sum(axis=1)).ravel() if library_size is None else \
+            np.asarray(library_size, dtype=np.float64).reshape(-1)
+        scale = np.divide(target_sum, lib, out=np.zeros_like(lib), where=lib > 0)
+        out = (sp.diags(scale) @ x).tocsr()
+        if log1p:
+            out.data = np.log1p(out.data)
+        return out
+    x = _dense(counts)
+    lib = x.sum(axis=1) if library_size is None else \
+        np.asarray(library_size, dtype=np.float64).reshape(-1)
+    scale = np.divide(target_sum, lib, out=np.zeros_like(lib), where=lib > 0)
+    out = x * scale[:, None]
+    return np.log1p(out) if log1p else out
 
 
 def transform_counts(counts, transform: str = "log1p_cp10k", *, library_size=None):

@@ -277,19 +277,24 @@ def coords_um_of(adata) -> np.ndarray:
     return np.asarray(adata.obsm[SPATIAL_KEY], dtype=np.float64) * float(mpp)
 
 
-def calibrated_uncertainty(model: HingeModel, mean, raw_std, genes=None) -> dict:
+def calibrated_uncertainty(model: HingeModel, mean, raw_std, genes=None, *,
+                           depth=None, prior=None) -> dict:
     """``{'std': (N, G), 'lower_80', 'upper_80', 'lower_95', 'upper_95'}`` from the samples'
     raw spread, through the model's calibration (its intervals cover on held-out spots);
-    without one, ``std`` is the raw spread and no intervals are given."""
+    without one, ``std`` is the raw spread and no intervals are given. A calibration with a
+    depth map needs the spots' ``depth`` (N,), or their ``prior`` over all the model's genes
+    (``SampleResult.prior``) to compute it from."""
     cal = getattr(model, "calibration", None)
     if cal is None:
         return {"std": np.asarray(raw_std, np.float32)}
+    if cal.uses_depth and depth is None and prior is not None:
+        depth = cal.depth(prior)
     if genes is not None:
         cal = cal.subset(genes)
-    out = {"std": cal.sd(raw_std)}
+    out = {"std": cal.sd(raw_std, depth)}
     for level in (0.8, 0.95):
         pct = round(level * 100)
-        out[f"lower_{pct}"], out[f"upper_{pct}"] = cal.interval(mean, raw_std, level)
+        out[f"lower_{pct}"], out[f"upper_{pct}"] = cal.interval(mean, raw_std, level, depth)
     return out
 
 
@@ -343,7 +348,8 @@ def fit_hinge_arrays(features, targets, genes: Sequence[str], *, encoder: str = 
                      checkpoint_dir: str | os.PathLike | None = None, resume: bool = False,
                      stop: StopToken | None = None, device=None, val_samples: int = 2,
                      backbone_ref: str | None = None, synthetic=None,
-                     synthetic_weight: float = 1.0, **config) -> Iterator[TrainEvent]:
+                     synthetic_weight: float = 1.0, library_size=None,
+                     **config) -> Iterator[TrainEvent]:
     """Train HINGE on prepared arrays; a generator of TrainEvents that returns the model.
 
     ``features`` ``(N, F)`` or ``(K, N, F)`` encoder features, ``targets`` ``(N, G)`` over
@@ -371,9 +377,15 @@ def fit_hinge_arrays(features, targets, genes: Sequence[str], *, encoder: str = 
     the diffusion loss and in the ridge prior, never validate, and the prior's alpha is scored on
     real spots only. The model records the mix (``model.training_data``, saved by
     :func:`save_model` as ``training_data.json``).
+
+    ``library_size`` (N,) the spots' UMI totals over all genes (NaN for synthetic rows):
+    with a ridge prior, the calibration then also scales each spot's spread by its depth
+    predicted from the image (:mod:`napari_hinge.hinge.calibration`), fitted on the training
+    spots' out-of-fold priors.
     """
     from napari_hinge import ddp
 
+    from .calibration import fit_depth_map
     from .train import checkpoint_milestones, split_groups, train_hinge
 
     features = np.asarray(features, dtype=np.float32)
@@ -440,10 +452,20 @@ def fit_hinge_arrays(features, targets, genes: Sequence[str], *, encoder: str = 
             _, val_idx = split_groups(targets.shape[0], val_fraction, seed,
                                       None if mark is None else real)
             if calibrate and len(val_idx) >= 10:
-                # with the plain out-of-fold prior: a new section's level is not known either
+                depth_map = val_depth = None
+                if library_size is not None and prior_values is not None:
+                    lib = np.asarray(library_size, np.float64).ravel()
+                    rows = real & np.isfinite(lib)
+                    if rows[val_idx].all():
+                        depth_map, oof_depth = fit_depth_map(
+                            oof[rows], lib[rows], None if groups is None
+                            else np.asarray(groups)[rows])
+                        val_depth = oof_depth[np.searchsorted(np.flatnonzero(rows), val_idx)]
+                # with the plain out-of-fold prior and depth: a new section's are not known
                 model.calibration = calibrate_on(model, inputs[:, val_idx], targets[val_idx],
                                                  None if prior_values is None
-                                                 else oof[val_idx], seed=seed)
+                                                 else oof[val_idx], seed=seed,
+                                                 depth=val_depth, depth_map=depth_map)
                 done.metrics["calibration_spots"] = int(len(val_idx))
             if checkpoint_dir is not None and ddp.is_main():  # under torchrun: rank 0 writes
                 save_model(model.cpu(), Path(checkpoint_dir) / "final")
@@ -471,11 +493,13 @@ def fit_ridge_prior(model: HingeModel, inputs, targets, groups=None, *, sample_w
 
 def calibrate_on(model: HingeModel, inputs, targets, prior_values=None, *,
                  n_samples: int = SAMPLER["n_samples"],
-                 reveal_steps: int = SAMPLER["reveal_steps"], seed: int = 0):
+                 reveal_steps: int = SAMPLER["reveal_steps"], seed: int = 0,
+                 depth=None, depth_map=None):
     """Fit :func:`~napari_hinge.hinge.calibration.fit_calibration` on held-out spots:
     ``inputs`` (K, n, F) network features (view 0 is sampled), ``targets`` (n, G);
     ``prior_values`` (n, G) replaces the model's own prior (out-of-fold, as for a spot of an
-    unseen section)."""
+    unseen section); ``depth`` (n,) their out-of-fold depth and ``depth_map`` the model's
+    (:func:`~napari_hinge.hinge.calibration.fit_depth_map`), to scale the spread by depth."""
     from .calibration import fit_calibration
     from .sampler import sample
 
@@ -483,10 +507,9 @@ def calibrate_on(model: HingeModel, inputs, targets, prior_values=None, *,
     res = sample(model, view, n_samples=n_samples, reveal_steps=reveal_steps, seed=seed)
     mean = res.mean.numpy()
     if prior_values is not None:
-        with torch.no_grad():
-            own = model.prior_mean(torch.as_tensor(view[0])).numpy()
-        mean = mean - own + prior_values
-    return fit_calibration(mean, res.std.numpy(), targets, model.config.genes)
+        mean = mean - res.prior.numpy() + prior_values
+    return fit_calibration(mean, res.std.numpy(), targets, model.config.genes, depth=depth,
+                           depth_map=depth_map)
 
 
 def _as_pairs(pairs):
@@ -554,7 +577,7 @@ def fit_hinge(datasets: Sequence, *, genes: Sequence[str] | None = None,
         genes = list(pairs[0].genes)  # the local model's panel: what the tiles carry
     elif genes is None:
         genes = select_panel(kept, n_genes, include=include)
-    feats, targets, coords, groups = [], [], [], []
+    feats, targets, coords, groups, libs = [], [], [], [], []
     enc = resolve_encoder(encoder, encoder_weights)
     for a in adatas:
         name = _name(a)
@@ -567,9 +590,10 @@ def fit_hinge(datasets: Sequence, *, genes: Sequence[str] | None = None,
         feats.append(f if f.ndim == 3 else f[None])
         targets.append(y)
         coords.append(coords_um_of(a)[library_size(a) >= min_umi])
+        libs.append(library_size(a)[library_size(a) >= min_umi])
         groups.append(np.full(len(y), len(groups)))
     features = np.concatenate(feats, axis=1)
-    targets, coords, groups = (np.concatenate(x) for x in (targets, coords, groups))
+    targets, coords, groups, libs = (np.concatenate(x) for x in (targets, coords, groups, libs))
     synthetic = None
     if pairs:
         from napari_hinge.c2l.pairs import encode_pairs, stack_training_rows
@@ -586,14 +610,17 @@ def fit_hinge(datasets: Sequence, *, genes: Sequence[str] | None = None,
                 (lambda d, t, n=f"synthetic pairs {i + 1}": progress(n, d, t))
             extra.append((pr, encode_pairs(pr, encoder=enc, side_px=side, augment=augment,
                                            progress=tick)))
+        n_real = len(libs)
         features, targets, coords, groups, synthetic = stack_training_rows(
             features, targets, coords, groups, extra, genes, slides)
+        libs = np.r_[libs, np.full(len(targets) - n_real, np.nan)]  # tiles have no UMIs
     # the backbone object already loaded (the same random weights that chose the panel)
     model = yield from fit_hinge_arrays(features, targets, genes,
                                         encoder=enc.name, backbone=bb, backbone_ref=ref,
                                         coords_um=coords, groups=groups,
                                         synthetic=synthetic, synthetic_weight=extra_weight,
-                                        epochs=epochs, stop=stop, **train_kwargs)
+                                        library_size=libs, epochs=epochs, stop=stop,
+                                        **train_kwargs)
     if model.train_summary is not None:
         model.train_summary["genes_outside_vocab"] = list(model.config.extra_genes)
     if pairs:  # where the synthetic rows came from, in the saved training_data.json
@@ -665,7 +692,7 @@ def predict_spots(model: HingeModel, adata, *, features=None,
                  progress=progress)
     genes = list(model.config.genes)
     mean = res.mean.numpy()
-    unc = calibrated_uncertainty(model, mean, res.std.numpy())
+    unc = calibrated_uncertainty(model, mean, res.std.numpy(), prior=res.prior.numpy())
     std = unc["std"]
     vt = model.config.value_transform if model.config.value_transform in VALUE_TRANSFORMS \
         else "log1p_cp10k"

@@ -32,11 +32,14 @@ from .model import HingeModel
 
 
 class SampleResult(NamedTuple):
-    """``mean`` and ``std`` (N, G) over the samples; ``samples`` (N, S, G) when asked for."""
+    """``mean`` and ``std`` (N, G) over the samples; ``samples`` (N, S, G) when asked for;
+    ``prior`` (N, G) the deterministic prior they refine (zeros without one, None for image
+    codes: the caller adds its own)."""
 
     mean: torch.Tensor
     std: torch.Tensor
     samples: torch.Tensor | None
+    prior: torch.Tensor | None = None
 
 
 def _as_views(features, n_features: int) -> torch.Tensor:
@@ -117,7 +120,7 @@ def sample(model: HingeModel, features, *, n_samples: int = SAMPLER["n_samples"]
     stochastic = bool(model.config.predict_variance)
     code_kw = {"image_code": True} if image_code else {}  # plain calls stay plain
     spots_per_batch = max(1, batch_size // S)
-    means, stds, all_samples = [], [], []
+    means, stds, all_samples, priors = [], [], [], []
     view_of = torch.arange(S) % K
     try:
         for start in range(0, N, spots_per_batch):
@@ -165,6 +168,7 @@ def sample(model: HingeModel, features, *, n_samples: int = SAMPLER["n_samples"]
                 xs, mean = lam * xs, lam * mean
             xs = xs + prior[:, None]
             means.append(mean + prior)
+            priors.append(prior)
             stds.append(xs.std(1, correction=0))
             if return_samples:
                 all_samples.append(xs)
@@ -176,4 +180,5 @@ def sample(model: HingeModel, features, *, n_samples: int = SAMPLER["n_samples"]
         mean=torch.cat(means),
         std=torch.cat(stds),
         samples=torch.cat(all_samples) if return_samples else None,
+        prior=None if image_code else torch.cat(priors),
     )

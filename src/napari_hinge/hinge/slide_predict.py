@@ -194,7 +194,7 @@ def predict_slide_iter(model, slide, *, stride_um: float | None = None,
         m = res.mean.numpy()[:, gene_idx]
         mean[sl] = m
         std[sl] = calibrated_uncertainty(model, m, res.std.numpy()[:, gene_idx],
-                                         genes=genes)["std"]
+                                         genes=genes, prior=res.prior.numpy())["std"]
         yield ProgressEvent("step", None, n_batches + b + 1, 2 * n_batches,
                          metrics={"phase": "sample", "tiles": sl.stop, "of": n})
     params = {"stride_um": float(stride_px * mpp), "patch_um": FIELD_OF_VIEW_UM,
@@ -315,17 +315,23 @@ def write_ome_zarr(prediction: SlidePrediction, path: str | Path, *, which: str 
 # dense maps
 
 
-def dense_projection(model, encoder, gene_idx) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def dense_projection(model, encoder, gene_idx, prior_mix=None
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(A_self, A_ctx, const)``: encoder cell features (F) -> the model's first affine
-    maps (prior of the genes ``gene_idx``, then the image code), with the shipped dense
-    adapter and the feature standardisation folded in. A cell's network value is
-    ``f @ A_self + mean_neighbours(f) @ A_ctx - section_mean + const``."""
+    maps (prior of the genes ``gene_idx``, then ``prior @ prior_mix`` for a (G_model, E)
+    ``prior_mix`` such as the calibration's depth map, then the image code), with the
+    shipped dense adapter and the feature standardisation folded in. A cell's network value
+    is ``f @ A_self + mean_neighbours(f) @ A_ctx - section_mean + const``."""
     from napari_hinge.dense import load_adapter
 
     weight, bias = (t.double().numpy() for t in model.image_linear())
     G = model.n_genes
-    keep = np.r_[np.asarray(gene_idx, int), np.arange(G, weight.shape[1])]
-    weight, bias = weight[:, keep], bias[keep]
+    mixed_w = np.zeros((weight.shape[0], 0)) if prior_mix is None else \
+        weight[:, :G] @ np.asarray(prior_mix, np.float64)
+    mixed_b = np.zeros(0) if prior_mix is None else bias[:G] @ np.asarray(prior_mix, np.float64)
+    idx = np.asarray(gene_idx, int)
+    weight = np.concatenate([weight[:, idx], mixed_w, weight[:, G:]], 1)
+    bias = np.concatenate([bias[idx], mixed_b, bias[G:]])
     # the network standardises its features itself: fold that in too
     mean = model.feature_mean.detach().double().cpu().numpy()
     std = model.feature_std.detach().double().cpu().numpy()
@@ -469,7 +475,11 @@ def predict_slide_dense_iter(model, slide, *, stride_um: float | None = None,
 
     need = binary_dilation(on, structure=np.ones((2 * half + 1, 2 * half + 1), bool))
     tiles = tiles_over(need, geom)
-    a_self, a_ctx, const = dense_projection(model, encoder, gene_idx)
+    cal = getattr(model, "calibration", None)
+    depth_w = np.asarray(cal.depth_weight)[:, None] if cal is not None and cal.uses_depth \
+        else None
+    E = 0 if depth_w is None else 1  # the depth row after the prior's (calibration)
+    a_self, a_ctx, const = dense_projection(model, encoder, gene_idx, prior_mix=depth_w)
     D = a_self.shape[1]
     proj = torch.as_tensor(np.concatenate([a_self] + ([a_ctx] if a_ctx is not None else []),
                                           1)).to(device)
@@ -575,7 +585,7 @@ def predict_slide_dense_iter(model, slide, *, stride_um: float | None = None,
             metrics["preview"] = prediction(False)
         yield ProgressEvent("step", None, step, total, metrics=metrics)
     y = network_values()
-    state["prior"], state["code"] = y[:G], y[G:]
+    state["prior"], state["depth"], state["code"] = y[:G], y[G:G + E], y[G + E:]
     pooled = None  # the cell maps are no longer needed: free them before sampling
     codes = state["code"][:, s_rows, s_cols].T.astype(np.float32)
     res_mean = np.zeros((len(s_rows), G), np.float32)
@@ -598,7 +608,10 @@ def predict_slide_dense_iter(model, slide, *, stride_um: float | None = None,
         metrics = {"phase": "sample", "positions": int(done.sum()), "of": len(s_rows)}
         if (previews and b + 1 in preview_b) or b + 1 == n_sample_batches:
             full = state["prior"][:, s_rows[done], s_cols[done]].T + res_mean[done]
-            sd = calibrated_uncertainty(model, full, res_std[done], genes=genes)["std"]
+            depth = cal.clip_depth(state["depth"][0, s_rows[done], s_cols[done]]) if E \
+                else None
+            sd = calibrated_uncertainty(model, full, res_std[done], genes=genes,
+                                        depth=depth)["std"]
             both = _smooth_upsample(np.concatenate([res_mean[done], sd], 1), s_rows[done],
                                     s_cols[done], geom.shape, k_smp)
             state["residual"], state["std"] = both[:G], both[G:]

@@ -13,6 +13,7 @@ import scipy.sparse as sp
 from scipy.spatial import cKDTree
 
 from .._convention import META_KEY, SPATIAL_KEY, library_size
+from ..pp import normalize_total
 
 
 def _label_codes(adata, key: str) -> tuple[np.ndarray, pd.Index]:
@@ -161,10 +162,7 @@ def domain_table(adata, key: str = "domain", *, n_markers: int = 5, layer: str |
     codes, cats = _label_codes(adata, key)
     x = adata.layers[layer] if layer is not None else adata.X
     x = sp.csr_matrix(x, dtype=np.float64)
-    lib = library_size(adata) if layer is None else np.asarray(x.sum(axis=1)).ravel()
-    norm = sp.diags(np.divide(1e4, lib, out=np.zeros_like(lib), where=lib > 0)) @ x
-    norm = norm.tocsr()
-    norm.data = np.log1p(norm.data)
+    norm = normalize_total(x, library_size(adata) if layer is None else None, log1p=True)
     genes = np.asarray(adata.var_names)
     total = np.asarray(norm.sum(axis=0)).ravel()
     n = codes.size

@@ -16,7 +16,7 @@ import numpy as np
 import scipy.sparse as sp
 from sklearn.decomposition import PCA
 
-from ..pp import highly_variable_genes
+from ..pp import highly_variable_genes, normalize_total
 
 
 @dataclass
@@ -80,11 +80,8 @@ def preprocess(adata, preset, *, layer: str | None = None, seed: int = 42) -> Pr
     hvg_local = highly_variable_genes(sub, preset.n_top_genes)
     hvg_index = keep[hvg_local]
     # normalize_total on all kept genes (as scanpy does before subsetting), then subset.
-    lib = np.asarray(sub.sum(axis=1)).ravel()
-    scale = np.divide(preset.target_sum, lib, out=np.zeros_like(lib), where=lib > 0)
-    x = np.asarray(sp.diags(scale) @ sub[:, hvg_local].toarray())
-    if preset.log1p:
-        x = np.log1p(x)
+    x = normalize_total(sub[:, hvg_local].toarray(), np.asarray(sub.sum(axis=1)).ravel(),
+                        target_sum=preset.target_sum, log1p=preset.log1p)
     mu = x.mean(axis=0)
     sd = x.std(axis=0, ddof=1)
     sd[sd == 0] = 1.0
