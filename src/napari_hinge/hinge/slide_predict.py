@@ -182,6 +182,13 @@ def predict_slide_iter(model, slide, *, stride_um: float | None = None,
         yield ProgressEvent("step", None, b + 1, 2 * n_batches,
                          metrics={"phase": "encode", "tiles": sl.stop, "of": n})
     inputs = model_inputs(model, feats, np.asarray(grid.centers_xy, np.float64) * mpp)
+    cal = getattr(model, "calibration", None)
+    depth = None
+    if cal is not None and cal.uses_depth:  # relative to the slide: over all tiles at once
+        import torch
+
+        with torch.no_grad():
+            depth = cal.depth(model.prior_mean(torch.as_tensor(inputs)).numpy())
     mean = np.empty((n, len(genes)), np.float32)
     std = np.empty((n, len(genes)), np.float32)
     for b in range(n_batches):
@@ -193,8 +200,8 @@ def predict_slide_iter(model, slide, *, stride_um: float | None = None,
                      seed=seed + b)
         m = res.mean.numpy()[:, gene_idx]
         mean[sl] = m
-        std[sl] = calibrated_uncertainty(model, m, res.std.numpy()[:, gene_idx],
-                                         genes=genes, prior=res.prior.numpy())["std"]
+        std[sl] = calibrated_uncertainty(model, m, res.std.numpy()[:, gene_idx], genes=genes,
+                                         depth=None if depth is None else depth[sl])["std"]
         yield ProgressEvent("step", None, n_batches + b + 1, 2 * n_batches,
                          metrics={"phase": "sample", "tiles": sl.stop, "of": n})
     params = {"stride_um": float(stride_px * mpp), "patch_um": FIELD_OF_VIEW_UM,
@@ -608,7 +615,9 @@ def predict_slide_dense_iter(model, slide, *, stride_um: float | None = None,
         metrics = {"phase": "sample", "positions": int(done.sum()), "of": len(s_rows)}
         if (previews and b + 1 in preview_b) or b + 1 == n_sample_batches:
             full = state["prior"][:, s_rows[done], s_cols[done]].T + res_mean[done]
-            depth = cal.clip_depth(state["depth"][0, s_rows[done], s_cols[done]]) if E \
+            # relative to the slide: centred on all tissue cells
+            depth = cal.clip_depth(state["depth"][0, s_rows[done], s_cols[done]],
+                                   state["depth"][0, cells.rows, cells.cols].mean()) if E \
                 else None
             sd = calibrated_uncertainty(model, full, res_std[done], genes=genes,
                                         depth=depth)["std"]
