@@ -1,6 +1,8 @@
 """Whole-slide HINGE maps: dense path vs the per-tile path, GUI responsiveness, big slides.
 
     xvfb-run -a -s "-screen 0 1920x1080x24" python benchmarks/predict_slide.py --threads 2
+    xvfb-run ... python benchmarks/predict_slide.py --threads 2 --accuracy \
+        --accuracy-sections C2 C3 --per-patch-reference
     python benchmarks/predict_slide.py --threads 2 --no-gui --big-sizes 8192 16384
 
 1. her2st C2 pyramid (../shared/data/wsi_small), 50 genes, uncertainty included: the dense
@@ -9,12 +11,17 @@
    per-tile path (:func:`~napari_hinge.hinge.slide_predict.predict_slide_iter`: encode +
    S samples per position) at the same grid and at the spot pitch, timed on a random
    subset of their positions in the same run and extrapolated to the whole grid.
-2. GUI: the Predict widget's dense run on C2 with a 10 ms QTimer: time from Run to the
-   first painted map, longest event-loop stall, and the layers added (one per map, the
-   same objects refined in place).
+2. GUI: the Predict widget's dense run on C2 with a 10 ms QTimer running from the click
+   on: time from Run to the first painted map, longest event-loop stall (and when the five
+   longest happened), and the layers added (two, refined in place).
 3. Pyramids built like benchmarks/open_slide.py (mirror-tiled real C2 pixels, 0.69 µm/px)
    of ``--big-sizes`` px, each run in a fresh subprocess at the spot stride and at 16 µm:
    time and peak RSS.
+
+4. ``--accuracy``: each dense-map choice (``--choices`` encoder dtype x sample stride) read
+   at the measured spots of ``--accuracy-sections`` (C2: this slide, a training section of
+   the shipped model; C3: held out), and with ``--per-patch-reference`` HINGE sampled on
+   per-patch features at the same spots: mean Pearson r over the mapped genes.
 
 Prints a table and writes JSON (``--out``); the device and the load go with every figure.
 """
@@ -64,6 +71,80 @@ def dense_run(model, slide, genes, args) -> dict:
             "stride_um": prediction.params["stride_um"],
             "sample_positions": _sample_positions(prediction),
             "device": prediction.params["device"]}, prediction
+
+
+HER2ST = REPO.parent / "shared" / "data" / "her2st_subset"
+SLIDES = {"C2": SLIDE, "C3": HER2ST / "images" / "C3_HE.jpg"}  # C3: held out from the model
+
+
+def accuracy(model, genes, args) -> list[dict]:
+    """Each dense-map choice read at the measured spots (bilinear, as
+    :func:`~napari_hinge.hinge.slide_predict.compare_with_spots` reads it): mean Pearson r
+    over the mapped genes on spots with >= 100 UMI, on the log1p CP10k scale; and the
+    per-patch path at the spots themselves (the reference the dense map approximates)."""
+    from napari_hinge._convention import library_size
+    from napari_hinge.hinge.pipeline import calibrated_uncertainty, spot_features, transform_values
+    from napari_hinge.hinge.slide_predict import predict_slide_dense_iter
+    from napari_hinge.io.spatial import read_spatial
+    from napari_hinge.metrics import gene_pearson
+    from napari_hinge.training import run_to_end
+
+    rows = []
+    for name in args.accuracy_sections:
+        adata = read_spatial(HER2ST, section=name)
+        y, _ = transform_values(adata, genes)
+        keep = library_size(adata) >= 100
+        xy = np.asarray(adata.obsm["spatial"], dtype=float)
+
+        def pcc(values, keep=keep, y=y):
+            ok = keep & np.isfinite(values).all(1)
+            return round(float(np.nanmean(gene_pearson(values[ok], y[ok]))), 4), int(ok.sum())
+
+        reference = None
+        if args.per_patch_reference:
+            from napari_hinge.hinge.pipeline import model_inputs, resolve_encoder
+            from napari_hinge.hinge.sampler import sample
+
+            start = time.perf_counter()
+            feats = spot_features(adata, encoder=resolve_encoder(model.config.encoder))
+            coords = xy * float(adata.uns["napari_hinge"]["microns_per_pixel"])
+            res = sample(model, model_inputs(model, feats, coords), n_samples=args.samples,
+                         reveal_steps=args.reveal_steps, seed=0)
+            calibrated_uncertainty(model, res.mean.numpy(), res.std.numpy(),
+                                   prior=res.prior.numpy())
+            idx = [model.config.genes.index(g) for g in genes]
+            reference = (res.mean.numpy()[:, idx], round(time.perf_counter() - start, 1))
+        for dtype, stride in args.choices:
+            start = time.perf_counter()
+            pred, _ = run_to_end(predict_slide_dense_iter(
+                model, str(SLIDES[name]), genes=genes, stride_um=args.stride,
+                sample_stride_um=stride, n_samples=args.samples,
+                reveal_steps=args.reveal_steps, previews=False, bf16=dtype == "bf16",
+                mpp=None if name == "C2" else
+                float(adata.uns["napari_hinge"]["microns_per_pixel"])))
+            seconds = round(time.perf_counter() - start, 1)
+            if reference is not None:  # on the spots the map covers, for a like comparison
+                on_map = np.isfinite(pred.at(xy, "mean")).all(1)
+                values = np.where(on_map[:, None], reference[0], np.nan)
+                r, n = pcc(values)
+                rows.append({"section": name, "choice": "per patch at the spots (reference)",
+                             "encoder_dtype": "float32", "sample_stride_um": None,
+                             "map": "sampled mean", "pcc": r, "spots": n,
+                             "seconds": reference[1]})
+                print(json.dumps(rows[-1]), flush=True)
+                reference = None
+            for which, label in (("prior", "prior only"), ("mean", "prior + sampled residual")):
+                if which == "prior" and stride != args.choices[0][1]:
+                    continue  # the prior map does not depend on the sample stride
+                r, n = pcc(pred.at(xy, which))
+                rows.append({"section": name, "choice": f"dense, {label}",
+                             "encoder_dtype": pred.params["encoder_dtype"],
+                             "sample_stride_um": None if which == "prior" else
+                             pred.params["sample_stride_um"], "map": which, "pcc": r,
+                             "spots": n, "seconds": seconds,
+                             "sample_positions": _sample_positions(pred)})
+                print(json.dumps(rows[-1]), flush=True)
+    return rows
 
 
 def _sample_positions(prediction) -> int:
@@ -134,8 +215,9 @@ def gui(model_dir, genes, args) -> dict:
     n_before = len(viewer.layers)
     paints = []
     predict.jobs.partial.connect(lambda p: paints.append(len(viewer.layers)))
-    predict.run()
-    busy = meter.run_while(app, lambda: predict.jobs.running)
+    # the meter runs from the click on: Run's own work (opening the slide, starting the
+    # worker) counts, and so does painting the final map after the worker returns
+    busy = meter.run_while(app, lambda: predict.jobs.running, start=predict.run)
     result = {"idle": idle, "worker_running": busy,
               "first_paint_s": round(predict.first_paint_s or float("nan"), 2),
               "previews_painted": len(paints),
@@ -161,20 +243,30 @@ class StallMeter:
         now = time.perf_counter()
         if self.last is not None:
             self.gaps.append(now - self.last)
+            self.at.append(now - self.t0)
         self.last = now
 
-    def run_while(self, app, busy, min_seconds: float = 0.0) -> dict:
-        self.gaps, self.last = [], None
+    def run_while(self, app, busy, min_seconds: float = 0.0, start=None) -> dict:
+        self.gaps, self.at, self.last = [], [], None
         self.timer.start()
-        start = time.perf_counter()
-        while busy() or time.perf_counter() - start < min_seconds:
+        t0 = self.t0 = time.perf_counter()
+        app.processEvents()  # the first tick
+        if start is not None:
+            start()
+        while busy() or time.perf_counter() - t0 < min_seconds:
             app.processEvents()
             time.sleep(0.002)
+        for _ in range(20):  # the slots of the worker's last signals (the final paint)
+            app.processEvents()
+            time.sleep(0.005)
         self.timer.stop()
         gaps = np.asarray(self.gaps) * 1000 - 10  # ms beyond the timer's own period
+        worst = np.argsort(gaps)[::-1][:5]
         return {"longest_stall_ms": round(float(gaps.max()), 1),
+                "longest_5_ms_at_s": [(round(float(gaps[i]), 1), round(self.at[i], 2))
+                                      for i in worst],
                 "p99_stall_ms": round(float(np.percentile(gaps, 99)), 1),
-                "ticks": len(gaps), "seconds": round(time.perf_counter() - start, 2)}
+                "ticks": len(gaps), "seconds": round(time.perf_counter() - t0, 2)}
 
 
 def big_child(path: str, stride: float, genes: int, args) -> dict:
@@ -223,6 +315,16 @@ def main() -> None:
     parser.add_argument("--gui-only", action="store_true", help="only part 2")
     parser.add_argument("--big-sizes", type=int, nargs="*", default=[],
                         help="also pyramids of these sizes (px), e.g. 8192 16384 40000")
+    parser.add_argument("--accuracy", action="store_true",
+                        help="also each dense choice read at measured spots (part 4)")
+    parser.add_argument("--accuracy-only", action="store_true", help="only part 4")
+    parser.add_argument("--accuracy-sections", nargs="*", default=["C2"],
+                        help="her2st sections (C2: this slide; C3: held out from the model)")
+    parser.add_argument("--choices", nargs="*", default=["bf16:448", "fp32:448", "bf16:896",
+                                                          "bf16:224"],
+                        help="dense choices DTYPE:SAMPLE_STRIDE_UM for part 4")
+    parser.add_argument("--per-patch-reference", action="store_true",
+                        help="part 4 also samples HINGE on per-patch features at the spots")
     parser.add_argument("--workdir", type=Path, default=REPO / "bench_out" / "big_slides")
     parser.add_argument("--out", type=Path, default=REPO / "bench_out" / "predict_slide.json")
     args = parser.parse_args()
@@ -230,6 +332,7 @@ def main() -> None:
 
     args.stride = args.stride or DEFAULTS["stride_um"]
     args.sample_stride = args.sample_stride or DEFAULTS["sample_stride_um"]
+    args.choices = [(c.split(":")[0], float(c.split(":")[1])) for c in args.choices]
     torch.set_num_threads(args.threads)
     os.environ.setdefault("NAPARI_HINGE_CACHE", tempfile.mkdtemp(prefix="hinge-bench-"))
     model_dir = shipped_model_dir() if args.model == "shipped" else Path(args.model)
@@ -240,7 +343,9 @@ def main() -> None:
                "reveal_steps": args.reveal_steps, "threads": args.threads,
                "cpus": os.cpu_count(), "machine": platform.processor() or platform.machine(),
                "load_avg_start": os.getloadavg()}
-    if not args.gui_only:
+    if args.accuracy or args.accuracy_only:
+        results["accuracy"] = accuracy(model, genes, args)
+    if not args.gui_only and not args.accuracy_only:
         dense, prediction = dense_run(model, slide, genes, args)
         results["dense"] = dense
         results["per_tile"] = baseline(model, slide, genes, prediction, args)
@@ -248,7 +353,7 @@ def main() -> None:
             results["per_tile"]["same_grid"]["extrapolated_s"] / dense["seconds"], 1)
         results["dense_vs_per_tile_at_spot_pitch"] = round(
             results["per_tile"]["spot_pitch"]["extrapolated_s"] / dense["seconds"], 2)
-    if not args.no_gui:
+    if not args.no_gui and not args.accuracy_only:
         results["gui"] = gui(model_dir, genes, args)
     results["big"] = []
     if args.big_sizes:
@@ -269,8 +374,17 @@ def main() -> None:
     print(f"\nWhole-slide HINGE on {SLIDE.name}: {len(genes)} genes, S = {args.samples}, "
           f"T = {args.reveal_steps}, {args.threads} threads, load "
           f"{results['load_avg_start'][0]:.1f} -> {results['load_avg_end'][0]:.1f}")
-    if not args.gui_only:
+    if "dense" in results:
         speed_table(results, args)
+    if "accuracy" in results:
+        print(f"\nAccuracy on measured spots (mean Pearson r over {len(genes)} genes, "
+              ">= 100 UMI):")
+        print(f"{'section':<8}{'choice':<38}{'encoder':<10}{'samples every':>14}"
+              f"{'r':>8}{'seconds':>9}")
+        for row in results["accuracy"]:
+            every = f"{row['sample_stride_um']:g} µm" if row["sample_stride_um"] else "-"
+            print(f"{row['section']:<8}{row['choice']:<38}{row['encoder_dtype']:<10}"
+                  f"{every:>14}{row['pcc']:>8.3f}{row['seconds']:>9}")
     if "gui" in results:
         g = results["gui"]
         print(f"GUI: first map painted {g['first_paint_s']} s after Run (target < 5 s); "

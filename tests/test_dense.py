@@ -47,6 +47,18 @@ def crop(section, tmp_path_factory):
     return path, float(meta["microns_per_pixel"]), xy[inside] - [x0, y0]
 
 
+@pytest.fixture(scope="module")
+def crop_prediction(model, crop):
+    """The crop's dense map, coarse sampling (the writers' input)."""
+    from napari_hinge.hinge.slide_predict import predict_slide_dense_iter
+
+    path, mpp, _ = crop
+    prediction, _ = drain(predict_slide_dense_iter(
+        model, path, mpp=mpp, genes=GENES, sample_stride_um=1000, n_samples=1,
+        reveal_steps=1, previews=False))
+    return prediction
+
+
 def drain(gen):
     events = []
     value, _ = run_to_end(gen, events.append)
@@ -132,19 +144,12 @@ def test_dense_map_stops_with_what_it_has(model, crop):
     assert value is not None and not value.params["final"]  # the painted preview stays
 
 
-def test_written_maps_reopen_on_their_slide(model, crop, tmp_path):
+def test_written_maps_reopen_on_their_slide(crop_prediction, tmp_path):
     from napari_hinge._reader import get_slide_reader, get_spatial_reader
-    from napari_hinge.hinge.slide_predict import (
-        predict_slide_dense_iter,
-        write_ome_tiff,
-        write_ome_zarr,
-    )
+    from napari_hinge.hinge.slide_predict import write_ome_tiff, write_ome_zarr
     from napari_hinge.io.maps import read_map
 
-    path, mpp, _ = crop
-    prediction, _ = drain(predict_slide_dense_iter(
-        model, path, mpp=mpp, genes=GENES, sample_stride_um=1000, n_samples=1,
-        reveal_steps=1, previews=False))
+    prediction = crop_prediction
     place = prediction.placement
     raster = prediction.raster("mean")
     written = [write_ome_tiff(prediction, tmp_path / "maps.ome.tif"),
@@ -179,7 +184,7 @@ def test_predict_slide_command_writes_dense_maps(crop, tmp_path):
     path, mpp, _ = crop
     rc = main(["hinge", "predict-slide", str(path), "--mpp", f"{mpp}", "--genes", "ERBB2,CD74",
                "--sample-stride", "1000", "--samples", "1", "--reveal-steps", "1",
-               "--out", str(tmp_path / "out")])
+               "--spatialdata", "--out", str(tmp_path / "out")])
     assert rc == 0
     tif, zarr_map = read_map(tmp_path / "out" / "maps.ome.tif"), \
         read_map(tmp_path / "out" / "maps.ome.zarr")
@@ -188,3 +193,71 @@ def test_predict_slide_command_writes_dense_maps(crop, tmp_path):
     np.testing.assert_allclose(tif.translate, zarr_map.translate, atol=1e-6)
     np.testing.assert_array_equal(tif.data, zarr_map.data)
     assert (tmp_path / "out" / "uncertainty.ome.zarr").is_dir()
+    # the SpatialData store's map: the same values in the same place
+    sdata_map = read_map(tmp_path / "out" / "maps.sdata.zarr" / "images" / "hinge_mean")
+    assert sdata_map.names == ["ERBB2", "CD74"]
+    np.testing.assert_allclose(sdata_map.scale, tif.scale, rtol=1e-6)
+    np.testing.assert_allclose(sdata_map.translate, tif.translate, atol=1e-4)
+    np.testing.assert_array_equal(sdata_map.data, tif.data)
+
+
+def test_spatialdata_store_holds_slide_maps_and_spots_aligned(crop_prediction, section, crop,
+                                                              tmp_path):
+    """Slide, maps, uncertainty and spots as one SpatialData store: spatialdata reads it
+    back with the maps' values and channel names, and one 'global' µm frame in which a map
+    pixel, the slide pixel and the spot at the same place coincide; the plugin reopens the
+    maps on their slide."""
+    pytest.importorskip("spatialdata")
+    import spatialdata as sd
+    from spatialdata.transformations import get_transformation
+
+    from napari_hinge._reader import get_spatial_reader
+    from napari_hinge.hinge.slide_predict import compare_with_spots, write_spatialdata
+
+    prediction = crop_prediction
+    mpp = crop[1]
+    # the spots inside the crop, in its pixels (the crop fixture's offsets)
+    xy = np.asarray(section.obsm["spatial"], float)
+    x0, y0 = np.median(xy, 0).astype(int) - 500
+    inside = ((xy > [x0 + 60, y0 + 60]) & (xy < [x0 + 940, y0 + 940])).all(1)
+    spots = section[inside].copy()
+    spots.obsm["spatial"] = xy[inside] - [x0, y0]
+    store = write_spatialdata(prediction, tmp_path / "maps.sdata.zarr", spots=spots)
+
+    back = sd.read_zarr(store)
+    assert {"he", "hinge_mean", "hinge_std"} <= set(back.images)
+    place = prediction.placement
+    for key, which in (("hinge_mean", "mean"), ("hinge_std", "std")):
+        image = back.images[key]
+        level0 = image["scale0"]["image"] if hasattr(image, "children") else image
+        assert list(level0.coords["c"].values) == GENES
+        expected = prediction.raster(which)
+        values = np.asarray(level0.values)
+        np.testing.assert_array_equal(np.isnan(values), np.isnan(expected))
+        np.testing.assert_allclose(values[np.isfinite(values)], expected[np.isfinite(expected)])
+    # where things are in 'global' µm: a map pixel's centre (intrinsic +0.5), a slide pixel's
+    # centre and a spot's centre, each against the package's own placement (pixel centres at
+    # integers, napari's convention) shifted by half a slide pixel
+    to_um = get_transformation(back.images["hinge_mean"], "global").to_affine_matrix(
+        input_axes=("x", "y"), output_axes=("x", "y"))
+    r, c = 7, 11
+    centre = to_um @ [c + 0.5, r + 0.5, 1.0]
+    (ty, tx), (sy, sx) = place["translate"], place["scale"]
+    np.testing.assert_allclose(centre[:2], [tx + c * sx + mpp / 2, ty + r * sy + mpp / 2])
+    he = get_transformation(back.images["he"], "global").to_affine_matrix(
+        input_axes=("x", "y"), output_axes=("x", "y"))
+    np.testing.assert_allclose(np.diag(he)[:2], [mpp, mpp])
+    circles = back.shapes["spots"]
+    np.testing.assert_allclose(np.c_[circles.geometry.x, circles.geometry.y],
+                               (spots.obsm["spatial"] + 0.5) * mpp)
+    table = back.tables["table"]
+    assert table.n_obs == spots.n_obs and list(table.obs["spot_id"]) == list(circles.index)
+    values, _ = compare_with_spots(prediction, spots)
+    np.testing.assert_allclose(table.obs["pred_ERBB2"], values["ERBB2"], equal_nan=True)
+    # the plugin opens the store's maps on their slide (the slide itself: its own file)
+    layers = get_spatial_reader(store)(store)
+    assert len(layers) == 2
+    for _, kwargs, kind in layers:
+        assert kind == "image" and kwargs["name"] == GENES
+        np.testing.assert_allclose(kwargs["scale"], place["scale"], rtol=1e-6)
+        np.testing.assert_allclose(kwargs["translate"], place["translate"], atol=1e-4)

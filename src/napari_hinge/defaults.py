@@ -23,8 +23,11 @@ SAMPLER = {"n_samples": 8, "reveal_steps": 10, "slide_samples": 4}
 # HINGE's sampled residual; 'tiles' encodes and samples every map position on its own.
 # stride_um: map positions (rounded down to the dense encoder's 16 µm cells);
 # sample_stride_um: where HINGE draws its samples (mean residual and calibrated
-# uncertainty, interpolated onto the map).
-SLIDE = {"mode": "dense", "stride_um": 16.0, "sample_stride_um": 448.0}
+# uncertainty, interpolated onto the map); encoder_bf16: the dense encoder in bfloat16,
+# 'auto' where that is fast (CUDA, CPUs with native bf16: napari_hinge.device.fast_bf16;
+# on her2st C2/C3 it reads at the spots as float32 does, README "Dense maps, measured").
+SLIDE = {"mode": "dense", "stride_um": 16.0, "sample_stride_um": 448.0,
+         "encoder_bf16": "auto"}
 
 # Training. lr 1e-3: 1e-4 left the validation loss at 1.50 after 10 epochs on ~700 spots
 # (hinge/pipeline.py, fit_hinge_arrays); the milestones scale HINGE's (20, 35) of 40 epochs.

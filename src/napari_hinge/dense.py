@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -158,22 +159,31 @@ def _bit_reversed(i: int) -> int:
 
 def iter_cell_maps(slide, encoder, geom: CellGeometry, tiles, *,
                    margin_cells: int = MARGIN_CELLS, tile_cells: int = TILE_CELLS,
-                   device=None) -> Iterator[tuple[int, int, torch.Tensor]]:
+                   device=None, bf16: bool | None = None
+                   ) -> Iterator[tuple[int, int, torch.Tensor]]:
     """``(r0, c0, cells)`` per tile: ``cells`` (dim, h, w) float32 are the encoder's
-    pre-pool map over cells ``r0..r0+h``, ``c0..c0+w`` (the tile's interior)."""
-    from .device import autocast
+    pre-pool map over cells ``r0..r0+h``, ``c0..c0+w`` (the tile's interior).
+
+    The encoder runs its inference-only fused form where it has one
+    (:meth:`~napari_hinge.encoders.efficientnet_lite0.EfficientNetLite0.fused_map`); ``bf16``:
+    bfloat16 autocast (default: on CUDA, and on CPUs with native bf16, see
+    :func:`~napari_hinge.device.fast_bf16`)."""
+    from .device import fast_bf16
 
     device = torch.device(device) if device is not None else next(encoder.parameters()).device
+    encoder.eval()
+    forward = encoder.fused_map() if hasattr(encoder, "fused_map") else encoder.forward_map
+    bf16 = fast_bf16(device) if bf16 is None else bf16
+    cast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
     cell = geom.cell_px
     size = (tile_cells + 2 * margin_cells) * cell
-    encoder.eval()
     for r0, c0 in tiles:
         u0 = (c0 + geom.first - margin_cells) * cell
         v0 = (r0 + geom.first - margin_cells) * cell
         rgb = read_encoder_frame(slide, geom, u0, v0, size)
         x = ((rgb - 127.0) / 128.0)[None].to(device)
-        with torch.inference_mode(), autocast(device):
-            fmap = encoder.forward_map(x)[0].float()
+        with torch.inference_mode(), cast:
+            fmap = forward(x)[0].float()
         h = min(tile_cells, geom.shape[0] - r0)
         w = min(tile_cells, geom.shape[1] - c0)
         yield r0, c0, fmap[:, margin_cells:margin_cells + h, margin_cells:margin_cells + w]
@@ -185,17 +195,34 @@ def iter_cell_maps(slide, encoder, geom: CellGeometry, tiles, *,
 
 def box_mean(maps: np.ndarray, window: int) -> np.ndarray:
     """Mean over the ``window x window`` cells centred on each cell of ``(C, H, W)`` maps;
-    cells beyond the array count as zero (callers pad with a halo of encoded cells)."""
+    cells beyond the array count as zero (callers pad with a halo of encoded cells).
+    Separable: a row pass then a column pass (2 x window adds per cell, not window²)."""
     x = torch.from_numpy(np.ascontiguousarray(maps, dtype=np.float32))[None]
-    out = F.avg_pool2d(x, window, stride=1, padding=window // 2, count_include_pad=True)
-    return out[0].numpy()
+    half = window // 2
+    x = F.avg_pool2d(x, (1, window), stride=1, padding=(0, half), count_include_pad=True)
+    x = F.avg_pool2d(x, (window, 1), stride=1, padding=(half, 0), count_include_pad=True)
+    return x[0].numpy()
+
+
+def _fft_size(n: int) -> int:
+    """The smallest ``m >= n`` with no prime factor above 7 (pocketfft is several times
+    slower on sizes with a large prime factor, e.g. 473 = 11 x 43)."""
+    m = n
+    while True:
+        k = m
+        for p in (2, 3, 5, 7):
+            while k % p == 0:
+                k //= p
+        if k == 1:
+            return m
+        m += 1
 
 
 def _conv_same(x: torch.Tensor, kernel: np.ndarray) -> torch.Tensor:
     """(C, H, W) convolved with a symmetric (kh, kw) kernel, zero outside, same size (FFT)."""
     kh, kw = kernel.shape
     h, w = x.shape[-2:]
-    size = (h + kh - 1, w + kw - 1)
+    size = (_fft_size(h + kh - 1), _fft_size(w + kw - 1))
     k = torch.from_numpy(np.ascontiguousarray(kernel, dtype=np.float32))
     y = torch.fft.irfft2(torch.fft.rfft2(x, s=size) * torch.fft.rfft2(k, s=size), s=size)
     return y[..., kh // 2:kh // 2 + h, kw // 2:kw // 2 + w]

@@ -42,13 +42,23 @@ class TissueMask:
         return coverage[my, mx]
 
 
+def _saturation_value(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """HSV saturation and value of an RGB image in 0..1, as ``skimage.color.rgb2hsv``
+    gives them, without its hue (a third of the time on a slide's mask level)."""
+    rgb = np.asarray(image)[..., :3]
+    high = rgb.max(-1).astype(np.float64)
+    low = rgb.min(-1).astype(np.float64)
+    saturation = np.divide(high - low, high, out=np.zeros_like(high), where=high > 0)
+    scale = 255.0 if rgb.dtype == np.uint8 else 1.0
+    return saturation, high / scale
+
+
 def tissue_mask(slide, *, max_side: int = MASK_MAX_SIDE, min_area_um2: float = 20_000.0
                 ) -> TissueMask:
     """Otsu on saturation of the smallest level with a side of at least ~512 px.
 
     Raises ValueError naming the slide when no tissue is found (a blank or all-glass image).
     """
-    from skimage.color import rgb2hsv
     from skimage.filters import threshold_otsu
 
     # The smallest level that still resolves the tissue; never above max_side if avoidable.
@@ -64,8 +74,7 @@ def tissue_mask(slide, *, max_side: int = MASK_MAX_SIDE, min_area_um2: float = 2
     else:
         image = np.asarray(slide.levels[index].compute())
         downsample = slide.shape[1] / image.shape[1]
-    hsv = rgb2hsv(image)
-    saturation, value = hsv[..., 1], hsv[..., 2]
+    saturation, value = _saturation_value(image)
     if np.ptp(saturation) < 0.02:
         raise ValueError(f"{slide.path}: no tissue found (the image has no stained area)")
     threshold = max(threshold_otsu(saturation), 0.05)

@@ -47,15 +47,17 @@ def test_predict_adds_gene_layers_over_the_slide(sample_viewer, qtbot, tiny_mode
     with qtbot.waitSignal(predict.layers_added, timeout=600_000) as added:
         predict.run()
     layers = added.args[0]
+    # both genes in one layer per kind, the gene on the viewer's slider
     assert [layer.name.split(" (")[0] for layer in layers] == [
-        "ERBB2 predicted", "ERBB2 uncertainty", "GRB7 predicted", "GRB7 uncertainty"]
+        "2 genes predicted", "2 genes uncertainty"]
+    assert [layer.metadata["genes"] for layer in layers] == [["ERBB2", "GRB7"]] * 2
     slide = viewer.layers["her2st C3 H&E"]
     grid = predict.last_prediction.grid
     for layer in layers:
-        assert layer.data.shape == grid.shape
-        assert layer.scale[0] == pytest.approx(400, rel=0.01)  # µm per map pixel
+        assert layer.data.shape == (2, *grid.shape)
+        assert layer.scale[-1] == pytest.approx(400, rel=0.01)  # µm per map pixel
         # The map lies within the slide's extent (both in µm).
-        top, left = layer.translate
+        top, left = layer.translate[-2:]
         assert top >= 0 and left >= 0
         assert top + layer.data.shape[0] * layer.scale[0] <= slide.extent.world[1][0] + 400
     spots = viewer.layers["her2st C3 spots"]
@@ -170,16 +172,16 @@ def test_dense_map_is_painted_early_and_refined_in_place(crop_viewer, qtbot, tin
     with qtbot.waitSignal(predict.layers_added, timeout=600_000) as added:
         predict.run()
     layers = added.args[0]
-    assert len(layers) == 4  # 2 genes x (map, uncertainty), added once
+    assert len(layers) == 2  # (map, uncertainty) of both genes, added once
     assert previews, "no preview was painted before the run ended"
     first = previews[0]
     assert first and all(predict.map_layers[name] is layer for name, layer in first.items())
     mean = next(layer for layer in layers if layer.metadata["kind"] == "mean" and layer.visible)
     prediction = predict.last_prediction
     assert prediction.params["final"] and prediction.params["stride_um"] <= 25
-    assert mean.data.shape == prediction.grid.shape
-    assert mean.scale[0] == pytest.approx(prediction.params["stride_um"], rel=1e-6)
-    np.testing.assert_allclose(mean.translate, prediction.placement["translate"])
+    assert mean.data.shape == (2, *prediction.grid.shape)
+    assert mean.scale[-1] == pytest.approx(prediction.params["stride_um"], rel=1e-6)
+    np.testing.assert_allclose(mean.translate[-2:], prediction.placement["translate"])
     assert mean.interpolation2d == "linear"
     assert np.isnan(mean.data).any()  # off tissue: transparent
     predict.opacity.setValue(40)
@@ -188,7 +190,11 @@ def test_dense_map_is_painted_early_and_refined_in_place(crop_viewer, qtbot, tin
     hidden = next(layer for layer in layers if not layer.visible)
     hidden.visible = True
     np.testing.assert_array_equal(
-        np.isnan(hidden.data), np.isnan(prediction.raster(hidden.metadata["kind"])[0]))
+        np.isnan(hidden.data), np.isnan(prediction.raster(hidden.metadata["kind"])))
+    # the slider picks the gene: contrast and colorbar title follow it
+    viewer.dims.set_point(0, 1)
+    second = prediction.genes[1]
+    assert hidden.metadata["gene"] == second and second in predict.gene_label.text()
 
 
 def test_dense_cancel_keeps_the_painted_map(crop_viewer, qtbot, tiny_model_dir):

@@ -4,6 +4,7 @@ Both run the core's generators (:func:`~napari_hinge.hinge.slide_predict.predict
 :func:`~napari_hinge.hinge.pipeline.fit_hinge`) in a worker through :class:`JobPanel`. A dense
 map is painted as soon as the worker's first preview arrives and refined in place (the same
 layers' data replaced); Cancel keeps what is painted. Per-tile maps appear when they end.
+All genes of a run share two layers (predicted, uncertainty), the gene on a viewer slider.
 """
 
 from __future__ import annotations
@@ -161,6 +162,8 @@ class PredictWidget(QWidget):
         self.jobs = JobPanel()
         self.scores = QLabel("")
         self.scores.setWordWrap(True)
+        self.gene_label = QLabel("")  # which gene of a multi-gene map is on view
+        self.gene_label.setWordWrap(True)
         self.save_button = QPushButton("Save maps…")
         self.save_button.setToolTip("write the maps as OME-TIFF in µm (with their uncertainty), "
                                     "or per tile as .h5ad")
@@ -184,15 +187,16 @@ class PredictWidget(QWidget):
         layout.addWidget(self.genes)
         layout.addWidget(self.run_button)
         layout.addWidget(self.jobs)
+        layout.addWidget(self.gene_label)
         layout.addWidget(self.scores)
         opacity_row = QHBoxLayout()
         opacity_row.addWidget(QLabel("Map opacity"))
         opacity_row.addWidget(self.opacity)
         layout.addLayout(opacity_row)
         layout.addWidget(self.save_button)
-        self.map_layers: dict[str, object] = {}  # name -> layer painted by the current run
-        self._pending: dict[str, tuple] = {}  # hidden layers' newest data, set when shown
-        self._to_add: dict[str, tuple] = {}  # hidden maps not added yet
+        self.map_layers: dict[str, object] = {}  # 'mean'/'std' -> layer of the current run
+        self._pending: dict[str, object] = {}  # a hidden layer's newest prediction
+        self._to_add: dict[str, str] = {}  # hidden maps added at the next event-loop turn
         self._finish_when_added = None
 
         self.save_button.clicked.connect(self._ask_save)
@@ -205,6 +209,7 @@ class PredictWidget(QWidget):
         self.mode_box.currentTextChanged.connect(self._on_mode)
         self.jobs.ended.connect(self._enable_run)
         self.slide_box.currentTextChanged.connect(self._on_slide)
+        self.viewer.dims.events.point.connect(self._show_gene)
         self.viewer.layers.events.inserted.connect(self._refresh_layers)
         self.viewer.layers.events.removed.connect(self._refresh_layers)
         self._refresh_layers()
@@ -303,85 +308,128 @@ class PredictWidget(QWidget):
             layer.opacity = value / 100
 
     def _paint(self, prediction) -> None:
-        """Put ``prediction``'s maps on the viewer: add the layers at the first call of a
-        run, then replace their data (visible layers now, hidden ones when shown), so a
-        refinement costs one texture upload per visible map."""
+        """Put ``prediction``'s maps on the viewer: two layers, all genes stacked along a
+        slider axis (the mean, and the uncertainty hidden), added at the first call of a
+        run and refined in place after it (the visible one now, the hidden one when shown):
+        a refinement costs one texture upload, and fifty genes add two layers, not a
+        hundred (each napari layer costs its controls, list row and visual to build)."""
         slide = self._slide_layer.name
-        for i, gene in enumerate(prediction.genes):
-            for which, visible in (("mean", i == 0), ("std", False)):
-                kind = "predicted" if which == "mean" else "uncertainty"
-                name = f"{gene} {kind} ({slide})"
-                layer = self.map_layers.get(name)
-                if layer is None or layer not in self.viewer.layers:
-                    if visible:
-                        self._add_map(prediction, gene, which, name, visible)
-                    elif name not in self._to_add:  # hidden: added one per event-loop turn
-                        if not self._to_add:
-                            QTimer.singleShot(1, self._add_next)
-                        self._to_add[name] = (gene, which)
-                elif layer.visible:
-                    raster = prediction.raster(which, [gene])[0]
-                    layer.data = raster
-                    layer.contrast_limits = robust_limits(raster)
-                    layer.metadata["hinge"] = prediction.params
+        label = prediction.genes[0] if len(prediction.genes) == 1 else \
+            f"{len(prediction.genes)} genes"
+        for which, kind, visible in (("mean", "predicted", True),
+                                     ("std", "uncertainty", False)):
+            name = f"{label} {kind} ({slide})"
+            layer = self.map_layers.get(which)
+            if layer is None or layer not in self.viewer.layers:
+                if visible:
+                    self._add_map(prediction, which, name, visible)
+                elif which not in self._to_add:  # the next event-loop turn: one layer's
+                    # visual (~0.1-0.5 s in napari) per turn, not both in one stall
+                    self._to_add[which] = name
+                    QTimer.singleShot(0, self._add_hidden)
                 else:
-                    self._pending[name] = (prediction, gene, which)
+                    self._pending[which] = prediction
+            elif layer.visible:
+                self._set_map(layer, prediction)
+            else:
+                self._pending[which] = prediction
         if self.first_paint_s is None:
             self.first_paint_s = time.perf_counter() - self._run_started
-            title_colorbar(self.viewer, f"{prediction.genes[0]}: log1p(counts per 10k)")
             show_scale_bar(self.viewer)
+            self._show_gene()
         self.last_prediction = prediction
         self.save_button.setEnabled(True)
 
-    def _add_map(self, prediction, gene: str, which: str, name: str, visible: bool):
+    def _add_hidden(self) -> None:
+        for which, name in list(self._to_add.items()):
+            del self._to_add[which]
+            prediction = self._pending.pop(which, self.last_prediction)
+            self._add_map(prediction, which, name, False)
+            self._show_gene()
+        if self._finish_when_added is not None:
+            prediction, self._finish_when_added = self._finish_when_added, None
+            self._finish(prediction)
+
+    @staticmethod
+    def _stack(prediction, which: str) -> np.ndarray:
+        """(G, H, W) maps of every gene, (H, W) for one (no slider then)."""
+        raster = prediction.raster(which)
+        return raster[0] if len(raster) == 1 else raster
+
+    def _gene_index(self, layer) -> int:
+        """The gene the slider shows on ``layer`` (its first axis)."""
+        if layer.data.ndim == 2:
+            return 0
+        axis = self.viewer.dims.ndim - layer.data.ndim  # napari aligns layers' last axes
+        step = int(round(self.viewer.dims.point[axis]))  # unit scale, no offset: the index
+        return min(max(step, 0), layer.data.shape[0] - 1)
+
+    def _set_map(self, layer, prediction) -> None:
+        layer.data = self._stack(prediction, layer.metadata["kind"])
+        layer.metadata["hinge"] = prediction.params
+        layer.metadata["genes"] = list(prediction.genes)
+        self._fit_contrast(layer)
+
+    def _fit_contrast(self, layer) -> None:
+        """Contrast from the quantiles of the gene on view (genes differ in range)."""
+        data = layer.data if layer.data.ndim == 2 else layer.data[self._gene_index(layer)]
+        layer.contrast_limits = robust_limits(data)
+
+    def _add_map(self, prediction, which: str, name: str, visible: bool):
         from napari_hinge._layers import map_layer_kwargs
 
         if name in self.viewer.layers:  # an earlier run's map of the same name
             self.viewer.layers.remove(name)
-        raster = prediction.raster(which, [gene])[0]
-        layer = self.viewer.add_image(raster, **map_layer_kwargs(
-            prediction, gene, which, name=name, visible=visible,
-            opacity=self.opacity.value() / 100))
+        data = self._stack(prediction, which)
+        kwargs = map_layer_kwargs(prediction, prediction.genes[0], which, name=name,
+                                  visible=visible, opacity=self.opacity.value() / 100)
+        if data.ndim == 3:  # the gene axis: unit steps, no offset
+            kwargs["scale"] = (1.0, *kwargs["scale"])
+            kwargs["translate"] = (0.0, *kwargs["translate"])
+            kwargs["units"] = ("pixel", *([kwargs["units"]] * 2)) if isinstance(
+                kwargs["units"], str) else ("pixel", *kwargs["units"])
+        kwargs["metadata"]["genes"] = list(prediction.genes)
+        layer = self.viewer.add_image(data, **kwargs)
         layer.colorbar.visible = visible
-        layer.events.visible.connect(lambda event, n=name: self._flush_pending(n))
-        self.map_layers[name] = layer
+        layer.events.visible.connect(lambda event, w=which: self._flush_pending(w))
+        self.map_layers[which] = layer
         return layer
 
-    def _add_next(self) -> None:
-        """Add one queued hidden map (from the newest prediction): adding fifty layers in
-        one slot would block the event loop for a second."""
-        if self._to_add:
-            name, (gene, which) = next(iter(self._to_add.items()))
-            del self._to_add[name]
-            self._add_map(self.last_prediction, gene, which, name, False)
-        if self._to_add:  # one timer at a time: other events run between two additions
-            QTimer.singleShot(1, self._add_next)
-        elif self._finish_when_added is not None:
-            prediction, self._finish_when_added = self._finish_when_added, None
-            self._finish(prediction)
+    def _show_gene(self, event=None) -> None:
+        """The slider moved (or a map was shown): every map names the gene on view, the
+        visible ones fit their contrast to it, the colorbar's title says it."""
+        layers = [la for la in self.map_layers.values() if la in self.viewer.layers]
+        if not layers:
+            return
+        for layer in layers:
+            genes = layer.metadata.get("genes") or [layer.metadata.get("gene")]
+            layer.metadata["gene"] = genes[self._gene_index(layer)]
+            if layer.visible:
+                self._fit_contrast(layer)
+        shown = next((la for la in layers if la.visible and la.colorbar.visible), layers[0])
+        gene, genes = shown.metadata["gene"], shown.metadata.get("genes") or []
+        kind = " uncertainty (sd)" if shown.metadata.get("kind") == "std" else ""
+        title_colorbar(self.viewer, f"{gene}{kind}: log1p(counts per 10k)")
+        if len(genes) > 1:
+            self.gene_label.setText(f"On view: {gene} ({genes.index(gene) + 1} of "
+                                    f"{len(genes)}; the viewer's slider picks the gene)")
 
-    def _flush_pending(self, name: str) -> None:
+    def _flush_pending(self, which: str) -> None:
         """A map made visible: its newest data, its colorbar, the colorbar's title."""
-        layer = self.map_layers.get(name)
+        layer = self.map_layers.get(which)
         if layer is None or not layer.visible:
             return
-        if name in self._pending:
-            prediction, gene, which = self._pending.pop(name)
-            raster = prediction.raster(which, [gene])[0]
-            layer.data = raster
-            layer.contrast_limits = robust_limits(raster)
-            layer.metadata["hinge"] = prediction.params
+        if which in self._pending:
+            self._set_map(layer, self._pending.pop(which))
         for other in self.map_layers.values():
             other.colorbar.visible = other is layer
-        kind = " uncertainty (sd)" if layer.metadata.get("kind") == "std" else ""
-        title_colorbar(self.viewer, f"{layer.metadata.get('gene')}{kind}: "
-                                    "log1p(counts per 10k)")
+        self._show_gene()
 
     def _on_result(self, prediction) -> None:
         if prediction is None:
             return
         self._paint(prediction)
-        if self._to_add:  # finish once the queued hidden maps are on the viewer
+        if self._to_add:  # finish once the hidden map is on the viewer too
             self._finish_when_added = prediction
         else:
             self._finish(prediction)

@@ -153,12 +153,68 @@ class EfficientNetLite0(Encoder):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_map(x).mean(dim=(2, 3))
 
+    def fused_map(self) -> FusedMap:
+        """:meth:`forward_map` for inference only, about 3x faster on the CPU: BatchNorm
+        folded into the convolutions, channels-last, activations in place (equal to it
+        within float32 rounding). Built on the weights' device; rebuild after moving them."""
+        return FusedMap(self).to(next(self.parameters()).device)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_features(x)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """ImageNet-1k logits (only meaningful with the ImageNet weights)."""
         return self._fc(self.forward_features(x))
+
+
+class _FoldedConv(nn.Module):
+    """A :class:`SameConv2d` with its BatchNorm folded in (weight scaled, bias added),
+    stride-1 padding done by the convolution itself, optional in-place ReLU6."""
+
+    def __init__(self, conv: SameConv2d, bn: nn.BatchNorm2d, relu: bool):
+        super().__init__()
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        self.register_buffer("weight", (conv.weight * scale[:, None, None, None]).detach())
+        self.register_buffer("bias", (bn.bias - bn.running_mean * scale).detach())
+        self.kernel, self.stride, self.groups = conv.kernel_size[0], conv.stride[0], conv.groups
+        self.relu = relu
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride == 1:  # odd kernels: TF 'SAME' is symmetric, no copy needed
+            y = F.conv2d(x, self.weight, self.bias, 1, self.kernel // 2, 1, self.groups)
+        else:
+            y = F.conv2d(_same_pad(x, self.kernel, self.stride), self.weight, self.bias,
+                         self.stride, 0, 1, self.groups)
+        return F.relu6(y, inplace=True) if self.relu else y
+
+
+class FusedMap(nn.Module):
+    """Inference-only :meth:`EfficientNetLite0.forward_map` (see
+    :meth:`EfficientNetLite0.fused_map`); takes and returns NCHW tensors."""
+
+    def __init__(self, net: EfficientNetLite0):
+        super().__init__()
+        with torch.no_grad():
+            self.stem = _FoldedConv(net._conv_stem, net._bn0, True)
+            self.blocks = nn.ModuleList()
+            for b in net._blocks:
+                block = nn.Module()
+                block.expand = _FoldedConv(b._expand_conv, b._bn0, True) if b.has_expand \
+                    else None
+                block.depthwise = _FoldedConv(b._depthwise_conv, b._bn1, True)
+                block.project = _FoldedConv(b._project_conv, b._bn2, False)
+                block.skip = b.skip
+                self.blocks.append(block)
+            self.head = _FoldedConv(net._conv_head, net._bn1, True)
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x.contiguous(memory_format=torch.channels_last))
+        for b in self.blocks:
+            h = b.expand(x) if b.expand is not None else x
+            h = b.project(b.depthwise(h))
+            x = h.add_(x) if b.skip else h
+        return self.head(x)
 
 
 def load_efficientnet_lite0(weights: str | Path | None = None) -> EfficientNetLite0:

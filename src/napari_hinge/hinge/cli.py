@@ -118,7 +118,9 @@ def register(subparsers) -> None:
                     "HINGE's prior every 16 µm and its samples every --sample-stride µm, or "
                     "(tiles) HINGE samples per tile: writes OUT (a folder) with maps.ome.tif "
                     "and uncertainty.ome.tif (pyramidal, genes x H x W, µm), maps.ome.zarr / "
-                    "uncertainty.ome.zarr (NGFF) and tiles.h5ad.")
+                    "uncertainty.ome.zarr (NGFF) and tiles.h5ad; --spatialdata also "
+                    "maps.sdata.zarr (slide, maps, uncertainty and --spots in one SpatialData "
+                    "store).")
     p.add_argument("slide", type=Path, help="slide file (.svs, .ndpi, .tif, .ome.tif, .jpg, .png)")
     _sampler_args(p)
     p.add_argument("--genes", help="comma-separated genes or a file (default: all the model's)")
@@ -132,6 +134,13 @@ def register(subparsers) -> None:
                    help="dense: µm between the positions where HINGE draws its samples "
                         f"(residual and uncertainty, interpolated; default "
                         f"{SLIDE['sample_stride_um']:g})")
+    p.add_argument("--spatialdata", action="store_true",
+                   help="also write OUT/maps.sdata.zarr: slide, maps and uncertainty (and "
+                        "--spots) as one SpatialData store in µm (needs the spatialdata extra)")
+    p.add_argument("--spots", default=None, metavar="DATA",
+                   help="measured spots on this slide (anything 'predict' reads, e.g. "
+                        "FOLDER:SECTION): their table and the maps read at them go into the "
+                        "SpatialData store")
     p.add_argument("--mpp", type=float, default=None, help="µm per pixel when the file lacks it")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.set_defaults(func=cmd_predict_slide, samples=RECIPE_SAMPLER["slide_samples"])
@@ -366,6 +375,10 @@ def cmd_predict_slide(args) -> int:
 
     if not args.slide.is_file():
         raise FileNotFoundError(f"{args.slide} does not exist")
+    if args.spots and not args.spatialdata:
+        raise ValueError("--spots goes into the SpatialData store: add --spatialdata")
+    # read before the slide's minutes of work: a bad path fails at once
+    spots = _read(args.spots, None) if args.spots else None
     model = _load(args.model, args.device)
     common = {"stride_um": args.stride, "genes": _genes(args.genes), "n_samples": args.samples,
               "reveal_steps": args.reveal_steps, "seed": args.seed, "mpp": args.mpp}
@@ -376,7 +389,7 @@ def cmd_predict_slide(args) -> int:
         gen = predict_slide_iter(model, args.slide, **common)
     prediction, _ = run_with_bar(gen, "steps", unit="step")
     out = Path(args.out)
-    write_slide_outputs(prediction, out)
+    write_slide_outputs(prediction, out, spatialdata=args.spatialdata, spots=spots)
     print(json.dumps({"out": str(out), "tiles": len(prediction.grid),
                       "raster": list(prediction.grid.shape), "genes": len(prediction.genes),
                       **prediction.params}, indent=1, default=str))

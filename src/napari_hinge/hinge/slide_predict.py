@@ -36,14 +36,27 @@ class SlidePrediction:
     microns_per_pixel: float
     params: dict = field(default_factory=dict)
     prior: np.ndarray | None = None  # (n_tiles, G) the model's deterministic prior (dense)
+    _rasters: dict = field(default_factory=dict, repr=False, compare=False)
 
     def raster(self, which: str = "mean", genes: Sequence[str] | None = None) -> np.ndarray:
-        """(G', H, W) float32 raster of the mean, std (or prior); NaN off tissue."""
+        """(G', H, W) float32 raster of the mean, std (or prior); NaN off tissue. All
+        genes' rasters are kept (:meth:`warm` makes them in a worker, not in the GUI)."""
+        if not genes and which in self._rasters:
+            return self._rasters[which]
         values = {"mean": self.mean, "std": self.std, "prior": self.prior}[which]
         if values is None:
             raise ValueError(f"this prediction has no {which!r} values")
         idx = [self.genes.index(g) for g in genes] if genes else slice(None)
-        return self.grid.to_raster(values[:, idx])
+        raster = self.grid.to_raster(values[:, idx])
+        if not genes:
+            self._rasters[which] = raster
+        return raster
+
+    def warm(self) -> SlidePrediction:
+        """Make the mean and std rasters now (a worker does, so the viewer only shows them)."""
+        self.raster("mean")
+        self.raster("std")
+        return self
 
     @property
     def placement(self) -> dict:
@@ -169,6 +182,13 @@ def predict_slide_iter(model, slide, *, stride_um: float | None = None,
         yield ProgressEvent("step", None, b + 1, 2 * n_batches,
                          metrics={"phase": "encode", "tiles": sl.stop, "of": n})
     inputs = model_inputs(model, feats, np.asarray(grid.centers_xy, np.float64) * mpp)
+    cal = getattr(model, "calibration", None)
+    depth = None
+    if cal is not None and cal.uses_depth:  # relative to the slide: over all tiles at once
+        import torch
+
+        with torch.no_grad():
+            depth = cal.depth(model.prior_mean(torch.as_tensor(inputs)).numpy())
     mean = np.empty((n, len(genes)), np.float32)
     std = np.empty((n, len(genes)), np.float32)
     for b in range(n_batches):
@@ -180,8 +200,8 @@ def predict_slide_iter(model, slide, *, stride_um: float | None = None,
                      seed=seed + b)
         m = res.mean.numpy()[:, gene_idx]
         mean[sl] = m
-        std[sl] = calibrated_uncertainty(model, m, res.std.numpy()[:, gene_idx],
-                                         genes=genes, prior=res.prior.numpy())["std"]
+        std[sl] = calibrated_uncertainty(model, m, res.std.numpy()[:, gene_idx], genes=genes,
+                                         depth=None if depth is None else depth[sl])["std"]
         yield ProgressEvent("step", None, n_batches + b + 1, 2 * n_batches,
                          metrics={"phase": "sample", "tiles": sl.stop, "of": n})
     params = {"stride_um": float(stride_px * mpp), "patch_um": FIELD_OF_VIEW_UM,
@@ -194,7 +214,7 @@ def predict_slide_iter(model, slide, *, stride_um: float | None = None,
               else "raw sample spread"}
     return SlidePrediction(genes=genes, mean=mean, std=std, grid=grid,
                            slide_path=str(Path(slide.path)), microns_per_pixel=float(mpp),
-                           params=params)
+                           params=params).warm()
 
 
 def write_ome_tiff(prediction: SlidePrediction, path: str | Path, *, which: str = "mean"
@@ -211,13 +231,35 @@ def write_ome_tiff(prediction: SlidePrediction, path: str | Path, *, which: str 
 SLIDE_OUTPUTS = ("maps.ome.tif", "uncertainty.ome.tif", "tiles.h5ad")
 # Folders next to them (``ome_zarr=True``): the same rasters as multiscale OME-Zarr (NGFF).
 SLIDE_ZARR_OUTPUTS = ("maps.ome.zarr", "uncertainty.ome.zarr")
+# ``spatialdata=True``: slide, maps, uncertainty (and spots) in one SpatialData store
+SLIDE_SPATIALDATA_OUTPUT = "maps.sdata.zarr"
+
+
+def write_spatialdata(prediction: SlidePrediction, path: str | Path, *, spots=None) -> Path:
+    """Slide, maps and uncertainty (and the measured ``spots``, an AnnData on this slide,
+    with the maps read at them as ``obs['pred_<gene>']``) as one SpatialData store in µm
+    (:func:`napari_hinge.io.maps.write_maps_spatialdata`; ``spatialdata`` extra)."""
+    from napari_hinge.io.maps import write_maps_spatialdata
+    from napari_hinge.io.slides import open_slide
+
+    mpp = prediction.microns_per_pixel
+    slide = open_slide(prediction.slide_path, mpp=mpp)
+    values = compare_with_spots(prediction, spots)[0] if spots is not None else None
+    place = prediction.placement
+    return write_maps_spatialdata(
+        path, slide=slide.levels[0], microns_per_pixel=mpp,
+        maps={"hinge_mean": prediction.raster("mean"), "hinge_std": prediction.raster("std")},
+        names=prediction.genes, scale=place["scale"], translate=place["translate"],
+        spots=spots, spot_values=values)
 
 
 def write_slide_outputs(prediction: SlidePrediction, folder: str | Path, *,
-                        ome_zarr: bool = True) -> dict[str, str]:
+                        ome_zarr: bool = True, spatialdata: bool = False,
+                        spots=None) -> dict[str, str]:
     """The files of ``hinge predict-slide`` in ``folder``: the mean and the uncertainty rasters
-    as pyramidal OME-TIFFs (QuPath) and the per-tile AnnData, and with ``ome_zarr`` the rasters
-    as multiscale OME-Zarr too (each written atomically); returns name -> path."""
+    as pyramidal OME-TIFFs (QuPath) and the per-tile AnnData, with ``ome_zarr`` the rasters
+    as multiscale OME-Zarr too, with ``spatialdata`` slide, rasters and ``spots`` as one
+    SpatialData store (each written atomically); returns name -> path."""
     from napari_hinge._files import atomic_write
 
     folder = Path(folder)
@@ -233,6 +275,9 @@ def write_slide_outputs(prediction: SlidePrediction, folder: str | Path, *,
         write_ome_zarr(prediction, maps_zarr)
         write_ome_zarr(prediction, uncertainty_zarr, which="std")
         written |= {"maps_zarr": str(maps_zarr), "uncertainty_zarr": str(uncertainty_zarr)}
+    if spatialdata:
+        written["spatialdata"] = str(write_spatialdata(
+            prediction, folder / SLIDE_SPATIALDATA_OUTPUT, spots=spots))
     return written
 
 
@@ -358,11 +403,16 @@ def predict_slide_dense_iter(model, slide, *, stride_um: float | None = None,
                              reveal_steps: int | None = None, seed: int = 0,
                              mpp: float | None = None, min_tissue: float = 0.5,
                              stop: StopToken | None = None, device=None,
-                             previews: bool = True,
+                             previews: bool = True, bf16: bool | str | None = None,
                              ) -> Generator[ProgressEvent, None, SlidePrediction | None]:
     """Dense whole-slide maps: the encoder once over the tissue, HINGE's prior at every
     16 µm cell, HINGE's samples (mean residual, calibrated uncertainty) every
     ``sample_stride_um``, interpolated onto the map.
+
+    ``bf16``: the encoder in bfloat16 autocast, True, False or 'auto' (default
+    ``defaults.SLIDE['encoder_bf16']``: where that is fast,
+    :func:`~napari_hinge.device.fast_bf16`; benchmarks/predict_slide.py --accuracy measures
+    what it costs on measured spots).
 
     Yields 'step' events; with ``previews`` an event carries ``metrics['preview']``, a
     :class:`SlidePrediction` of the map so far (the whole tissue from the first sixteenth of
@@ -371,6 +421,7 @@ def predict_slide_dense_iter(model, slide, *, stride_um: float | None = None,
     preview when stopped (what is painted stays).
     """
     import torch
+    import torch.nn.functional as F
 
     from napari_hinge.dense import (
         box_mean,
@@ -380,7 +431,7 @@ def predict_slide_dense_iter(model, slide, *, stride_um: float | None = None,
         neighbour_mean,
         tiles_over,
     )
-    from napari_hinge.device import default_device
+    from napari_hinge.device import default_device, fast_bf16
     from napari_hinge.io.slides import open_slide
     from napari_hinge.tissue import TileGrid, tile_grid, tissue_mask
 
@@ -411,6 +462,8 @@ def predict_slide_dense_iter(model, slide, *, stride_um: float | None = None,
     gene_idx = [all_genes.index(g) for g in genes]
     G = len(genes)
     device = default_device(device)
+    bf16 = SLIDE["encoder_bf16"] if bf16 is None else bf16
+    bf16 = fast_bf16(device) if bf16 == "auto" else bool(bf16)
     encoder = resolve_encoder(model.config.encoder).to(device)
     geom = cell_geometry(encoder, slide.shape[:2], mpp)
     cell_um = geom.stride_px * mpp
@@ -437,9 +490,10 @@ def predict_slide_dense_iter(model, slide, *, stride_um: float | None = None,
     D = a_self.shape[1]
     proj = torch.as_tensor(np.concatenate([a_self] + ([a_ctx] if a_ctx is not None else []),
                                           1)).to(device)
-    # float16 around a per-channel offset (the first tile's mean): half the memory, and
-    # centring later subtracts values of similar size, not large raw ones
-    maps = np.zeros((proj.shape[1], *geom.shape), np.float16)
+    # the box means of the projected cells, accumulated tile by tile (a tile's box spreads
+    # half a window beyond it); float16 around a per-channel offset (the first tile's
+    # mean): half the memory, and centring later subtracts values of similar size
+    pooled = np.zeros((proj.shape[1], *geom.shape), np.float16)
     offset = None
     have = np.zeros(geom.shape, bool)
     k_out = max(1, int(np.floor(stride_um / cell_um + 1e-6)))
@@ -460,6 +514,7 @@ def predict_slide_dense_iter(model, slide, *, stride_um: float | None = None,
               "encoder": model.config.encoder, "min_tissue": min_tissue,
               "value_transform": model.config.value_transform,
               "context_um": model.config.context_um, "device": str(device),
+              "encoder_dtype": "bfloat16" if bf16 else "float32",
               "adapter": load_adapter(encoder) is not None,
               "uncertainty": "calibrated sd" if calibrated else "raw sample spread"}
     out_sel = (cells.rows % k_out == 0) & (cells.cols % k_out == 0)
@@ -471,20 +526,26 @@ def predict_slide_dense_iter(model, slide, *, stride_um: float | None = None,
                         origin_xy=geom.origin_xy, stride_px=geom.stride_px * k_out)
     state = {"prior": None, "code": None, "residual": None, "std": None}
 
-    def network_values():
-        """(D, H, W) prior+code per cell from the encoded cells so far."""
-        pooled = np.empty(maps.shape, np.float32)
-        for k in range(0, len(maps), 64):  # channel chunks bound the float32 copies
-            pooled[k:k + 64] = box_mean(maps[k:k + 64].astype(np.float32), geom.window)
-        pooled += offset[:, None, None]
+    # previews need only the prior's channels (self and context); the image code (the
+    # sampler's input) is computed once, when every tile is in
+    prior_channels = np.r_[0:G, D:D + G] if a_ctx is not None else np.arange(G)
+
+    def network_values(channels=None):
+        """(G or D, H, W): the prior (and with ``channels=None`` the image code) per cell
+        from the tiles encoded so far."""
+        sel = np.arange(len(pooled)) if channels is None else channels
+        n_self = int((sel < D).sum())
+        values = (pooled if channels is None else pooled[channels]).astype(np.float32)
+        values += offset[sel, None, None]
         complete = box_mean(have[None].astype(np.float32), geom.window)[0] > 0.999
-        pooled = _spread(pooled, complete & on, on) if not complete[on].all() else pooled
-        y = pooled[:D]
+        if not complete[on].all():
+            values = _spread(values, complete & on, on)
+        y = values[:n_self]
         if a_ctx is not None:
-            y = y + neighbour_mean(pooled[D:], on, radius)
+            y = y + neighbour_mean(values[n_self:], on, radius)
         if model.config.center_sections:
             y = y - y[:, on].mean(1)[:, None, None]
-        return y + const[:, None, None]
+        return y + const[sel[:n_self], None, None]
 
     def prediction(final: bool) -> SlidePrediction:
         mean = state["prior"][:, cells.rows, cells.cols].T
@@ -497,7 +558,7 @@ def predict_slide_dense_iter(model, slide, *, stride_um: float | None = None,
         return SlidePrediction(genes=genes, mean=mean[out_sel].astype(np.float32),
                                std=std[out_sel].astype(np.float32), grid=out_grid,
                                slide_path=str(Path(slide.path)), microns_per_pixel=float(mpp),
-                               params=p, prior=prior[out_sel].astype(np.float32))
+                               params=p, prior=prior[out_sel].astype(np.float32)).warm()
 
     def stopped(step):
         yield ProgressEvent("stopped", None, step, total)
@@ -507,25 +568,32 @@ def predict_slide_dense_iter(model, slide, *, stride_um: float | None = None,
     # then at a quarter, a half and three quarters
     preview_at = {max(1, len(tiles) // 16)} | {round(len(tiles) * f) for f in (0.25, 0.5, 0.75)}
     step = 0
-    for r0, c0, fmap in iter_cell_maps(slide, encoder, geom, tiles, device=device):
+    half = geom.window // 2
+    for r0, c0, fmap in iter_cell_maps(slide, encoder, geom, tiles, device=device, bf16=bf16):
         if stop is not None and stop.requested:
             return (yield from stopped(step))
         c, h, w = fmap.shape
-        projected = torch.einsum("chw,cd->dhw", fmap, proj).cpu().numpy()
+        projected = torch.einsum("chw,cd->dhw", fmap, proj).cpu()
         if offset is None:
-            offset = projected.reshape(len(projected), -1).mean(1)
-        maps[:, r0:r0 + h, c0:c0 + w] = projected - offset[:, None, None]
+            offset = projected.reshape(len(projected), -1).mean(1).numpy()
+        projected -= torch.from_numpy(offset)[:, None, None]
+        # this tile's share of every box mean it reaches: zeros around it, then the box
+        spread = F.avg_pool2d(F.pad(projected, (half, half, half, half))[None], geom.window,
+                              stride=1, padding=half, count_include_pad=True)[0].numpy()
+        ra, ca = max(r0 - half, 0), max(c0 - half, 0)
+        rb, cb = min(r0 + h + half, geom.shape[0]), min(c0 + w + half, geom.shape[1])
+        part = spread[:, ra - (r0 - half):rb - (r0 - half), ca - (c0 - half):cb - (c0 - half)]
+        pooled[:, ra:rb, ca:cb] = pooled[:, ra:rb, ca:cb].astype(np.float32) + part
         have[r0:r0 + h, c0:c0 + w] = True
         step += 1
         metrics = {"phase": "encode", "tiles": step, "of": len(tiles)}
         if previews and step in preview_at and step < len(tiles):
-            y = network_values()
-            state["prior"], state["depth"], state["code"] = y[:G], y[G:G + E], y[G + E:]
+            state["prior"] = network_values(prior_channels)
             metrics["preview"] = prediction(False)
         yield ProgressEvent("step", None, step, total, metrics=metrics)
     y = network_values()
     state["prior"], state["depth"], state["code"] = y[:G], y[G:G + E], y[G + E:]
-    maps = None  # the cell maps are no longer needed: free them before sampling
+    pooled = None  # the cell maps are no longer needed: free them before sampling
     codes = state["code"][:, s_rows, s_cols].T.astype(np.float32)
     res_mean = np.zeros((len(s_rows), G), np.float32)
     res_std = np.zeros((len(s_rows), G), np.float32)
@@ -547,7 +615,9 @@ def predict_slide_dense_iter(model, slide, *, stride_um: float | None = None,
         metrics = {"phase": "sample", "positions": int(done.sum()), "of": len(s_rows)}
         if (previews and b + 1 in preview_b) or b + 1 == n_sample_batches:
             full = state["prior"][:, s_rows[done], s_cols[done]].T + res_mean[done]
-            depth = cal.clip_depth(state["depth"][0, s_rows[done], s_cols[done]]) if E \
+            # relative to the slide: centred on all tissue cells
+            depth = cal.clip_depth(state["depth"][0, s_rows[done], s_cols[done]],
+                                   state["depth"][0, cells.rows, cells.cols].mean()) if E \
                 else None
             sd = calibrated_uncertainty(model, full, res_std[done], genes=genes,
                                         depth=depth)["std"]

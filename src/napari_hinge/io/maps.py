@@ -1,7 +1,8 @@
 """Predicted maps the package writes (``hinge predict-slide``'s ``maps.ome.tif`` /
-``maps.ome.zarr``, a map layer saved from napari): float rasters, genes x H x W, with their
-µm pixel size and origin on the slide, as pyramidal OME-TIFF (QuPath) or multiscale OME-Zarr
-(NGFF 0.4).
+``maps.ome.zarr`` / ``maps.sdata.zarr``, a map layer saved from napari): float rasters,
+genes x H x W, with their µm pixel size and origin on the slide, as pyramidal OME-TIFF
+(QuPath), multiscale OME-Zarr (NGFF 0.4) or a SpatialData store with the slide and spots
+(napari-spatialdata, squidpy).
 
 :func:`read_map` returns what napari needs to put them back where they were: the raster, one
 name per channel, and the ``scale``/``translate`` in µm that place a raster pixel on the slide
@@ -22,7 +23,7 @@ import numpy as np
 from napari_hinge.errors import InputError
 
 __all__ = ["MapImage", "is_map_tiff", "is_map_zarr", "map_pyramid", "read_map",
-           "write_map_ome_tiff", "write_map_ome_zarr"]
+           "write_map_ome_tiff", "write_map_ome_zarr", "write_maps_spatialdata"]
 
 _UM = {"µm": 1.0, "μm": 1.0, "um": 1.0, "nm": 1e-3, "mm": 1e3}
 
@@ -176,12 +177,22 @@ def _read_map_zarr(path: Path) -> MapImage:
     except Exception as err:
         raise InputError(f"{path}: not a readable OME-Zarr map ({err})", path=path) from err
     scale, translate = [1.0] * data.ndim, [0.0] * data.ndim
-    for t in list(ms.get("coordinateTransformations", [])) + \
-            list(level0.get("coordinateTransformations", [])):
+    # the level's own transformations first, then the multiscale's (NGFF order), each
+    # applied after the ones before: x -> scale * x + translation
+    for t in _flat_transforms(list(level0.get("coordinateTransformations", [])) +
+                              list(ms.get("coordinateTransformations", []))):
         if t.get("type") == "scale":
             scale = [a * b for a, b in zip(scale, t["scale"], strict=True)]
+            translate = [a * b for a, b in zip(translate, t["scale"], strict=True)]
         elif t.get("type") == "translation":
             translate = [a + b for a, b in zip(translate, t["translation"], strict=True)]
+    if "spatialdata" in str(attrs.get("ome", {}).get("version", "")):
+        # SpatialData: pixel corners at integers; this package: centres. The centre of
+        # pixel 0, less half a slide pixel (the store's finest image), as written by
+        # write_maps_spatialdata
+        half = _finest_pixel(path.parent) / 2
+        translate = [t + s / 2 - (half if k >= len(scale) - 2 else 0.0)
+                     for k, (t, s) in enumerate(zip(translate, scale, strict=True))]
     if data.ndim == 2:
         data, scale, translate = data[None], [1.0, *scale], [0.0, *translate]
     if data.ndim != 3:
@@ -189,13 +200,45 @@ def _read_map_zarr(path: Path) -> MapImage:
     units = [a.get("unit") for a in ms.get("axes", [])[-2:]]
     factor = 1.0 if all(u in (None, "micrometer") for u in units) else \
         {"nanometer": 1e-3, "millimeter": 1e3}.get(units[-1], 1.0)
-    channels = attrs.get("omero", {}).get("channels", [])
+    channels = (attrs.get("omero") or attrs.get("ome", {}).get("omero") or {}).get("channels", [])
     names = [c.get("label") or f"{path.name} {i}" for i, c in enumerate(channels)]
     if len(names) != len(data):
         names = [f"{path.name.split('.')[0]} {i}" for i in range(len(data))]
     return MapImage(data=data, names=names,
                     scale=(scale[-2] * factor, scale[-1] * factor),
                     translate=(translate[-2] * factor, translate[-1] * factor))
+
+
+def _flat_transforms(transforms: list) -> list:
+    """NGFF coordinate transformations with ``sequence`` entries expanded in order."""
+    out = []
+    for t in transforms:
+        if t.get("type") == "sequence":
+            out += _flat_transforms(t.get("transformations", []))
+        else:
+            out.append(t)
+    return out
+
+
+def _finest_pixel(images: Path) -> float:
+    """The smallest µm pixel of the images next to a SpatialData map (its slide); 0 when
+    none says."""
+    import zarr
+
+    sizes = []
+    for folder in images.iterdir() if images.is_dir() else []:
+        try:
+            attrs = dict(zarr.open_group(str(folder), mode="r").attrs)
+            ms = attrs.get("ome", attrs).get("multiscales")[0]
+        except Exception:  # noqa: BLE001 - not an image group
+            continue
+        scale = [1.0, 1.0]
+        for t in _flat_transforms(list(ms["datasets"][0].get("coordinateTransformations", [])) +
+                                  list(ms.get("coordinateTransformations", []))):
+            if t.get("type") == "scale":
+                scale = [a * b for a, b in zip(scale, t["scale"][-2:], strict=True)]
+        sizes.append(min(scale))
+    return min(sizes) if sizes else 0.0
 
 
 def read_map(path: str | os.PathLike) -> MapImage:
@@ -271,3 +314,131 @@ def _ome_placement(xml: str, path: Path) -> dict:
         image = next((el for el in root.iter() if local(el) == "Image"), None)
         names = [image.get("Name")] if image is not None and image.get("Name") else []
     return {"scale": tuple(scale), "translate": tuple(translate), "names": names}
+
+
+# ---------------------------------------------------------------------------------------------
+# SpatialData
+
+
+def write_maps_spatialdata(path, *, slide, microns_per_pixel: float, maps: dict,
+                           names, scale, translate, spots=None, spot_values=None) -> Path:
+    """One SpatialData store (``spatialdata`` extra) that napari-spatialdata and squidpy
+    open: the slide (``he``, channels r/g/b), each ``maps`` entry (name -> (C, H, W) float
+    raster, channels = ``names``) as an image, and with ``spots`` (an AnnData of
+    :mod:`napari_hinge._convention`) the spots as circles (``spots``) annotated by their
+    table (``table``: measured counts, and ``obs['pred_<gene>']`` from ``spot_values``).
+
+    One coordinate system, ``'global'``, in µm. SpatialData puts pixel ``i``'s centre at
+    ``i + 0.5`` (pixel corners at integers) where this package puts it at ``i``: everything
+    is shifted by half a slide pixel, so slide, maps and spots stay aligned as in napari.
+    Written to a temporary folder and renamed into place.
+    """
+    import dask.array as da
+
+    from napari_hinge._files import atomic_write_dir
+
+    sd, models, tf = _spatialdata()
+    mpp = float(microns_per_pixel)
+    half = mpp / 2
+    images = {}
+    rgb = da.moveaxis(da.asarray(slide)[..., :3], -1, 0)
+    images["he"] = models.Image2DModel.parse(
+        rgb, dims=("c", "y", "x"), c_coords=["r", "g", "b"],
+        transformations={"global": tf.Scale([mpp, mpp], axes=("y", "x"))})
+    # a map pixel's centre is at translate (this package): its corner half a map pixel before
+    corner = [t - s / 2 + half for t, s in zip(translate, scale, strict=True)]
+    map_tf = tf.Sequence([tf.Scale([float(scale[0]), float(scale[1])], axes=("y", "x")),
+                          tf.Translation(corner, axes=("y", "x"))])
+    for key, data in maps.items():
+        images[key] = models.Image2DModel.parse(
+            np.asarray(data, np.float32), dims=("c", "y", "x"), c_coords=[str(n) for n in names],
+            transformations={"global": map_tf})
+    shapes, tables = {}, {}
+    if spots is not None:
+        shapes["spots"], tables["table"] = _spots_elements(spots, mpp, models, tf, spot_values)
+    sdata = sd.SpatialData(images=images, shapes=shapes, tables=tables)
+    return atomic_write_dir(Path(path), lambda tmp: _write_sdata(sdata, tmp))
+
+
+def _spatialdata():
+    try:
+        with warnings.catch_warnings():  # its dependencies warn at import (pkg_resources, ...)
+            warnings.simplefilter("ignore")
+            import spatialdata as sd
+            import spatialdata.models as models
+            import spatialdata.transformations as tf
+    except ImportError as err:
+        raise ImportError('writing SpatialData needs the spatialdata package: pip install '
+                          '"napari-hinge[spatialdata]"') from err
+    return sd, models, tf
+
+
+def _spots_elements(spots, mpp: float, models, tf, spot_values):
+    import geopandas as gpd
+    import pandas as pd
+    from shapely.geometry import Point
+
+    from napari_hinge._convention import META_KEY, SPATIAL_KEY
+
+    xy_um = (np.asarray(spots.obsm[SPATIAL_KEY], dtype=float) + 0.5) * mpp
+    diameter_px = float(spots.uns.get(META_KEY, {}).get("spot_diameter_px") or 0.0)
+    radius = diameter_px * mpp / 2 if diameter_px > 0 else 50.0
+    ids = pd.Index(spots.obs_names.astype(str), name="spot_id")
+    circles = gpd.GeoDataFrame({"geometry": [Point(x, y) for x, y in xy_um],
+                                "radius": np.full(len(xy_um), radius)}, index=ids)
+    shapes = models.ShapesModel.parse(circles, transformations={"global": tf.Identity()})
+    table = spots.copy()
+    table.obs_names = ids.to_numpy().astype(object)
+    # plain object/categorical columns: anndata refuses pandas' nullable strings by default
+    table.obs = pd.DataFrame({c: (table.obs[c].astype(object).astype(str)
+                                  if table.obs[c].dtype.kind in "OSUT" or
+                                  str(table.obs[c].dtype).startswith("string")
+                                  else table.obs[c]) for c in table.obs.columns},
+                             index=table.obs_names)
+    for gene, values in (spot_values or {}).items():
+        table.obs[f"pred_{gene}"] = np.asarray(values, np.float32)
+    table.obs["region"] = pd.Categorical(["spots"] * table.n_obs)
+    table.obs["spot_id"] = table.obs_names.to_numpy().astype(str)
+    table.uns = {k: v for k, v in table.uns.items() if k == META_KEY}
+    table.uns[META_KEY] = {k: v for k, v in table.uns.get(META_KEY, {}).items()
+                           if isinstance(v, (int, float, str, bool))}
+    return shapes, models.TableModel.parse(table, region="spots", region_key="region",
+                                           instance_key="spot_id")
+
+
+def _write_sdata(sdata, folder: Path) -> None:
+    """``sdata.write``; where spatialdata 0.7 cannot write images (it hands dask's
+    tuple-of-tuples chunks to ``zarr.create_array`` with ome-zarr >= 0.14 and dask >= 2026.3:
+    scverse/spatialdata#1090, #1108), everything else through ``sdata.write`` and each image
+    through spatialdata's own image writer with regular chunks given, then the metadata
+    consolidated again: the same store."""
+    import shutil
+
+    import zarr
+
+    folder.rmdir()  # spatialdata writes the store itself
+    try:
+        sdata.write(str(folder))
+        return
+    except TypeError as err:
+        if "iterable of integers" not in str(err):
+            raise
+    shutil.rmtree(folder, ignore_errors=True)
+    from spatialdata._io import write_image
+
+    sd, _, _ = _spatialdata()
+    rest = sd.SpatialData(shapes=dict(sdata.shapes), tables=dict(sdata.tables))
+    rest.write(str(folder))
+    root = zarr.open_group(str(folder), mode="r+")
+    group = root.require_group("images")
+    for name, image in sdata.images.items():
+        chunks = tuple(min(n, 1 if axis == "c" and image.dtype.kind == "f" else 4096 if
+                           axis == "c" else 1024) for axis, n in zip(image.dims, image.shape,
+                                                                     strict=True))
+        element = group.require_group(name)
+        write_image(image, element, name, storage_options={"chunks": chunks})
+        # the channel names (ome-zarr drops the omero block spatialdata hands it here)
+        ome = dict(element.attrs.get("ome", {}))
+        ome["omero"] = {"channels": [{"label": str(c)} for c in image.coords["c"].values]}
+        element.attrs["ome"] = ome
+    zarr.consolidate_metadata(str(folder))
