@@ -82,6 +82,7 @@ def hinge_fold(fold, *, backbone: str, args, seed: int) -> dict:
         ada_rank=args.ada_rank or None, standardize=not args.raw_features,
         warmup_epochs=args.warmup_epochs, val_fraction=args.val_fraction, seed=seed,
         val_samples=0, device=args.device, library_size=fold.library_train,
+        depth_calibration=args.depth_calibration,
     )
     model, last = run_to_end(gen)
     t1 = time.perf_counter()
@@ -220,6 +221,9 @@ def main(argv=None) -> dict:
                    help="HINGE's deterministic prior (the diffusion models the residual)")
     p.add_argument("--variance", action=argparse.BooleanOptionalAction,
                    default=RECIPE["predict_variance"], help="HINGE's variance head")
+    p.add_argument("--depth-calibration", action=argparse.BooleanOptionalAction,
+                   default=RECIPE["depth_calibration"],
+                   help="HINGE's spread scaled by each spot's depth predicted from the image")
     p.add_argument("--center", action=argparse.BooleanOptionalAction,
                    default=RECIPE["center_sections"],
                    help="features centred per section, for every method")

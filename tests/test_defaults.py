@@ -40,6 +40,8 @@ def test_hinge_training_defaults_agree():
     assert _kw(fit_hinge, "n_genes") == cli_train["n_genes"] == table["n_genes"]
     assert _kw(fit_hinge, "epochs") == table["epochs"]
     assert cli_train["context_um"] == defaults.HINGE_RECIPE["context_um"]
+    assert cli_train["depth_calibration"] == _kw(fit_hinge_arrays, "depth_calibration") == \
+        defaults.HINGE_RECIPE["depth_calibration"]
 
 
 def test_sampler_defaults_agree():

@@ -78,7 +78,8 @@ def test_spread_scaled_by_the_predicted_depth_ranks_errors_better(fold, shared_d
     from napari_hinge.hinge.pipeline import calibrated_uncertainty
     from napari_hinge.metrics import spread_error_spearman
 
-    model, _, res = _train(fold, fold.X_train, seed=1, library_size=fold.library_train)
+    model, _, res = _train(fold, fold.X_train, seed=1, library_size=fold.library_train,
+                           depth_calibration=True)
     cal = model.calibration
     assert cal.uses_depth and cal.depth_power > 0
     mean, raw, prior = res.mean.numpy(), res.std.numpy(), res.prior.numpy()

@@ -6,7 +6,7 @@ show in full, a µm scale bar and a titled colorbar."""
 from __future__ import annotations
 
 import pytest
-from qtpy.QtWidgets import QApplication, QDockWidget
+from qtpy.QtWidgets import QApplication
 
 from napari_hinge._widgets.domains import DomainsWidget
 from napari_hinge._widgets.slide_spots import SlideSpotsWidget

@@ -65,6 +65,10 @@ def register(subparsers) -> None:
     p.add_argument("--variance", action=argparse.BooleanOptionalAction,
                    default=RECIPE["predict_variance"],
                    help="variance head: samples spread, calibrated intervals")
+    p.add_argument("--depth-calibration", action=argparse.BooleanOptionalAction,
+                   default=RECIPE["depth_calibration"],
+                   help="scale each spot's interval by its sequencing depth predicted from "
+                        "the image: ranks errors better, covers less on new sections")
     p.add_argument("--encoder", default="efficientnet-lite0",
                    help="patch encoder: efficientnet-lite0 (ships), uni, conch, uni+conch")
     p.add_argument("--encoder-weights", help="weights file of a user-supplied encoder")
@@ -238,7 +242,7 @@ def cmd_train(args) -> int:
         datasets, genes=_genes(args.genes, minimum=3), n_genes=args.n_genes,
         include=_genes(args.include, flag="--include") or (), encoder=args.encoder,
         context_um=args.context_um or None, prior=None if args.prior == "none" else args.prior,
-        predict_variance=args.variance,
+        predict_variance=args.variance, depth_calibration=args.depth_calibration,
         encoder_weights=args.encoder_weights, backbone=args.backbone, epochs=args.epochs,
         augment=not args.no_augment, batch_size=args.batch_size, lr=args.lr,
         ada_rank=args.ada_rank or None, val_fraction=args.val_fraction, seed=args.seed,

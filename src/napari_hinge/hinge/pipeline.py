@@ -349,6 +349,7 @@ def fit_hinge_arrays(features, targets, genes: Sequence[str], *, encoder: str = 
                      stop: StopToken | None = None, device=None, val_samples: int = 2,
                      backbone_ref: str | None = None, synthetic=None,
                      synthetic_weight: float = 1.0, library_size=None,
+                     depth_calibration: bool = RECIPE["depth_calibration"],
                      **config) -> Iterator[TrainEvent]:
     """Train HINGE on prepared arrays; a generator of TrainEvents that returns the model.
 
@@ -378,10 +379,10 @@ def fit_hinge_arrays(features, targets, genes: Sequence[str], *, encoder: str = 
     real spots only. The model records the mix (``model.training_data``, saved by
     :func:`save_model` as ``training_data.json``).
 
-    ``library_size`` (N,) the spots' UMI totals over all genes (NaN for synthetic rows):
-    with a ridge prior, the calibration then also scales each spot's spread by its depth
-    predicted from the image (:mod:`napari_hinge.hinge.calibration`), fitted on the training
-    spots' out-of-fold priors.
+    ``library_size`` (N,) the spots' UMI totals over all genes (NaN for synthetic rows) and
+    ``depth_calibration``: with a ridge prior, the calibration then also scales each spot's
+    spread by its depth predicted from the image (:mod:`napari_hinge.hinge.calibration`),
+    fitted on the training spots' out-of-fold priors (off by default: see the defaults table).
     """
     from napari_hinge import ddp
 
@@ -453,7 +454,8 @@ def fit_hinge_arrays(features, targets, genes: Sequence[str], *, encoder: str = 
                                       None if mark is None else real)
             if calibrate and len(val_idx) >= 10:
                 depth_map = val_depth = None
-                if library_size is not None and prior_values is not None:
+                if depth_calibration and library_size is not None \
+                        and prior_values is not None:
                     lib = np.asarray(library_size, np.float64).ravel()
                     rows = real & np.isfinite(lib)
                     if rows[val_idx].all():
