@@ -73,21 +73,18 @@ def normalize_total(counts, library_size=None, *, target_sum: float = TARGET_SUM
     serves STMGAC's presets (their own target sum, log1p on or off) and marker tables."""
     import scipy.sparse as sp
 
-    if sp.issparse(counts):
-        x = sp.csr_matrix(counts, dtype=np.float64)
-        lib = np.asarray(x.sum(axis=1)).ravel() if library_size is None else \
-            np.asarray(library_size, dtype=np.float64).reshape(-1)
-        scale = np.divide(target_sum, lib, out=np.zeros_like(lib), where=lib > 0)
-        out = (sp.diags(scale) @ x).tocsr()
-        if log1p:
-            out.data = np.log1p(out.data)
-        return out
-    x = _dense(counts)
-    lib = x.sum(axis=1) if library_size is None else \
+    sparse = sp.issparse(counts)
+    x = sp.csr_matrix(counts, dtype=np.float64) if sparse else _dense(counts)
+    lib = np.asarray(x.sum(axis=1)).ravel() if library_size is None else \
         np.asarray(library_size, dtype=np.float64).reshape(-1)
     scale = np.divide(target_sum, lib, out=np.zeros_like(lib), where=lib > 0)
-    out = x * scale[:, None]
-    return np.log1p(out) if log1p else out
+    if not sparse:
+        out = x * scale[:, None]
+        return np.log1p(out) if log1p else out
+    out = (sp.diags(scale) @ x).tocsr()
+    if log1p:
+        out.data = np.log1p(out.data)
+    return out
 
 
 def transform_counts(counts, transform: str = "log1p_cp10k", *, library_size=None):

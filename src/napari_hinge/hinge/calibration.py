@@ -179,9 +179,7 @@ def fit_depth_map(prior, library_size, groups=None) -> tuple[DepthMap, np.ndarra
     if lib.shape != (len(prior),) or not np.all(np.isfinite(lib)) or (lib <= 0).any():
         raise ValueError(f"library sizes must be {len(prior)} positive finite numbers")
     labels = np.zeros(len(lib), int) if groups is None else np.asarray(groups)
-    y = np.log(lib)
-    for g in np.unique(labels):
-        y[labels == g] -= y[labels == g].mean()
+    y = _centred_per_group(np.log(lib), labels)
     ridge = TunedRidge().fit(np.asarray(prior, np.float64), y[:, None], groups=groups)
     w = np.asarray(ridge.linear_map()[0], np.float64)[:, 0]
     limit = float(3 * (np.asarray(prior, np.float64) @ w).std() + 1e-6)
@@ -189,10 +187,15 @@ def fit_depth_map(prior, library_size, groups=None) -> tuple[DepthMap, np.ndarra
     # the out-of-fold ones are centred per section too. Uncentred, each left-out fit's own
     # intercept offset its section as a block, and the intervals fitted on them came out too
     # narrow on new sections (C3 fold: 80% coverage 0.71; centred 0.77; no depth 0.76)
-    oof = np.asarray(ridge.oof_predictions_, np.float64)[:, 0]
-    for g in np.unique(labels):
-        oof[labels == g] -= oof[labels == g].mean()
+    oof = _centred_per_group(np.asarray(ridge.oof_predictions_, np.float64)[:, 0], labels)
     return DepthMap(w, limit), np.clip(oof, -limit, limit)
+
+
+def _centred_per_group(values: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    out = values.copy()
+    for g in np.unique(labels):
+        out[labels == g] -= values[labels == g].mean()
+    return out
 
 
 def _depth_factor(depth, power: float) -> np.ndarray:

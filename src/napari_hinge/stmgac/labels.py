@@ -161,8 +161,8 @@ def domain_table(adata, key: str = "domain", *, n_markers: int = 5, layer: str |
     """
     codes, cats = _label_codes(adata, key)
     x = adata.layers[layer] if layer is not None else adata.X
-    x = sp.csr_matrix(x, dtype=np.float64)
-    norm = normalize_total(x, library_size(adata) if layer is None else None, log1p=True)
+    norm = normalize_total(sp.csr_matrix(x), library_size(adata) if layer is None else None,
+                           log1p=True)
     genes = np.asarray(adata.var_names)
     total = np.asarray(norm.sum(axis=0)).ravel()
     n = codes.size
