@@ -71,7 +71,9 @@ def warm_up() -> None:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--slides", type=int, default=8)
-    p.add_argument("--stride", type=float, default=400.0, help="µm between tile centres")
+    p.add_argument("--mode", choices=("dense", "tiles"), default="tiles",
+                   help="the slide path (tiles: the one the JSON in docs/results measured)")
+    p.add_argument("--stride", type=float, default=400.0, help="µm between map positions")
     p.add_argument("--samples", type=int, default=2)
     p.add_argument("--reveal-steps", type=int, default=5)
     p.add_argument("--out", type=Path, default=REPO / "docs" / "results" / "cohort.json")
@@ -85,15 +87,12 @@ def main() -> int:
         for i in range(args.slides):
             slides.append(work / f"slide{i:02d}.tif")
             shutil.copyfile(SLIDE, slides[-1])
-        settings = {"stride_um": args.stride, "genes": None, "n_samples": args.samples,
-                    "reveal_steps": args.reveal_steps, "seed": 0, "min_tissue": 0.5,
-                    "batch_tiles": 64}
         load = os.getloadavg()
         os.environ["NAPARI_HINGE_CACHE"] = str(work / "cache-serial")
-        from napari_hinge.hinge.cohort import model_key
+        from napari_hinge.hinge.cohort import cohort_settings
 
-        folder, digest = model_key("shipped")
-        settings["model"] = {"folder": folder, "digest": digest}
+        settings = cohort_settings("shipped", mode=args.mode, stride_um=args.stride,
+                                   n_samples=args.samples, reveal_steps=args.reveal_steps)
         serial_load = os.getloadavg()[0]
         t_serial = serial(slides, settings, work / "serial")
         serial_load = [round(serial_load, 2), round(os.getloadavg()[0], 2)]
@@ -119,7 +118,8 @@ def main() -> int:
     print(f"load average before {load[0]:.1f}, after {load_after[0]:.1f} on "
           f"{os.cpu_count()} cores (shared machine)")
     result = {
-        "command": f"python benchmarks/cohort.py --slides {n} --stride {args.stride:g} "
+        "command": f"python benchmarks/cohort.py --mode {args.mode} --slides {n} "
+                   f"--stride {args.stride:g} "
                    f"--samples {args.samples} --reveal-steps {args.reveal_steps}",
         "slides": n, "slide": SLIDE.name, "settings": {k: v for k, v in settings.items()
                                                       if k != "model"},

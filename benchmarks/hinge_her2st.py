@@ -5,6 +5,7 @@
     python benchmarks/hinge_her2st.py --train DIR:C2,C4,C5,C6 --test DIR:C3
     python benchmarks/hinge_her2st.py --methods hinge,hest_ridge --folds C2
     python benchmarks/hinge_her2st.py --seeds 0,1,2 --context-um 0 --prior none  # ablation row
+    python benchmarks/hinge_her2st.py --merge A.json B.json --out ALL.json  # parallel parts
 
 Every method sees the same inputs: with ``--context-um R`` (default: the shipped recipe's)
 each spot's features are followed by its neighbours' mean within R µm, for HINGE *and* the
@@ -205,6 +206,109 @@ def _per_seed_means(rows: list[dict]) -> list[float]:
             for s in seeds]
 
 
+def report(results: dict[str, list[dict]], *, methods, seeds, settings: dict, n_genes: int,
+           encoder_name: str, hvg_rule: str, folds: list[dict], feature_seconds: float,
+           machine: dict | None = None, merged_from=None) -> dict:
+    """Print the per-method tables and the summary of ``results`` (method -> rows, one per
+    fold and seed) and return the JSON record (also what ``--merge`` rebuilds)."""
+    a = argparse.Namespace(**settings)
+    augment = (any(m in HINGE_METHODS for m in methods) and not a.no_augment) or a.tta
+    per_fold = {}
+    for b in ("hest_ridge", "tuned_ridge"):
+        rows = results.get(b, [])
+        per_fold[b] = {_fold_name(r): r["pcc_mean"] for r in rows}
+        per_fold[b]["mean"] = float(np.mean([r["pcc_mean"] for r in rows])) if rows else None
+    print(f"\nher2st expression from H&E: {len(folds)} fold(s), {n_genes} genes, encoder "
+          f"{encoder_name}, patches {HER2ST_PATCH_PX} px, seeds {seeds}")
+    print(f"gene panel: {hvg_rule}")
+    print(f"inputs of every method: context {a.context_um or 'none'} µm, centred per section "
+          f"{a.center}, test-time views {a.tta}")
+    print(f"HINGE: epochs {a.epochs}, batch {a.batch_size}, lr {a.lr}, ada_rank "
+          f"{a.ada_rank or 'full'}, S {a.samples}, reveal steps {a.reveal_steps}, "
+          f"prior {a.prior}, variance head {a.variance}, augment {augment}")
+    for m in methods:
+        if m in results:
+            print_method(m, results[m], per_fold)
+    summary = []
+    print(f"\n{'method':24s} {'PCC':>6s} {'+-sd':>6s} {'top10':>6s} {'coexp':>6s} "
+          f"{'train s':>8s} {'sample s':>8s} {'/hest':>6s} {'/tuned':>6s} {'cov80':>6s} "
+          f"{'cov95':>6s} {'rho':>6s}")
+    for m in methods:
+        if m not in results:
+            continue
+        seed_means = _per_seed_means(results[m])
+        row = {"method": m, **_mean(results[m], KEYS + UNCERTAINTY_KEYS),
+               "pcc_seed_means": seed_means, "pcc_sd_over_seeds": float(np.std(seed_means))}
+        for b in ("hest_ridge", "tuned_ridge"):
+            ref = per_fold[b].get("mean")
+            row[f"ratio_to_{b}"] = row["pcc_mean"] / ref if ref else None
+        summary.append(row)
+        rh, rt = row["ratio_to_hest_ridge"], row["ratio_to_tuned_ridge"]
+
+        def f6(v):
+            return f"{v:6.2f}" if v is not None else f"{'':>6s}"
+        print(f"{m:24s} {row['pcc_mean']:6.3f} {row['pcc_sd_over_seeds']:6.3f} "
+              f"{row['pcc_top10']:6.3f} {row['coexpression']:6.3f} {row['fit_s']:8.1f} "
+              f"{row['predict_s']:8.1f} {f6(rh)} {f6(rt)} {f6(row.get('coverage_80'))} "
+              f"{f6(row.get('coverage_95'))} {f6(row.get('spearman_per_gene'))}")
+    out = {
+        "benchmark": "hinge_her2st",
+        "encoder": encoder_name,
+        "n_genes": n_genes,
+        "hvg_rule": hvg_rule,
+        "target": TARGET_RULE,
+        "patch_px": HER2ST_PATCH_PX,
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in settings.items()},
+        "seeds": seeds,
+        "folds": folds,
+        "feature_seconds": feature_seconds,
+        "summary": summary,
+        "per_fold": results,
+        "machine": machine or {
+            "python": platform.python_version(), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "cpu": platform.processor(),
+            "device": a.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
+    }
+    if merged_from:
+        out["merged_from"] = merged_from
+    return out
+
+
+def merge(paths: list[Path]) -> dict:
+    """One record from result files of the same protocol run in parallel (e.g. one seed or
+    some folds each): their rows pooled; a (method, fold, seed) row present twice is an
+    error, as are files with different gene counts, encoders or recipes."""
+    parts = [json.loads(Path(f).read_text()) for f in paths]
+    recipe_keys = ("genes", "encoder", "context_um", "prior", "variance", "center",
+                   "residual_scale", "epochs", "batch_size", "lr", "ada_rank", "samples",
+                   "reveal_steps", "tta", "depth_calibration", "no_augment", "val_fraction")
+    first = parts[0]
+    for f, part in zip(paths[1:], parts[1:], strict=True):
+        diff = [k for k in recipe_keys
+                if part["settings"].get(k) != first["settings"].get(k)]
+        if diff:
+            raise SystemExit(f"{f}: settings {diff} differ from {paths[0]}'s; not merged")
+    results: dict[str, list[dict]] = {}
+    seen = set()
+    for f, part in zip(paths, parts, strict=True):
+        for m, rows in part["per_fold"].items():
+            for r in rows:
+                key = (m, _fold_name(r), r.get("seed"))
+                if key in seen:
+                    raise SystemExit(f"{f}: {key} is already in an earlier file; not merged")
+                seen.add(key)
+                results.setdefault(m, []).append(r)
+    methods = list(dict.fromkeys(m for part in parts for m in part["per_fold"]))
+    seeds = sorted({s for part in parts for s in part.get("seeds", [])})
+    folds = list({",".join(f["test"]): f for part in parts for f in part["folds"]}.values())
+    return report(results, methods=methods, seeds=seeds, settings=first["settings"],
+                  n_genes=first["n_genes"], encoder_name=first["encoder"],
+                  hvg_rule=first["hvg_rule"], folds=folds,
+                  feature_seconds=max(p["feature_seconds"] for p in parts),
+                  machine=first["machine"], merged_from=[str(f) for f in paths])
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="her2st folder")
@@ -247,7 +351,17 @@ def main(argv=None) -> dict:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default=None)
     p.add_argument("--out", type=Path, default=None, help="JSON output")
+    p.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON",
+                   help="combine result files of the same recipe run in parallel (some seeds "
+                        "or folds each) into --out and print the tables; nothing is computed")
     a = p.parse_args(argv)
+    if a.merge:
+        if a.out is None:
+            raise SystemExit("--merge needs --out")
+        out = merge(a.merge)
+        a.out.write_text(json.dumps(out, indent=1, default=str))
+        print(f"wrote {a.out}")
+        return out
     a.prior = None if a.prior == "none" else a.prior
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -296,62 +410,10 @@ def main(argv=None) -> dict:
                 partial.write_text(json.dumps({"settings": vars(a), "partial": True,
                                                "per_fold": results}, indent=1, default=str))
 
-    per_fold = {}
-    for b in ("hest_ridge", "tuned_ridge"):
-        rows = results.get(b, [])
-        per_fold[b] = {_fold_name(r): r["pcc_mean"] for r in rows}
-        per_fold[b]["mean"] = float(np.mean([r["pcc_mean"] for r in rows])) if rows else None
-    print(f"\nher2st expression from H&E: {len(folds)} fold(s), {a.genes} genes, encoder "
-          f"{encoder.name}, patches {HER2ST_PATCH_PX} px, seeds {seeds}")
-    print(f"gene panel: {folds[0].hvg_rule}")
-    print(f"inputs of every method: context {a.context_um or 'none'} µm, centred per section "
-          f"{a.center}, test-time views {a.tta}")
-    print(f"HINGE: epochs {a.epochs}, batch {a.batch_size}, lr {a.lr}, ada_rank "
-          f"{a.ada_rank or 'full'}, S {a.samples}, reveal steps {a.reveal_steps}, "
-          f"prior {a.prior}, variance head {a.variance}, augment {augment}")
-    for m in methods:
-        if m in results:
-            print_method(m, results[m], per_fold)
-    summary = []
-    print(f"\n{'method':24s} {'PCC':>6s} {'+-sd':>6s} {'top10':>6s} {'coexp':>6s} "
-          f"{'train s':>8s} {'sample s':>8s} {'/hest':>6s} {'/tuned':>6s} {'cov80':>6s} "
-          f"{'cov95':>6s} {'rho':>6s}")
-    for m in methods:
-        if m not in results:
-            continue
-        seed_means = _per_seed_means(results[m])
-        row = {"method": m, **_mean(results[m], KEYS + UNCERTAINTY_KEYS),
-               "pcc_seed_means": seed_means, "pcc_sd_over_seeds": float(np.std(seed_means))}
-        for b in ("hest_ridge", "tuned_ridge"):
-            ref = per_fold[b].get("mean")
-            row[f"ratio_to_{b}"] = row["pcc_mean"] / ref if ref else None
-        summary.append(row)
-        rh, rt = row["ratio_to_hest_ridge"], row["ratio_to_tuned_ridge"]
-
-        def f6(v):
-            return f"{v:6.2f}" if v is not None else f"{'':>6s}"
-        print(f"{m:24s} {row['pcc_mean']:6.3f} {row['pcc_sd_over_seeds']:6.3f} "
-              f"{row['pcc_top10']:6.3f} {row['coexpression']:6.3f} {row['fit_s']:8.1f} "
-              f"{row['predict_s']:8.1f} {f6(rh)} {f6(rt)} {f6(row.get('coverage_80'))} "
-              f"{f6(row.get('coverage_95'))} {f6(row.get('spearman_per_gene'))}")
-    out = {
-        "benchmark": "hinge_her2st",
-        "encoder": encoder.name,
-        "n_genes": a.genes,
-        "hvg_rule": folds[0].hvg_rule,
-        "target": TARGET_RULE,
-        "patch_px": HER2ST_PATCH_PX,
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
-        "seeds": seeds,
-        "folds": [{"test": f.test, "train": f.train, "genes": f.genes} for f in folds],
-        "feature_seconds": t_feat,
-        "summary": summary,
-        "per_fold": results,
-        "machine": {"python": platform.python_version(), "torch": torch.__version__,
-                    "threads": torch.get_num_threads(), "cpu": platform.processor(),
-                    "device": a.device or ("cuda" if torch.cuda.is_available() else "cpu"),
-                    "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
-    }
+    out = report(results, methods=methods, seeds=seeds, settings=vars(a), n_genes=a.genes,
+                 encoder_name=encoder.name, hvg_rule=folds[0].hvg_rule,
+                 folds=[{"test": f.test, "train": f.train, "genes": f.genes} for f in folds],
+                 feature_seconds=t_feat)
     path.write_text(json.dumps(out, indent=1, default=str))
     partial.unlink(missing_ok=True)
     print(f"wrote {path}")

@@ -32,9 +32,10 @@ distributed = pytest.importorskip("distributed")
 REPO = Path(__file__).resolve().parents[1]
 C3 = REPO / "src" / "napari_hinge" / "sample_data" / "her2st_C3" / "images" / "C3_HE.jpg"
 C3_MPP = 1.375  # the sample's spot-grid estimate (read_her2st)
-# coarse, cheap maps: the test is about the cluster, not the maps
-SETTINGS = {"stride_um": 800, "genes": ["ERBB2", "GRB7", "KRT19"], "n_samples": 2,
-            "reveal_steps": 5}
+# coarse, cheap maps on the per-tile path: the test is about the cluster, not the maps (the
+# dense default: test_dense.py)
+SETTINGS = {"mode": "tiles", "stride_um": 800, "genes": ["ERBB2", "GRB7", "KRT19"],
+            "n_samples": 2, "reveal_steps": 5}
 
 
 @pytest.fixture(scope="module")
@@ -201,13 +202,14 @@ def test_command_line_on_a_running_scheduler(client, tmp_path, capsys):
     from napari_hinge.cli import main
 
     out = tmp_path / "cli_maps"
-    argv = ["hinge", "predict-cohort", str(C3), "--mpp", str(C3_MPP), "--out", str(out), "--stride",
-            "800", "--genes", "ERBB2,GRB7", "--samples", "2", "--reveal-steps", "5",
-            "--scheduler", client.scheduler.address]
+    argv = ["hinge", "predict-cohort", str(C3), "--mpp", str(C3_MPP), "--out", str(out),
+            "--mode", "tiles", "--stride", "800", "--genes", "ERBB2,GRB7", "--samples", "2",
+            "--reveal-steps", "5", "--scheduler", client.scheduler.address]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "C3_HE" in printed and '"done": 1' in printed
-    assert completed(out / "C3_HE")["settings"]["genes"] == ["ERBB2", "GRB7"]
+    recorded = completed(out / "C3_HE")["settings"]
+    assert recorded["genes"] == ["ERBB2", "GRB7"] and recorded["mode"] == "tiles"
     assert main(argv) == 0 and '"skipped": 1' in capsys.readouterr().out
     # a missing manifest: one line naming the file, exit status 2
     assert main(["hinge", "predict-cohort", "--manifest", str(tmp_path / "none.csv"), "--out",

@@ -261,3 +261,24 @@ def test_spatialdata_store_holds_slide_maps_and_spots_aligned(crop_prediction, s
         assert kind == "image" and kwargs["name"] == GENES
         np.testing.assert_allclose(kwargs["scale"], place["scale"], rtol=1e-6)
         np.testing.assert_allclose(kwargs["translate"], place["translate"], atol=1e-4)
+
+
+def test_a_cohort_maps_each_slide_as_predict_slide_does(crop, crop_prediction, tmp_path):
+    """predict-cohort's default is predict-slide's dense path: the same maps, same place."""
+    import torch
+
+    from napari_hinge.hinge.cohort import CohortSlide, cohort_settings, completed, predict_one
+    from napari_hinge.io.maps import read_map
+
+    path, mpp, _ = crop
+    settings = cohort_settings("shipped", genes=GENES, sample_stride_um=1000, n_samples=1,
+                               reveal_steps=1)
+    assert settings["mode"] == "dense" and "batch_tiles" not in settings
+    record = predict_one(CohortSlide(str(path), "crop", mpp), "shipped", tmp_path, settings,
+                         torch_threads=torch.get_num_threads())
+    assert record["status"] == "done", record
+    assert completed(tmp_path / "crop")["params"]["mode"] == "dense"
+    cohort_map = read_map(tmp_path / "crop" / "maps.ome.tif")
+    assert cohort_map.names == GENES
+    np.testing.assert_allclose(cohort_map.data, crop_prediction.raster("mean"), rtol=1e-5,
+                               atol=1e-5)

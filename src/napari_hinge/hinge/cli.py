@@ -45,7 +45,7 @@ def _sampler_args(parser: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers) -> None:
-    from .defaults import RECIPE, SLIDE, TRAIN
+    from .defaults import RECIPE, TRAIN
     from .defaults import SAMPLER as RECIPE_SAMPLER
 
     p = subparsers.add_parser("train", help="train HINGE on spatial datasets",
@@ -128,16 +128,7 @@ def register(subparsers) -> None:
     p.add_argument("slide", type=Path, help="slide file (.svs, .ndpi, .tif, .ome.tif, .jpg, .png)")
     _sampler_args(p)
     p.add_argument("--genes", help="comma-separated genes or a file (default: all the model's)")
-    p.add_argument("--mode", choices=("dense", "tiles"), default=SLIDE["mode"],
-                   help=f"dense: encoder once over the tissue, a value every 16 µm; tiles: "
-                        f"every position encoded and sampled alone (default {SLIDE['mode']})")
-    p.add_argument("--stride", type=float, default=None,
-                   help=f"µm between map positions (default: dense {SLIDE['stride_um']:g}, "
-                        "tiles 112, the patch side)")
-    p.add_argument("--sample-stride", type=float, default=None,
-                   help="dense: µm between the positions where HINGE draws its samples "
-                        f"(residual and uncertainty, interpolated; default "
-                        f"{SLIDE['sample_stride_um']:g})")
+    _slide_mode_args(p)
     p.add_argument("--spatialdata", action="store_true",
                    help="also write OUT/maps.sdata.zarr: slide, maps and uncertainty (and "
                         "--spots) as one SpatialData store in µm (needs the spatialdata extra)")
@@ -163,10 +154,9 @@ def register(subparsers) -> None:
                    help="model folder written by 'train' (default: the shipped weights)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--genes", help="comma-separated genes or a file (default: all the model's)")
-    p.add_argument("--stride", type=float, default=None,
-                   help="µm between tile centres (default: 112, the patch side)")
+    _slide_mode_args(p)
     p.add_argument("--samples", type=int, default=RECIPE_SAMPLER["slide_samples"],
-                   help="samples per tile (S; their spread is the uncertainty)")
+                   help="samples per position (S; their spread is the uncertainty)")
     p.add_argument("--reveal-steps", type=int, default=RECIPE_SAMPLER["reveal_steps"],
                    help="reverse steps, 1..T=50 (fewer is faster)")
     p.add_argument("--seed", type=int, default=0, help="sampler seed (same seed, same maps)")
@@ -184,6 +174,22 @@ def register(subparsers) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace complete slides made with other settings or another model")
     p.set_defaults(func=cmd_predict_cohort)
+
+
+def _slide_mode_args(p) -> None:
+    """The whole-slide path's options, shared by predict-slide and predict-cohort."""
+    from .defaults import SLIDE
+
+    p.add_argument("--mode", choices=("dense", "tiles"), default=SLIDE["mode"],
+                   help=f"dense: encoder once over the tissue, a value every 16 µm; tiles: "
+                        f"every position encoded and sampled alone (default {SLIDE['mode']})")
+    p.add_argument("--stride", type=float, default=None,
+                   help=f"µm between map positions (default: dense {SLIDE['stride_um']:g}, "
+                        "tiles 112, the patch side)")
+    p.add_argument("--sample-stride", type=float, default=None,
+                   help="dense: µm between the positions where HINGE draws its samples "
+                        f"(residual and uncertainty, interpolated; default "
+                        f"{SLIDE['sample_stride_um']:g})")
 
 
 def _read(data: str, section: str | None):
@@ -430,7 +436,8 @@ def cmd_predict_cohort(args) -> int:
         summary = predict_cohort(
             jobs, args.model, args.out, scheduler=args.scheduler, n_workers=args.workers,
             threads_per_worker=args.threads_per_worker, torch_threads=args.torch_threads,
-            stride_um=args.stride, genes=_genes(args.genes), n_samples=args.samples,
+            mode=args.mode, stride_um=args.stride, sample_stride_um=args.sample_stride,
+            genes=_genes(args.genes), n_samples=args.samples,
             reveal_steps=args.reveal_steps, seed=args.seed, overwrite=args.overwrite,
             progress=progress)
     finally:

@@ -1,8 +1,9 @@
 """HINGE maps for a cohort of slides on dask.distributed (``napari-hinge hinge predict-cohort``).
 
-Each slide is one task that runs the whole-slide path
-(:func:`napari_hinge.hinge.slide_predict.predict_slide_iter`) and writes what ``predict-slide``
-writes into ``OUT/<name>/``, plus ``complete.json`` (the settings and the files, written last,
+Each slide is one task that runs the whole-slide path ``predict-slide`` runs (dense by
+default, :func:`napari_hinge.hinge.slide_predict.predict_slide_dense_iter`; ``mode='tiles'``:
+:func:`~napari_hinge.hinge.slide_predict.predict_slide_iter`) and writes its maps into
+``OUT/<name>/``, plus ``complete.json`` (the settings and the files, written last,
 inside a folder that :func:`napari_hinge._files.atomic_write_dir` swaps in whole). So:
 
 - a slide's folder is either absent or complete, whatever kills a worker when; a folder without
@@ -32,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from napari_hinge._files import atomic_write, atomic_write_dir
+from napari_hinge.defaults import SLIDE
 from napari_hinge.errors import InputError
 
 __all__ = ["CohortSlide", "cohort_slides", "predict_cohort", "predict_one", "read_manifest"]
@@ -194,7 +196,11 @@ def predict_one(slide: CohortSlide, model: str, out: str | os.PathLike, settings
     import torch
 
     from napari_hinge.cli import one_line
-    from napari_hinge.hinge.slide_predict import predict_slide_iter, write_slide_outputs
+    from napari_hinge.hinge.slide_predict import (
+        predict_slide_dense_iter,
+        predict_slide_iter,
+        write_slide_outputs,
+    )
     from napari_hinge.training import run_to_end
 
     folder = Path(out) / slide.name
@@ -207,13 +213,17 @@ def predict_one(slide: CohortSlide, model: str, out: str | os.PathLike, settings
         threads = _torch_threads(torch_threads, host_workers)
         torch.set_num_threads(threads)
         net = cached_model(model)
-        predict = {k: v for k, v in settings.items() if k != "model"}
+        predict = {k: v for k, v in settings.items() if k not in ("model", "mode")}
+        # settings recorded before there were modes are the per-tile path's
+        if settings.get("mode", "tiles") == "dense":
+            job = predict_slide_dense_iter(net, slide.path, mpp=slide.mpp, previews=False,
+                                           **predict)
+        else:
+            job = predict_slide_iter(net, slide.path, mpp=slide.mpp, **predict)
         # the slide's own dask arrays (pyramid tiles) run in this task's threads, not as
         # tasks on the cluster it runs on
         with dask.config.set(scheduler="threads", num_workers=threads):
-            prediction, _ = run_to_end(
-                predict_slide_iter(net, slide.path, mpp=slide.mpp, **predict),
-                _tile_reporter(slide.name))
+            prediction, _ = run_to_end(job, _tile_reporter(slide.name))
         seconds = time.perf_counter() - t0
 
         def write(tmp: Path) -> None:
@@ -290,11 +300,29 @@ def _clean_stale(out: Path, names: Sequence[str]) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def cohort_settings(model: str | os.PathLike = "shipped", *, mode: str = SLIDE["mode"],
+                    stride_um: float | None = None, sample_stride_um: float | None = None,
+                    genes: Sequence[str] | None = None, n_samples: int | None = None,
+                    reveal_steps: int | None = None, seed: int = 0, min_tissue: float = 0.5,
+                    batch_tiles: int = 64) -> dict:
+    """The settings a slide's task runs with and ``complete.json`` records (the mode's own
+    options only; the model by folder and digest): what :func:`predict_one` takes."""
+    if mode not in ("dense", "tiles"):
+        raise ValueError(f"mode must be 'dense' or 'tiles', got {mode!r}")
+    folder, digest = model_key(model)
+    settings = {"mode": mode, "stride_um": stride_um, "genes": list(genes) if genes else None,
+                "n_samples": n_samples, "reveal_steps": reveal_steps, "seed": seed,
+                "min_tissue": min_tissue, "model": {"folder": folder, "digest": digest}}
+    return settings | ({"sample_stride_um": sample_stride_um} if mode == "dense"
+                       else {"batch_tiles": batch_tiles})
+
+
 def predict_cohort(slides: Sequence = (), model: str | os.PathLike = "shipped",
                    out: str | os.PathLike = "cohort_maps", *,
                    manifest: str | os.PathLike | None = None, scheduler=None,
                    n_workers: int | None = None, threads_per_worker: int = 1,
-                   torch_threads: int | None = None, stride_um: float | None = None,
+                   torch_threads: int | None = None, mode: str = SLIDE["mode"],
+                   stride_um: float | None = None, sample_stride_um: float | None = None,
                    genes: Sequence[str] | None = None, n_samples: int | None = None,
                    reveal_steps: int | None = None, seed: int = 0, mpp: float | None = None,
                    min_tissue: float = 0.5, batch_tiles: int = 64, overwrite: bool = False,
@@ -317,9 +345,14 @@ def predict_cohort(slides: Sequence = (), model: str | os.PathLike = "shipped",
         :class:`distributed.Client`: that cluster.
     torch_threads
         torch threads per task (default: the host's CPUs divided by its dask threads).
-    stride_um, genes, n_samples, reveal_steps, seed, mpp, min_tissue, batch_tiles
-        As :func:`~napari_hinge.hinge.slide_predict.predict_slide_iter` (``mpp`` for the
-        slides whose file and manifest row do not give one).
+    mode
+        'dense' (default, as ``predict-slide``:
+        :func:`~napari_hinge.hinge.slide_predict.predict_slide_dense_iter`, which takes
+        ``sample_stride_um``) or 'tiles'
+        (:func:`~napari_hinge.hinge.slide_predict.predict_slide_iter`, ``batch_tiles``).
+    stride_um, sample_stride_um, genes, n_samples, reveal_steps, seed, mpp, min_tissue
+        As the mode's function (``mpp`` for the slides whose file and manifest row do not
+        give one).
     overwrite
         Replace complete slides made with other settings or another model (without it they
         are reported as failed and left as they are). Complete slides with the same settings
@@ -341,11 +374,11 @@ def predict_cohort(slides: Sequence = (), model: str | os.PathLike = "shipped",
     if out.exists() and not out.is_dir():
         raise InputError.at(out, "exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
-    folder, digest = model_key(model)
-    settings = {"stride_um": stride_um, "genes": list(genes) if genes else None,
-                "n_samples": n_samples, "reveal_steps": reveal_steps, "seed": seed,
-                "min_tissue": min_tissue, "batch_tiles": batch_tiles,
-                "model": {"folder": folder, "digest": digest}}
+    settings = cohort_settings(model, mode=mode, stride_um=stride_um,
+                               sample_stride_um=sample_stride_um, genes=genes,
+                               n_samples=n_samples, reveal_steps=reveal_steps, seed=seed,
+                               min_tissue=min_tissue, batch_tiles=batch_tiles)
+    folder = settings["model"]["folder"]
     records: dict[str, dict] = {}
     todo = []
     for job in jobs:

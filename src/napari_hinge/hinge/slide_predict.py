@@ -108,6 +108,29 @@ class SlidePrediction:
         return out
 
 
+def _slide_request(model, slide, *, genes, n_samples, reveal_steps, mpp):
+    """What both slide paths check first: the sampler's defaults filled in, the slide opened
+    with a known pixel size, the asked genes in the model's panel. Returns ``(slide, mpp,
+    genes, gene_idx, n_samples, reveal_steps)``."""
+    from napari_hinge.io.slides import open_slide
+
+    from .pipeline import SAMPLER, unknown_genes_message
+
+    n_samples = SAMPLER["slide_samples"] if n_samples is None else n_samples
+    reveal_steps = SAMPLER["reveal_steps"] if reveal_steps is None else reveal_steps
+    if not hasattr(slide, "levels"):
+        slide = open_slide(slide, mpp=mpp)
+    mpp = mpp or slide.microns_per_pixel
+    if not mpp:
+        raise ValueError(f"{slide.path}: the pixel size is unknown; pass mpp= (µm per pixel)")
+    all_genes = list(model.config.genes)
+    genes = list(genes) if genes else all_genes
+    unknown = [g for g in genes if g not in all_genes]
+    if unknown:
+        raise KeyError(unknown_genes_message(unknown, all_genes))
+    return slide, mpp, genes, [all_genes.index(g) for g in genes], n_samples, reveal_steps
+
+
 def predict_slide_iter(model, slide, *, stride_um: float | None = None,
                        genes: Sequence[str] | None = None, n_samples: int | None = None,
                        reveal_steps: int | None = None, batch_tiles: int = 64, seed: int = 0,
@@ -135,31 +158,13 @@ def predict_slide_iter(model, slide, *, stride_um: float | None = None,
     the model ships a calibration), or None when stopped.
     """
     from napari_hinge.features import encode_spots
-    from napari_hinge.io.slides import open_slide
     from napari_hinge.tissue import tile_grid, tissue_mask
 
-    from .pipeline import (
-        SAMPLER,
-        calibrated_uncertainty,
-        model_inputs,
-        resolve_encoder,
-        unknown_genes_message,
-    )
+    from .pipeline import calibrated_uncertainty, model_inputs, resolve_encoder
     from .sampler import sample
 
-    n_samples = SAMPLER["slide_samples"] if n_samples is None else n_samples
-    reveal_steps = SAMPLER["reveal_steps"] if reveal_steps is None else reveal_steps
-    if not hasattr(slide, "levels"):
-        slide = open_slide(slide, mpp=mpp)
-    mpp = mpp or slide.microns_per_pixel
-    if not mpp:
-        raise ValueError(f"{slide.path}: the pixel size is unknown; pass mpp= (µm per pixel)")
-    all_genes = list(model.config.genes)
-    genes = list(genes) if genes else all_genes
-    unknown = [g for g in genes if g not in all_genes]
-    if unknown:
-        raise KeyError(unknown_genes_message(unknown, all_genes))
-    gene_idx = [all_genes.index(g) for g in genes]
+    slide, mpp, genes, gene_idx, n_samples, reveal_steps = _slide_request(
+        model, slide, genes=genes, n_samples=n_samples, reveal_steps=reveal_steps, mpp=mpp)
     side_px = int(round(FIELD_OF_VIEW_UM / mpp))  # tiles have no spot: the field of view
     stride_px = (stride_um or FIELD_OF_VIEW_UM) / mpp
     grid = tile_grid(tissue_mask(slide), slide.shape, stride_px=stride_px,
@@ -432,34 +437,17 @@ def predict_slide_dense_iter(model, slide, *, stride_um: float | None = None,
         tiles_over,
     )
     from napari_hinge.device import default_device, fast_bf16
-    from napari_hinge.io.slides import open_slide
     from napari_hinge.tissue import TileGrid, tile_grid, tissue_mask
 
     from .defaults import SLIDE
-    from .pipeline import (
-        SAMPLER,
-        calibrated_uncertainty,
-        resolve_encoder,
-        unknown_genes_message,
-    )
+    from .pipeline import calibrated_uncertainty, resolve_encoder
     from .sampler import sample
 
-    n_samples = SAMPLER["slide_samples"] if n_samples is None else n_samples
-    reveal_steps = SAMPLER["reveal_steps"] if reveal_steps is None else reveal_steps
+    slide, mpp, genes, gene_idx, n_samples, reveal_steps = _slide_request(
+        model, slide, genes=genes, n_samples=n_samples, reveal_steps=reveal_steps, mpp=mpp)
     stride_um = SLIDE["stride_um"] if stride_um is None else float(stride_um)
     sample_stride_um = SLIDE["sample_stride_um"] if sample_stride_um is None \
         else float(sample_stride_um)
-    if not hasattr(slide, "levels"):
-        slide = open_slide(slide, mpp=mpp)
-    mpp = mpp or slide.microns_per_pixel
-    if not mpp:
-        raise ValueError(f"{slide.path}: the pixel size is unknown; pass mpp= (µm per pixel)")
-    all_genes = list(model.config.genes)
-    genes = list(genes) if genes else all_genes
-    unknown = [g for g in genes if g not in all_genes]
-    if unknown:
-        raise KeyError(unknown_genes_message(unknown, all_genes))
-    gene_idx = [all_genes.index(g) for g in genes]
     G = len(genes)
     device = default_device(device)
     bf16 = SLIDE["encoder_bf16"] if bf16 is None else bf16
