@@ -47,6 +47,7 @@ from napari_hinge.expression import (
     make_fold,
 )
 from napari_hinge.features import center_per_group, context_features
+from napari_hinge.hinge.calibration import DEPTH_POWERS, depth_factor
 from napari_hinge.hinge.pipeline import (
     RECIPE,
     calibrated_uncertainty,
@@ -83,7 +84,7 @@ def hinge_fold(fold, *, backbone: str, args, seed: int) -> dict:
         ada_rank=args.ada_rank or None, standardize=not args.raw_features,
         warmup_epochs=args.warmup_epochs, val_fraction=args.val_fraction, seed=seed,
         val_samples=0, device=args.device, library_size=fold.library_train,
-        depth_calibration=args.depth_calibration,
+        depth_calibration=args.depth_calibration, depth_power=args.depth_power,
     )
     model, last = run_to_end(gen)
     t1 = time.perf_counter()
@@ -106,6 +107,14 @@ def hinge_fold(fold, *, backbone: str, args, seed: int) -> dict:
     unc = calibrated_uncertainty(model, mean, raw, prior=res.prior.numpy())
     cal = model.calibration
     scores["depth_power"] = None if cal is None else cal.depth_power  # 0: spread alone
+    if cal is not None and cal.depth_weight is not None:
+        # how each depth power would rank this section's errors (a per-gene scale does not
+        # change ranks): the power is a recipe choice, made by the mean over held-out folds
+        depth = cal.depth(res.prior.numpy())
+        spread = raw + np.asarray(cal.floor, np.float32)
+        scores["spearman_by_depth_power"] = {
+            f"{b:g}": spread_error_spearman(spread * depth_factor(depth, b)[:, None], mean,
+                                            fold.Y_test)["per_gene"] for b in DEPTH_POWERS}
     for level, z in ((80, 1.2816), (95, 1.96)):
         scores[f"raw_coverage_{level}"] = interval_coverage(mean - z * raw, mean + z * raw,
                                                             fold.Y_test)
@@ -282,7 +291,8 @@ def merge(paths: list[Path]) -> dict:
     parts = [json.loads(Path(f).read_text()) for f in paths]
     recipe_keys = ("genes", "encoder", "context_um", "prior", "variance", "center",
                    "residual_scale", "epochs", "batch_size", "lr", "ada_rank", "samples",
-                   "reveal_steps", "tta", "depth_calibration", "no_augment", "val_fraction")
+                   "reveal_steps", "tta", "depth_calibration", "depth_power", "no_augment",
+                   "val_fraction")
     first = parts[0]
     for f, part in zip(paths[1:], parts[1:], strict=True):
         diff = [k for k in recipe_keys
@@ -328,6 +338,8 @@ def main(argv=None) -> dict:
     p.add_argument("--depth-calibration", action=argparse.BooleanOptionalAction,
                    default=RECIPE["depth_calibration"],
                    help="HINGE's spread scaled by each spot's depth predicted from the image")
+    p.add_argument("--depth-power", type=float, default=RECIPE["depth_power"],
+                   help="the depth scaling's power (default: chosen on the validation spots)")
     p.add_argument("--center", action=argparse.BooleanOptionalAction,
                    default=RECIPE["center_sections"],
                    help="features centred per section, for every method")

@@ -96,3 +96,17 @@ def test_spread_scaled_by_the_predicted_depth_ranks_errors_better(fold, shared_d
     assert 0.65 <= cov80 <= 0.92, cov80
     with pytest.raises(ValueError, match="depth"):
         cal.sd(raw)  # a caller that forgets the depth is told, not given wrong intervals
+
+    # a recipe's fixed power: fitted on half the held-out spots, it covers the other half
+    from napari_hinge.hinge.calibration import DepthMap, fit_calibration
+
+    depth_map = DepthMap(np.asarray(cal.depth_weight), cal.depth_limit)
+    half = np.arange(len(mean)) % 2 == 0
+    fixed = fit_calibration(mean[half], raw[half], fold.Y_test[half], cal.genes,
+                            depth=depth[half], depth_map=depth_map, depth_power=1.5)
+    assert fixed.depth_power == 1.5
+    lo, hi = fixed.interval(mean[~half], raw[~half], 0.8, depth=depth[~half])
+    assert 0.7 <= interval_coverage(lo, hi, fold.Y_test[~half]) <= 0.9
+    with pytest.raises(ValueError, match="depth_power"):
+        fit_calibration(mean, raw, fold.Y_test, cal.genes, depth=depth, depth_map=depth_map,
+                        depth_power=-1.0)

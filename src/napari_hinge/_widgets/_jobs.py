@@ -172,7 +172,8 @@ class JobPanel(QWidget):
             parts.append(f"loss {event.loss:.4g}")
         if event.val_loss is not None:
             parts.append(f"val {event.val_loss:.4g}")
-        parts += [f"{k} {v:.3g}" for k, v in event.metrics.items() if isinstance(v, float)]
+        parts += [f"{v:,.0f} s" if k == "seconds" else f"{k} {v:.3g}"  # not "1.12e+03"
+                  for k, v in event.metrics.items() if isinstance(v, float)]
         if event.kind == "stopped":
             parts = ["cancelled; last checkpoint kept"]
         self.status.setText(" · ".join(parts))

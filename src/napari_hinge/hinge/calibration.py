@@ -92,7 +92,7 @@ class Calibration:
             if depth is None:
                 raise ValueError("this calibration scales the spread by each spot's predicted "
                                  "depth: pass depth= (Calibration.depth of the model's prior)")
-            out = out * _depth_factor(depth, self.depth_power)[:, None]
+            out = out * depth_factor(depth, self.depth_power)[:, None]
         return out.astype(np.float32)
 
     def multiplier(self, level: float) -> float:
@@ -192,12 +192,14 @@ def fit_depth_map(prior, library_size, groups=None) -> tuple[DepthMap, np.ndarra
     return DepthMap(w, limit), np.clip(oof, -limit, limit)
 
 
-def _depth_factor(depth, power: float) -> np.ndarray:
+def depth_factor(depth, power: float) -> np.ndarray:
+    """The spread's scaling ``exp(-power * depth / 2)`` (N,) at the spots' depths."""
     return np.exp(-0.5 * float(power) * np.asarray(depth, np.float64)).astype(np.float32)
 
 
 def fit_calibration(mean, std, targets, genes, *, levels=LEVELS, depth=None,
-                    depth_map: DepthMap | None = None) -> Calibration:
+                    depth_map: DepthMap | None = None,
+                    depth_power: float | None = None) -> Calibration:
     """Fit the calibration on held-out predictions.
 
     Parameters
@@ -215,6 +217,8 @@ def fit_calibration(mean, std, targets, genes, *, levels=LEVELS, depth=None,
         :class:`DepthMap`: the depth power is then chosen among :data:`DEPTH_POWERS` by how
         well the scaled spread ranks the errors (Spearman per gene, mean over genes) on these
         spots, and the scale and multipliers are fitted on the scaled spread.
+    depth_power
+        Use this power instead of choosing it on these spots (a recipe's fixed choice).
     """
     from napari_hinge.metrics import spread_error_spearman
 
@@ -231,10 +235,15 @@ def fit_calibration(mean, std, targets, genes, *, levels=LEVELS, depth=None,
     factor = np.ones(n)
     if depth_map is not None and depth is not None:
         depth = np.asarray(depth, np.float64).ravel()
-        ranked = {b: spread_error_spearman((std + floor) * _depth_factor(depth, b)[:, None],
-                                           mean, y)["per_gene"] for b in DEPTH_POWERS}
-        power = max(DEPTH_POWERS, key=lambda b: (round(ranked[b], 4), -b))
-        factor = _depth_factor(depth, power).astype(np.float64)
+        if depth_power is None:
+            ranked = {b: spread_error_spearman((std + floor) * depth_factor(depth, b)[:, None],
+                                               mean, y)["per_gene"] for b in DEPTH_POWERS}
+            power = max(DEPTH_POWERS, key=lambda b: (round(ranked[b], 4), -b))
+        elif not (math.isfinite(depth_power) and depth_power >= 0):
+            raise ValueError(f"depth_power must be a finite number >= 0, got {depth_power}")
+        else:
+            power = float(depth_power)
+        factor = depth_factor(depth, power).astype(np.float64)
         depth_fields = {"depth_weight": depth_map.weight.astype(float).tolist(),
                         "depth_limit": float(depth_map.limit), "depth_power": float(power)}
     spread = (std + floor) * factor[:, None]

@@ -350,6 +350,7 @@ def fit_hinge_arrays(features, targets, genes: Sequence[str], *, encoder: str = 
                      backbone_ref: str | None = None, synthetic=None,
                      synthetic_weight: float = 1.0, library_size=None,
                      depth_calibration: bool = RECIPE["depth_calibration"],
+                     depth_power: float | None = RECIPE["depth_power"],
                      **config) -> Iterator[TrainEvent]:
     """Train HINGE on prepared arrays; a generator of TrainEvents that returns the model.
 
@@ -382,7 +383,8 @@ def fit_hinge_arrays(features, targets, genes: Sequence[str], *, encoder: str = 
     ``library_size`` (N,) the spots' UMI totals over all genes (NaN for synthetic rows) and
     ``depth_calibration``: with a ridge prior, the calibration then also scales each spot's
     spread by its depth predicted from the image (:mod:`napari_hinge.hinge.calibration`),
-    fitted on the training spots' out-of-fold priors (off by default: see the defaults table).
+    fitted on the training spots' out-of-fold priors (off by default: see the defaults table);
+    ``depth_power`` the power of that scaling (None: chosen on the calibration spots).
     """
     from napari_hinge import ddp
 
@@ -467,7 +469,8 @@ def fit_hinge_arrays(features, targets, genes: Sequence[str], *, encoder: str = 
                 model.calibration = calibrate_on(model, inputs[:, val_idx], targets[val_idx],
                                                  None if prior_values is None
                                                  else oof[val_idx], seed=seed,
-                                                 depth=val_depth, depth_map=depth_map)
+                                                 depth=val_depth, depth_map=depth_map,
+                                                 depth_power=depth_power)
                 done.metrics["calibration_spots"] = int(len(val_idx))
             if checkpoint_dir is not None and ddp.is_main():  # under torchrun: rank 0 writes
                 save_model(model.cpu(), Path(checkpoint_dir) / "final")
@@ -496,12 +499,13 @@ def fit_ridge_prior(model: HingeModel, inputs, targets, groups=None, *, sample_w
 def calibrate_on(model: HingeModel, inputs, targets, prior_values=None, *,
                  n_samples: int = SAMPLER["n_samples"],
                  reveal_steps: int = SAMPLER["reveal_steps"], seed: int = 0,
-                 depth=None, depth_map=None):
+                 depth=None, depth_map=None, depth_power=None):
     """Fit :func:`~napari_hinge.hinge.calibration.fit_calibration` on held-out spots:
     ``inputs`` (K, n, F) network features (view 0 is sampled), ``targets`` (n, G);
     ``prior_values`` (n, G) replaces the model's own prior (out-of-fold, as for a spot of an
     unseen section); ``depth`` (n,) their out-of-fold depth and ``depth_map`` the model's
-    (:func:`~napari_hinge.hinge.calibration.fit_depth_map`), to scale the spread by depth."""
+    (:func:`~napari_hinge.hinge.calibration.fit_depth_map`), to scale the spread by depth
+    (``depth_power``: fixed, or None to choose it on these spots)."""
     from .calibration import fit_calibration
     from .sampler import sample
 
@@ -511,7 +515,7 @@ def calibrate_on(model: HingeModel, inputs, targets, prior_values=None, *,
     if prior_values is not None:
         mean = mean - res.prior.numpy() + prior_values
     return fit_calibration(mean, res.std.numpy(), targets, model.config.genes, depth=depth,
-                           depth_map=depth_map)
+                           depth_map=depth_map, depth_power=depth_power)
 
 
 def _as_pairs(pairs):
