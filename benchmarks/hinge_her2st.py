@@ -67,7 +67,7 @@ KEYS = ("pcc_mean", "pcc_top10", "pcc_top50", "mse", "mae", "coexpression", "fit
         "predict_s")
 RELIABILITY_LEVELS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
 UNCERTAINTY_KEYS = ("coverage_80", "coverage_95", "raw_coverage_80", "raw_coverage_95",
-                    "spearman_pooled", "spearman_per_gene")
+                    "spearman_pooled", "spearman_per_gene", "spearman_measured_depth")
 
 
 def hinge_fold(fold, *, backbone: str, args, seed: int) -> dict:
@@ -130,6 +130,14 @@ def hinge_fold(fold, *, backbone: str, args, seed: int) -> dict:
         for p in RELIABILITY_LEVELS for z in [float(norm.ppf(0.5 + p / 2))]}
     rho = spread_error_spearman(unc["std"], mean, fold.Y_test)
     scores.update(spearman_pooled=rho["pooled"], spearman_per_gene=rho["per_gene"])
+    if fold.library_test is not None:
+        # reference, not a method: how well the spot's *measured* depth (which a new slide
+        # does not have) ranks the errors, the Poisson share of them (sd ~ 1 / sqrt(UMIs))
+        measured = center_per_group(np.log(fold.library_test)[:, None], fold.groups_test,
+                                    dtype=np.float64)  # within each section, as depth is
+        oracle = np.repeat(np.exp(-0.5 * measured), mean.shape[1], axis=1)
+        scores["spearman_measured_depth"] = spread_error_spearman(oracle, mean,
+                                                                  fold.Y_test)["per_gene"]
     summary = last.metrics if last is not None else {}
     scores.update(test=fold.test, train=fold.train, fit_s=t1 - t0, predict_s=t2 - t1, seed=seed,
                   n_train=len(fold.Y_train), n_test=len(fold.Y_test),

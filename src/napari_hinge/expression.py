@@ -152,6 +152,7 @@ class Fold:
     coords_train: np.ndarray | None = None  # (n_train, 2) spot centres in µm
     coords_test: np.ndarray | None = None
     library_train: np.ndarray | None = None  # (n_train,) UMIs per training spot (all genes)
+    library_test: np.ndarray | None = None  # (n_test,) (scores only: a new slide has none)
 
 
 def make_fold(
@@ -196,6 +197,7 @@ def make_fold(
         coords_train=coords(train),
         coords_test=coords(test),
         library_train=np.concatenate([library_size(s.adata) for s in train]),
+        library_test=np.concatenate([library_size(s.adata) for s in test]),
     )
 
 
