@@ -36,7 +36,8 @@ from napari_hinge._files import atomic_write, atomic_write_dir
 from napari_hinge.defaults import SLIDE
 from napari_hinge.errors import InputError
 
-__all__ = ["CohortSlide", "cohort_slides", "predict_cohort", "predict_one", "read_manifest"]
+__all__ = ["CohortSlide", "cohort_settings", "cohort_slides", "predict_cohort", "predict_one",
+           "read_manifest"]
 
 COMPLETE = "complete.json"  # written last in a slide's folder: its presence means complete
 SUMMARY = "cohort.json"
