@@ -12,7 +12,8 @@ Plain Python, no imports: ``napari-hinge ... --help`` stays instant.
 # leave-one-section-out folds and seeds (README, "Expression from histology: HINGE").
 # depth_calibration (scale each spot's spread by its depth predicted from the image) is off:
 # over the 5 LOSO folds (seed 0) it raised the spread-error Spearman from 0.14 to 0.22 but
-# its 80% intervals covered 0.76 on average and 0.70 on C2 and C3, against 0.80 without.
+# its 80% intervals covered 0.76 on average and 0.70 on C2 and C3, against 0.80 without;
+# a fixed depth_power (1 or 2; None: chosen on the validation spots) covers no better.
 HINGE_RECIPE = {"context_um": 300.0, "center_sections": True, "prior": "ridge",
                 "predict_variance": True, "residual_scale": 0.5, "depth_calibration": False,
                 "depth_power": None}
