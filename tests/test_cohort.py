@@ -163,6 +163,7 @@ def test_a_killed_worker_loses_no_finished_slide(client, model_dir, shared_data,
     summary = predict_cohort(slides, model_dir, out, scheduler=client, mpp=C3_MPP,
                              progress=kill_a_busy_worker, **SETTINGS)
     assert finished, "no slide finished"
+    assert not list(out.glob(".*.tmp"))  # what the killed task was writing is cleared
     (name, digest), = finished.items()
     assert _digest(out / name) == digest  # untouched by the kill and the rest of the run
     # the killed worker's slide was rescheduled (or reported): nothing half-written looks complete

@@ -399,13 +399,17 @@ def predict_cohort(slides: Sequence = (), model: str | os.PathLike = "shipped",
     for rec in records.values():
         if progress is not None:
             progress("slide", rec)
-    _clean_stale(out, [job.name for job in todo])
+    # every slide's, also a complete one's: a worker killed while writing a slide that was
+    # then rescheduled and finished leaves its temporary folder beside the complete one
+    names = [job.name for job in jobs]
+    _clean_stale(out, names)
     workers = 0
     if todo:
         n_workers = n_workers or default_workers(len(todo), threads_per_worker)
         with _client(scheduler, n_workers, threads_per_worker) as client:
             records |= _run(client, todo, folder, out, settings, torch_threads, progress)
             workers = len(_workers(client))
+        _clean_stale(out, names)  # every task has ended: what a killed one left is debris
     ordered = [records[job.name] for job in jobs]
     counts = {s: sum(r["status"] == s for r in ordered) for s in ("done", "skipped", "failed")}
     summary = {"out": str(out), "model": settings["model"], "settings": settings,
