@@ -135,7 +135,7 @@ def hinge_fold(fold, *, backbone: str, args, seed: int) -> dict:
         # does not have) ranks the errors, the Poisson share of them (sd ~ 1 / sqrt(UMIs))
         measured = center_per_group(np.log(fold.library_test)[:, None], fold.groups_test,
                                     dtype=np.float64)  # within each section, as depth is
-        oracle = np.repeat(np.exp(-0.5 * measured), mean.shape[1], axis=1)
+        oracle = np.repeat(depth_factor(measured[:, 0], 1.0)[:, None], mean.shape[1], axis=1)
         scores["spearman_measured_depth"] = spread_error_spearman(oracle, mean,
                                                                   fold.Y_test)["per_gene"]
     summary = last.metrics if last is not None else {}
@@ -223,13 +223,18 @@ def _per_seed_means(rows: list[dict]) -> list[float]:
             for s in seeds]
 
 
+def _uses_views(methods, a) -> bool:
+    """Whether the run encodes all 8 dihedral views (HINGE trains on them; --tta tests on them)."""
+    return (any(m in HINGE_METHODS for m in methods) and not a.no_augment) or a.tta
+
+
 def report(results: dict[str, list[dict]], *, methods, seeds, settings: dict, n_genes: int,
            encoder_name: str, hvg_rule: str, folds: list[dict], feature_seconds: float,
            machine: dict | None = None, merged_from=None) -> dict:
     """Print the per-method tables and the summary of ``results`` (method -> rows, one per
     fold and seed) and return the JSON record (also what ``--merge`` rebuilds)."""
     a = argparse.Namespace(**settings)
-    augment = (any(m in HINGE_METHODS for m in methods) and not a.no_augment) or a.tta
+    augment = _uses_views(methods, a)
     per_fold = {}
     for b in ("hest_ridge", "tuned_ridge"):
         rows = results.get(b, [])
@@ -392,7 +397,7 @@ def main(argv=None) -> dict:
     seeds = [int(x) for x in a.seeds.split(",")]
     encoder = get_encoder(a.encoder)
     t0 = time.perf_counter()
-    augment = (any(m in HINGE_METHODS for m in methods) and not a.no_augment) or a.tta
+    augment = _uses_views(methods, a)
     folds = load_folds(encoder=encoder, n_genes=a.genes, data=a.data,
                        sections=a.sections.split(","), train=a.train, test=a.test,
                        augment=augment)
