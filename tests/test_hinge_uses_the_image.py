@@ -110,3 +110,21 @@ def test_spread_scaled_by_the_predicted_depth_ranks_errors_better(fold, shared_d
     with pytest.raises(ValueError, match="depth_power"):
         fit_calibration(mean, raw, fold.Y_test, cal.genes, depth=depth, depth_map=depth_map,
                         depth_power=-1.0)
+
+    # depth-scaled multipliers are the worst section's: trained on C2 and C4, the model's
+    # are the larger of the two; fitted on two halves of C3 (shallow / deep), the largest
+    assert cal.multiplier_sections == 2
+    shallow = np.where(depth < np.median(depth), "shallow", "deep")
+    worst = fit_calibration(mean, raw, fold.Y_test, cal.genes, depth=depth,
+                            depth_map=depth_map, depth_power=1.0, groups=shallow)
+    pooled = fit_calibration(mean, raw, fold.Y_test, cal.genes, depth=depth,
+                             depth_map=depth_map, depth_power=1.0)
+    each = [fit_calibration(mean[shallow == g], raw[shallow == g], fold.Y_test[shallow == g],
+                            cal.genes, depth=depth[shallow == g], depth_map=depth_map,
+                            depth_power=1.0) for g in ("shallow", "deep")]
+    assert worst.multiplier_sections == 2 and pooled.multiplier_sections == 1
+    for level in (0.8, 0.95):  # the same per-gene scale (pooled), the larger multiplier
+        assert worst.multiplier(level) >= pooled.multiplier(level)
+        assert worst.multiplier(level) >= min(c.multiplier(level) for c in each)
+    plain = fit_calibration(mean, raw, fold.Y_test, cal.genes, groups=shallow)
+    assert plain.multiplier_sections == 1  # without depth the spots stay pooled

@@ -470,7 +470,9 @@ def fit_hinge_arrays(features, targets, genes: Sequence[str], *, encoder: str = 
                                                  None if prior_values is None
                                                  else oof[val_idx], seed=seed,
                                                  depth=val_depth, depth_map=depth_map,
-                                                 depth_power=depth_power)
+                                                 depth_power=depth_power,
+                                                 groups=None if groups is None
+                                                 else np.asarray(groups)[val_idx])
                 done.metrics["calibration_spots"] = int(len(val_idx))
             if checkpoint_dir is not None and ddp.is_main():  # under torchrun: rank 0 writes
                 save_model(model.cpu(), Path(checkpoint_dir) / "final")
@@ -499,13 +501,14 @@ def fit_ridge_prior(model: HingeModel, inputs, targets, groups=None, *, sample_w
 def calibrate_on(model: HingeModel, inputs, targets, prior_values=None, *,
                  n_samples: int = SAMPLER["n_samples"],
                  reveal_steps: int = SAMPLER["reveal_steps"], seed: int = 0,
-                 depth=None, depth_map=None, depth_power=None):
+                 depth=None, depth_map=None, depth_power=None, groups=None):
     """Fit :func:`~napari_hinge.hinge.calibration.fit_calibration` on held-out spots:
     ``inputs`` (K, n, F) network features (view 0 is sampled), ``targets`` (n, G);
     ``prior_values`` (n, G) replaces the model's own prior (out-of-fold, as for a spot of an
     unseen section); ``depth`` (n,) their out-of-fold depth and ``depth_map`` the model's
     (:func:`~napari_hinge.hinge.calibration.fit_depth_map`), to scale the spread by depth
-    (``depth_power``: fixed, or None to choose it on these spots)."""
+    (``depth_power``: fixed, or None to choose it on these spots); ``groups`` (n,) their
+    sections (depth-scaled multipliers are then the worst section's)."""
     from .calibration import fit_calibration
     from .sampler import sample
 
@@ -515,7 +518,7 @@ def calibrate_on(model: HingeModel, inputs, targets, prior_values=None, *,
     if prior_values is not None:
         mean = mean - res.prior.numpy() + prior_values
     return fit_calibration(mean, res.std.numpy(), targets, model.config.genes, depth=depth,
-                           depth_map=depth_map, depth_power=depth_power)
+                           depth_map=depth_map, depth_power=depth_power, groups=groups)
 
 
 def _as_pairs(pairs):
