@@ -70,8 +70,12 @@ def _run(data, out: Path, *extra: str, nproc: int = 1) -> dict:
 
 def _assert_close(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
+    # atol 1e-4: the two ranks' gradients are summed in another order than one process's,
+    # and Adam turns a near-zero gradient's last bits into a step (seen on one CPU model: 1
+    # of 163,840 weights off by 2.8e-5, the losses equal to 1e-4)
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-4,
+                                   msg=lambda m, k=k: f"{k}: {m}")
 
 
 def test_two_gloo_processes_train_as_one(data, tmp_path):
