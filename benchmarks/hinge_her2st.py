@@ -352,7 +352,8 @@ def main(argv=None) -> dict:
                    default=RECIPE["depth_calibration"],
                    help="HINGE's spread scaled by each spot's depth predicted from the image")
     p.add_argument("--depth-power", type=float, default=RECIPE["depth_power"],
-                   help="the depth scaling's power (default: chosen on the validation spots)")
+                   help="the depth scaling's power (default: the recipe's; negative: chosen "
+                        "on the validation spots)")
     p.add_argument("--center", action=argparse.BooleanOptionalAction,
                    default=RECIPE["center_sections"],
                    help="features centred per section, for every method")
@@ -388,6 +389,8 @@ def main(argv=None) -> dict:
         print(f"wrote {a.out}")
         return out
     a.prior = None if a.prior == "none" else a.prior
+    if a.depth_power is not None and a.depth_power < 0:
+        a.depth_power = None  # fit_calibration then picks it on the validation spots
     if a.threads:
         torch.set_num_threads(a.threads)
     methods = [m.strip() for m in a.methods.split(",") if m.strip()]
